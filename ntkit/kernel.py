@@ -1,0 +1,283 @@
+"""The Kernel record: the one object that layers pass along.
+
+A network's infinite-width behaviour on a pair of input batches ``x1`` (``N1`` samples) and ``x2``
+(``N2`` samples) is described by second moments of its pre-activations (Neal 1996; Lee et al. 2018;
+Jacot et al. 2018):
+
+* ``nngp[i, j] = E[z(x1_i) z(x2_j)]`` — the NNGP kernel (covariance of one output channel),
+* ``ntk[i, j]  = <df(x1_i)/dθ, df(x2_j)/dθ>`` — the neural tangent kernel, deterministic in the limit,
+* ``cov1[i] = E[z(x1_i)^2]`` and ``cov2[j] = E[z(x2_j)^2]`` — the marginal variances a nonlinearity needs.
+
+Layouts follow PyTorch (channels first). With ``S`` spatial dimensions of sizes ``s_1..s_S``:
+
+* ``diagonal_spatial=True`` (only same-pixel covariances): ``nngp`` is ``(N1, N2, s_1, .., s_S)`` and
+  ``cov1`` is ``(N1, s_1, .., s_S)``;
+* ``diagonal_spatial=False`` (full pixel-pixel covariance, needed by pooling): ``nngp`` is
+  ``(N1, N2, s_1, s_1, s_2, s_2, ..)`` (each spatial axis paired with its twin, the x1 side first) and
+  ``cov1`` is ``(N1, s_1, s_1, ..)``.
+
+Fully-connected networks have ``S = 0``: ``nngp`` is ``(N1, N2)`` and ``cov1`` is ``(N1,)``.
+``cov2`` is ``None`` when ``x2`` is ``x1`` (``x1_is_x2``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Kernel", "as_tensor_input", "validate_inputs", "kernel_from_inputs", "check_get", "GETS"]
+
+GETS = ("nngp", "ntk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """Immutable record of the kernels of a network on ``(x1, x2)``; see the module docstring.
+
+    Attributes:
+      nngp, ntk: cross-covariance and tangent kernel (``ntk`` is ``None`` when not requested).
+      cov1, cov2: marginal (same-sample) covariances; ``cov2`` is ``None`` when ``x1_is_x2``.
+      shape1, shape2: shapes ``(N, C, *spatial)`` of the finite twin's activations at this point; ``C`` is
+        the finite channel width (it enters the NTK under the standard parameterisation).
+      diagonal_spatial: whether only same-pixel covariances are tracked.
+      x1_is_x2: ``x2`` was ``None``; ``nngp``/``ntk`` are symmetric ``N1 x N1`` matrices.
+      is_gaussian: the current activations are jointly Gaussian (true after any Dense/Conv); a nonlinearity
+        requires it, since its rule is a Gaussian expectation.
+      is_input: nothing has been applied yet.
+    """
+
+    nngp: Optional[Tensor]
+    ntk: Optional[Tensor]
+    cov1: Tensor
+    cov2: Optional[Tensor]
+    shape1: tuple[int, ...]
+    shape2: tuple[int, ...]
+    diagonal_spatial: bool = True
+    x1_is_x2: bool = False
+    is_gaussian: bool = False
+    is_input: bool = True
+
+    def replace(self, **changes: Any) -> "Kernel":
+        return dataclasses.replace(self, **changes)
+
+    # -- shape bookkeeping -------------------------------------------------------------------------
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape1[2:])
+
+    @property
+    def spatial_ndim(self) -> int:
+        return len(self.shape1) - 2
+
+    @property
+    def width(self) -> int:
+        """Channel width of the finite twin at this point (the ``C`` of ``shape1``)."""
+        return self.shape1[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cov1.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cov1.device
+
+    # -- marginal variances, broadcast against the kernels ---------------------------------------------
+    def _cov_diag(self, cov: Tensor) -> Tensor:
+        """Same-pixel variances ``(N, s_1, .., s_S)`` from a (possibly full-spatial) ``cov``."""
+        if self.diagonal_spatial or self.spatial_ndim == 0:
+            return cov
+        d = cov
+        for _ in range(self.spatial_ndim):
+            # the first remaining pair of axes is (s, s); take its diagonal and move it to the end
+            d = torch.diagonal(d, dim1=1, dim2=2)
+        return d
+
+    def _outer_view(self, v: Tensor, side: int, paired: bool) -> Tensor:
+        """Reshape same-pixel variances ``v (N, *s)`` to broadcast against a kernel.
+
+        side 0: ``v`` indexes the first batch/pixel axes, side 1 the second.
+        paired: target layout has a batch pair ``(N1, N2, ...)``; else a single batch axis (cov1).
+        """
+        n = v.shape[0]
+        s = v.shape[1:]
+        if self.diagonal_spatial or self.spatial_ndim == 0:
+            if not paired:
+                return v
+            return v.reshape((n, 1) + s) if side == 0 else v.reshape((1, n) + s)
+        shape: list[int] = []
+        if paired:
+            shape += [n, 1] if side == 0 else [1, n]
+        else:
+            shape += [n]
+        for size in s:
+            shape += [size, 1] if side == 0 else [1, size]
+        return v.reshape(shape)
+
+    def variances(self) -> tuple[Tensor, Tensor]:
+        """``(q11, q22)``: the variances of the two entries behind every entry of ``nngp``."""
+        d1 = self._cov_diag(self.cov1)
+        d2 = d1 if self.cov2 is None else self._cov_diag(self.cov2)
+        return self._outer_view(d1, 0, True), self._outer_view(d2, 1, True)
+
+    def with_exact_diagonal(self) -> "Kernel":
+        """For ``x1_is_x2``: make ``nngp[i, i]`` equal ``cov1[i]`` bit for bit, so that correlations on the
+        diagonal are exactly 1 (arc-cosines there are exact, not round-off of ``arccos(1 - ε)``)."""
+        if not self.x1_is_x2 or self.nngp is None:
+            return self
+        src = self.cov1.movedim(0, -1)  # diagonal_scatter puts the batch diagonal last
+        return self.replace(nngp=torch.diagonal_scatter(self.nngp, src, 0, 0, 1))
+
+    def self_variances(self, which: int = 1) -> tuple[Tensor, Tensor]:
+        """``(q_a, q_b)`` broadcast against ``cov1`` (which=1) or ``cov2`` (which=2)."""
+        cov = self.cov1 if which == 1 else self.cov2
+        assert cov is not None
+        d = self._cov_diag(cov)
+        return self._outer_view(d, 0, False), self._outer_view(d, 1, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs -> Kernel
+# ---------------------------------------------------------------------------------------------------
+def as_tensor_input(x: Any, name: str) -> Tensor:
+    """Validate one input batch and return it as a floating tensor (numpy accepted).
+
+    Errors name the problem and the fix: wrong type, integer/bool dtype, fewer than two axes,
+    an empty batch, NaN or Inf.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}.")
+    if not (x.is_floating_point()):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; kernels need floating inputs. "
+            f"Convert with {name}.to(torch.float64) (recommended) or .float().")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; inputs need a batch axis and a feature axis "
+            f"(N, features) or (N, C, *spatial). For a single sample use {name}[None]; "
+            f"for N scalar features use {name}[:, None].")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one sample.")
+    if any(s == 0 for s in x.shape[1:]):
+        raise ValueError(f"{name} has a zero-sized feature axis (shape {tuple(x.shape)}).")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf entries; clean or impute them before computing kernels.")
+    return x
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32 (arc-cosines lose all accuracy in fp16)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_get(get: Union[str, Sequence[str], None]) -> tuple[tuple[str, ...], bool]:
+    """Normalise ``get``; return (names, single) where single means return a bare tensor."""
+    if get is None:
+        return GETS, False
+    single = isinstance(get, str)
+    names = (get,) if single else tuple(get)
+    bad = [g for g in names if g not in GETS]
+    if bad or not names:
+        raise ValueError(f"get={get!r}: choose from {GETS} (a name or a tuple of names).")
+    return names, single
+
+
+def _gram(a: Tensor, b: Tensor, diagonal_spatial: bool) -> Tensor:
+    """Channel-averaged products: ``sum_c a[i,c,..] b[j,c,..] / C`` in the Kernel layout."""
+    c = a.shape[1]
+    sp = a.dim() - 2
+    if sp == 0:
+        return (a @ b.T) / c
+    if diagonal_spatial:
+        # (N1, C, P) x (N2, C, P) -> (N1, N2, P), batched over pixels as a matmul
+        a2, b2 = a.reshape(a.shape[0], c, -1), b.reshape(b.shape[0], c, -1)
+        out = torch.einsum("icp,jcp->ijp", a2, b2) / c
+        return out.reshape((a.shape[0], b.shape[0]) + tuple(a.shape[2:]))
+    # full: (N1, N2, s1, s1', s2, s2', ...)
+    letters = "abcdefgh"[:sp]
+    primes = "pqrstuvw"[:sp]
+    pair = "".join(l + p for l, p in zip(letters, primes))
+    eq = f"iz{letters},jz{primes}->ij{pair}"
+    return torch.einsum(eq, a, b) / c
+
+
+def _self_cov(a: Tensor, diagonal_spatial: bool) -> Tensor:
+    c = a.shape[1]
+    sp = a.dim() - 2
+    if sp == 0 or diagonal_spatial:
+        return (a * a).sum(1) / c
+    letters = "abcdefgh"[:sp]
+    primes = "pqrstuvw"[:sp]
+    pair = "".join(l + p for l, p in zip(letters, primes))
+    return torch.einsum(f"iz{letters},iz{primes}->i{pair}", a, a) / c
+
+
+def validate_inputs(x1: Any, x2: Any = None) -> tuple[Tensor, Optional[Tensor], torch.dtype]:
+    """Check a pair of input batches; return them as tensors in the compute dtype, and the dtype to return.
+
+    Errors name the problem and the fix: mismatched devices, dtypes or per-sample shapes (and everything
+    :func:`as_tensor_input` checks).
+    """
+    x1 = as_tensor_input(x1, "x1")
+    out_dtype = x1.dtype
+    if x2 is not None:
+        x2 = as_tensor_input(x2, "x2")
+        if x2.device != x1.device:
+            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}; move both to one device "
+                             f"(e.g. x2 = x2.to(x1.device)).")
+        if x2.dtype != x1.dtype:
+            raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; cast both to one dtype "
+                            f"(float64 recommended).")
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(
+                f"x1 has per-sample shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
+                f"both batches must have the same feature/channel/spatial shape.")
+    cdt = _compute_dtype(x1.dtype)
+    return x1.to(cdt), (None if x2 is None else x2.to(cdt)), out_dtype
+
+
+def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spatial: bool = True,
+                       compute_ntk: bool = True) -> Kernel:
+    """Input covariances (channel-averaged inner products, as NT) of validated inputs.
+
+    ``nngp = x1 x2^T / C``; ``cov1 = |x1|^2 / C``; ``ntk = 0`` (inputs have no parameters).
+    For ``x2 = None`` the Gram matrix is symmetrised and ``cov1`` is its diagonal, bit for bit.
+    """
+    diagonal_spatial = diagonal_spatial or x1.dim() == 2
+    if x2 is None:
+        g = _gram(x1, x1, diagonal_spatial)
+        if x1.dim() == 2:
+            g = 0.5 * (g + g.T)  # gemm need not return an exactly symmetric product
+        cov1 = torch.diagonal(g, 0, 0, 1).movedim(-1, 0).clone()
+        cov2 = None
+    else:
+        g = _gram(x1, x2, diagonal_spatial)
+        cov1 = _self_cov(x1, diagonal_spatial)
+        cov2 = _self_cov(x2, diagonal_spatial)
+    ntk = torch.zeros_like(g) if compute_ntk else None
+    return Kernel(nngp=g, ntk=ntk, cov1=cov1, cov2=cov2, shape1=tuple(x1.shape),
+                  shape2=tuple((x1 if x2 is None else x2).shape), diagonal_spatial=diagonal_spatial,
+                  x1_is_x2=x2 is None, is_gaussian=False, is_input=True)
+
+
+def map_kernels(k: Kernel, fn, *, ntk_fn=None, **changes: Any) -> Kernel:
+    """Apply ``fn`` to nngp, cov1 and cov2 (and ``ntk_fn`` to ntk, if given); a small helper for
+    affine layers whose rule is the same map on every covariance."""
+    nngp = None if k.nngp is None else fn(k.nngp)
+    out = dict(nngp=nngp, cov1=fn(k.cov1), cov2=None if k.cov2 is None else fn(k.cov2))
+    if ntk_fn is not None and k.ntk is not None:
+        out["ntk"] = ntk_fn(k.ntk)
+    out.update(changes)
+    return k.replace(**out)
+
+
+def bytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes a tensor of this shape and dtype occupies (for memory planning)."""
+    return int(math.prod(shape)) * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,151 @@
+"""Dense (fully-connected) layer and Identity.
+
+Kernel rule of ``Dense`` (Lee et al. 2018, Jacot et al. 2018; Sohl-Dickstein et al. 2020 for the standard
+parameterisation). With input covariance ``K``, input NTK ``Θ`` and input width ``n``:
+
+* NTK parameterisation, ``z = W_std/sqrt(n) W x + b_std b`` with ``W, b ~ N(0, 1)``::
+
+      K' = W_std² K + b_std²,        Θ' = K' + W_std² Θ
+
+* standard parameterisation, ``z = W x + b`` with ``W ~ N(0, W_std²/n)``, ``b ~ N(0, b_std²)``::
+
+      K' = W_std² K + b_std²,        Θ' = n K + W_std² Θ + [1 if bias]
+
+Applied along the channel axis (axis 1), pixel by pixel for spatial inputs, as ``nn.Linear`` on the
+channel dimension would be.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ntkit.kernel import Kernel, map_kernels
+from ntkit.layers.base import Layer, LayerError, Shape, single, single_shape
+
+__all__ = ["Dense", "Identity", "DenseModule", "PARAMETERIZATIONS"]
+
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+def check_parameterization(p: str) -> str:
+    p = p.lower()
+    if p not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization={p!r}: choose 'ntk' or 'standard'.")
+    return p
+
+
+def check_std(W_std: float, b_std: Optional[float]) -> None:
+    if not (isinstance(W_std, (int, float)) and math.isfinite(W_std) and W_std >= 0):
+        raise ValueError(f"W_std={W_std!r} must be a finite number >= 0.")
+    if b_std is not None and not (isinstance(b_std, (int, float)) and math.isfinite(b_std) and b_std >= 0):
+        raise ValueError(f"b_std={b_std!r} must be None (no bias) or a finite number >= 0.")
+
+
+def affine_rule(k: Kernel, W_std: float, b_std: Optional[float], parameterization: str,
+                fan_in_scale: float, out_width: int) -> Kernel:
+    """The Dense/Conv rule on already-channel-contracted kernels (see module docstring).
+
+    ``fan_in_scale`` is the ``n`` in the standard parameterisation's NTK term (input width times the
+    receptive field for a convolution is handled by the caller through the transformed kernel).
+    """
+    w2 = W_std ** 2
+    b2 = 0.0 if b_std is None else b_std ** 2
+
+    def aff(x):
+        y = x * w2
+        return y.add_(b2) if (b2 and not y.requires_grad) else (y + b2 if b2 else y)
+
+    nngp_in = k.nngp
+    out = map_kernels(k, aff)
+    ntk = k.ntk
+    if ntk is not None:
+        if parameterization == "ntk":
+            ntk = torch.add(out.nngp, ntk, alpha=w2)
+        else:
+            ntk = torch.add(nngp_in * fan_in_scale, ntk, alpha=w2)
+            if b_std is not None:
+                ntk = ntk + 1.0
+    shape1 = (k.shape1[0], out_width) + tuple(k.shape1[2:])
+    shape2 = (k.shape2[0], out_width) + tuple(k.shape2[2:])
+    return out.replace(ntk=ntk, shape1=shape1, shape2=shape2, is_gaussian=True, is_input=False)
+
+
+class DenseModule(nn.Module):
+    """Finite twin of :class:`Dense` along the channel axis (axis 1).
+
+    NTK parameterisation: parameters ``N(0, 1)``, ``z = W_std/sqrt(n) W x + b_std b``.
+    Standard: ``W ~ N(0, W_std²/n)``, ``b ~ N(0, b_std²)``, ``z = W x + b``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, W_std: float, b_std: Optional[float],
+                 parameterization: str, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
+        w = torch.randn(out_features, in_features, generator=generator)
+        b = None if b_std is None else torch.randn(out_features, generator=generator)
+        if parameterization == "standard":
+            w = w * (W_std / math.sqrt(in_features))
+            b = None if b is None else b * b_std
+        self.weight = nn.Parameter(w)
+        self.bias = None if b is None else nn.Parameter(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.movedim(1, -1) if x.dim() > 2 else x
+        if self.parameterization == "ntk":
+            y = xc @ (self.weight.T * (self.W_std / math.sqrt(self.in_features)))
+            if self.bias is not None:
+                y = y + self.b_std * self.bias
+        else:
+            y = xc @ self.weight.T
+            if self.bias is not None:
+                y = y + self.bias
+        return y.movedim(-1, 1) if x.dim() > 2 else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r}")
+
+
+class Dense(Layer):
+    """Fully-connected layer ``Dense(out_features, W_std=1.0, b_std=None, parameterization="ntk")``.
+
+    NT's defaults: no bias unless ``b_std`` is given; NTK parameterisation. See the module docstring for
+    the kernel rule. On inputs with spatial axes it acts on the channel axis of every pixel.
+    """
+
+    has_params = True
+
+    def __init__(self, out_features: int, W_std: float = 1.0, b_std: Optional[float] = None,
+                 parameterization: str = "ntk"):
+        if not (isinstance(out_features, int) and out_features > 0):
+            raise ValueError(f"out_features={out_features!r} must be a positive int.")
+        check_std(W_std, b_std)
+        self.out_features = out_features
+        self.W_std = float(W_std)
+        self.b_std = None if b_std is None else float(b_std)
+        self.parameterization = check_parameterization(parameterization)
+
+    def kernel(self, k):
+        k = single(k, self)
+        return affine_rule(k, self.W_std, self.b_std, self.parameterization, float(k.width),
+                           self.out_features)
+
+    def build(self, in_shape, width, generator, readout):
+        s = single_shape(in_shape, self)
+        out = self.out_features if (width is None or readout) else width
+        mod = DenseModule(s[0], out, self.W_std, self.b_std, self.parameterization, generator)
+        return mod, (out,) + tuple(s[1:])
+
+
+class Identity(Layer):
+    """The identity: kernel and function unchanged."""
+
+    def kernel(self, k):
+        return k
+
+    def build(self, in_shape, width, generator, readout):
+        return nn.Identity(), in_shape

@@ -1,0 +1,421 @@
+"""Elementwise nonlinearities: each is a function ``φ`` and the Gaussian expectations that are its kernel rule.
+
+For jointly Gaussian pre-activations ``(u, v) ~ N(0, [[q11, q12], [q12, q22]])`` (Lee et al. 2018;
+Jacot et al. 2018)::
+
+    K'  = E[φ(u) φ(v)]                       (nngp_fn)
+    K̇   = E[φ'(u) φ'(v)] = ∂K'/∂q12          (d_nngp_fn; Price's theorem)
+    Θ'  = Θ · K̇
+
+Closed forms are used where they exist (formula and source in each class's docstring); any other torch
+function goes through :class:`Elementwise`, which integrates numerically (2-D Gauss–Hermite). Names,
+parameters and defaults follow neural-tangents' ``stax``.
+
+=======================  ================================  =============================================
+layer                    φ(x)                              kernel (source)
+=======================  ================================  =============================================
+``ABRelu(a, b)``         ``a·min(x,0) + b·max(x,0)``       arc-cosine, degree 1 (Cho & Saul 2009)
+``Relu``/``LeakyRelu``   special cases of ``ABRelu``       same
+``Abs``                  ``|x|``                           same
+``Sign``                 ``sign(x)``                       ``(2/π)·arcsin ρ`` (Cho & Saul 2009, degree 0)
+``RectifiedMonomial(n)`` ``max(x,0)^n``                    arc-cosine, degree n (Cho & Saul 2009)
+``Erf(a, b, c)``         ``a·erf(b·x) + c``                arcsine kernel (Williams 1997)
+``Sigmoid_like``         ``Erf(1/2, 1/2.4020563531719796,  same
+                         1/2)``
+``Gelu``                 ``x·Φ(x)`` (tanh approx. option)  Tsuchida et al. 2021 (arXiv:2002.08517)
+``Sin(a, b, c)``         ``a·sin(b·x + c)``                Gaussian characteristic function
+``Cos(a, b, c)``         ``a·cos(b·x + c)``                same (phase c + π/2)
+``Rbf(gamma)``           ``√2·sin(√(2γ)·x + π/4)``         ``exp(−γ|x−x'|²/d)`` (Rahimi & Recht 2007)
+``Gaussian(a, b)``       ``a·exp(b·x²)``                   Gaussian integral
+``Exp(a, b)``            ``a·exp(b·x)``                    log-normal moments
+``ExpNormalized``        per-sample normalised sine        Shankar et al. 2020 (arXiv:2003.02237)
+``Monomial(n)``          ``x^n``                           Hermite expansion (Mehler; O'Donnell 2014 §11)
+``Polynomial(coef)``     ``Σ coef[i]·x^i``                 same
+``Hermite(n)``           ``He_n(x)/√n!``                   ``q12^n`` at unit variance (same)
+``Elementwise(fn)``      any torch function                Gauss–Hermite quadrature (Han et al. 2022)
+=======================  ================================  =============================================
+
+The smooth families live in :mod:`ntkit.layers.elementwise_smooth`, the polynomial ones in
+:mod:`ntkit.layers.elementwise_poly`; ``ntkit.layers`` re-exports them all.
+
+Numerics: correlations ``ρ = q12/√(q11 q22)`` are clamped to ``[−1, 1]``, and taken as exactly ``±1`` within
+a few ulps of it (kernels with a ``√(1 − ρ²)`` term would otherwise turn the round-off of duplicated
+inputs into errors of order ``√eps``); a zero variance gives ``ρ = 0`` instead of ``0/0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ntkit.kernel import Kernel
+from ntkit.layers.base import Lambda, Layer, LayerError, single
+
+__all__ = [
+    "ElementwiseLayer", "Elementwise", "ABRelu", "Relu", "LeakyRelu", "Abs", "Sign", "Erf", "Sigmoid_like",
+    "gauss_hermite_expectation",
+]
+
+_PI = math.pi
+
+
+def can_inplace(*tensors: Tensor) -> bool:
+    """In-place updates of intermediates are safe unless autograd is recording through these inputs."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def ipc(t: Tensor, ip: bool, op: str, *args, **kwargs) -> Tensor:
+    """``t.op_(*args)`` when ``ip`` (no new allocation), else ``t.op(*args)``; ``t`` must be a fresh temporary."""
+    return getattr(t, op + "_")(*args, **kwargs) if ip else getattr(t, op)(*args, **kwargs)
+
+
+# correlations within this many ulps of ±1 are taken as ±1 (see the module docstring)
+_SNAP_ULPS = 16
+
+
+def _safe_rho(q12: Tensor, q11: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sqrt(q11 q22), clamp(q12 / sqrt(q11 q22), -1, 1))``; ρ = 0 where a variance is 0 (then q12 = 0).
+
+    ``|ρ| ≥ 1 − 16·eps`` becomes exactly ``±1``: duplicated inputs give ``ρ = 1 − O(eps)`` by round-off,
+    which ``arccos``/``√(1 − ρ²)`` would amplify to ``O(√eps)``. Snapping moves ``θ = arccos ρ`` by at most
+    ``√(32·eps)`` — the size of the error it removes — so it costs no accuracy anywhere.
+    """
+    prod = torch.sqrt(q11 * q22)
+    rho = (q12 / prod.clamp_min(torch.finfo(q12.dtype).tiny)).clamp(-1.0, 1.0)
+    return prod, _snap_rho(rho, False)
+
+
+def _snap_rho(rho: Tensor, ip: bool) -> Tensor:
+    """Set correlations within ``_SNAP_ULPS`` ulps of ±1 to exactly ±1 (in place when ``ip``)."""
+    thr = 1 - _SNAP_ULPS * torch.finfo(rho.dtype).eps
+    if ip:
+        return rho.masked_fill_(rho >= thr, 1.0).masked_fill_(rho <= -thr, -1.0)
+    return rho.masked_fill(rho >= thr, 1.0).masked_fill(rho <= -thr, -1.0)
+
+
+def _horner(coefs, x: Tensor) -> Tensor:
+    """``Σ_i coefs[i]·x^i`` (coefficients lowest degree first; Python numbers or tensors) by Horner's rule."""
+    if len(coefs) == 0:
+        return torch.zeros_like(x)
+    acc = torch.zeros_like(x) + coefs[-1]
+    for c in reversed(coefs[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+class ElementwiseLayer(Layer):
+    """Base class for nonlinearities. Subclasses define ``fn`` and ``nngp_fn``; ``d_nngp_fn`` and
+    ``var_fn`` have generic defaults. ``rule`` may be overridden to share work between K' and K̇."""
+
+    def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def d_nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:
+        """∂ nngp_fn / ∂ q12, by automatic differentiation (Price's theorem)."""
+        with torch.enable_grad():
+            q = q12.detach().requires_grad_(True)
+            out = self.nngp_fn(q, q11.detach(), q22.detach())
+            (g,) = torch.autograd.grad(out.sum(), q)
+        return g
+
+    def var_fn(self, q: Tensor) -> Tensor:
+        """``E[φ(u)²]`` for ``u ~ N(0, q)``."""
+        return self.nngp_fn(q, q, q)
+
+    def rule(self, q12: Tensor, q11: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Optional[Tensor]]:
+        return self.nngp_fn(q12, q11, q22), (self.d_nngp_fn(q12, q11, q22) if need_dot else None)
+
+    # -- Layer protocol ------------------------------------------------------------------------------
+    def kernel(self, k):
+        k = single(k, self)
+        if not k.is_gaussian:
+            where = ("the raw inputs" if k.is_input else
+                     "non-Gaussian activations (a nonlinearity's output, FanInProd or FanInConcat)")
+            raise LayerError(
+                f"{type(self).__name__} needs Gaussian pre-activations but is applied to {where}. "
+                f"Put a Dense or Conv layer before it.")
+        q11, q22 = k.variances()
+        nngp, dot = self.rule(k.nngp, q11, q22, k.ntk is not None)
+        ntk = None if k.ntk is None else (dot.mul_(k.ntk) if dot.shape == nngp.shape and
+                                          can_inplace(dot, k.ntk) else k.ntk * dot)
+        cov1 = self._self_rule(k, 1)
+        cov2 = None if k.cov2 is None else self._self_rule(k, 2)
+        out = k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, is_input=False)
+        return out.with_exact_diagonal()
+
+    def _self_rule(self, k: Kernel, which: int) -> Tensor:
+        cov = k.cov1 if which == 1 else k.cov2
+        if k.diagonal_spatial or k.spatial_ndim == 0:
+            return self.var_fn(cov)
+        qa, qb = k.self_variances(which)
+        return self.nngp_fn(cov, qa, qb)
+
+    def build(self, in_shape, width, generator, readout):
+        return Lambda(self.fn, repr(self)), in_shape
+
+
+class RuleLayer(ElementwiseLayer):
+    """An :class:`ElementwiseLayer` whose subclasses write one ``rule(q12, q11, q22, need_dot) ->
+    (K', K̇ or None)`` that shares work between the two; ``nngp_fn``/``d_nngp_fn`` are read off it."""
+
+    def nngp_fn(self, q12, q11, q22):
+        return self.rule(q12, q11, q22, False)[0]
+
+    def d_nngp_fn(self, q12, q11, q22):
+        return self.rule(q12, q11, q22, True)[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ReLU family: arc-cosine kernel of degree 1 (Cho & Saul 2009)
+# ---------------------------------------------------------------------------------------------------
+class ABRelu(RuleLayer):
+    """``φ(x) = a·min(x, 0) + b·max(x, 0)``.
+
+    With ``θ = arccos ρ``, ``ρ = q12/sqrt(q11 q22)`` and the arc-cosine integrals (Cho & Saul 2009)
+    ``J1 = sqrt(q11 q22)/(2π)·(sin θ + (π − θ) cos θ)`` = E[relu(u) relu(v)],
+    ``J2 = sqrt(q11 q22)/(2π)·(sin θ − θ cos θ)`` = E[relu(u) relu(−v)]::
+
+        K' = (a² + b²)·J1 − 2ab·J2
+        K̇  = ((a² + b²)(π − θ) + 2ab·θ) / (2π)
+        E[φ(u)²] = (a² + b²)/2 · q
+    """
+
+    def __init__(self, a: float, b: float):
+        self.a, self.b = float(a), float(b)
+
+    def fn(self, x):
+        return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
+
+    def rule(self, q12, q11, q22, need_dot):
+        a, b = self.a, self.b
+        s2, ab = a * a + b * b, a * b
+        ip = can_inplace(q12, q11, q22)
+        # sqrt of the (small, broadcast) variances first: one full-size pass for the product
+        prod = ipc(torch.sqrt(q11) * torch.sqrt(q22), ip, "clamp_min", torch.finfo(q12.dtype).tiny)
+        rho = _snap_rho(ipc(q12 / prod, ip, "clamp", -1.0, 1.0), ip)
+        theta = torch.arccos(rho)
+        sin = ipc(ipc(torch.addcmul(rho.new_ones(()), rho, rho, value=-1.0), ip, "clamp_min", 0.0), ip, "sqrt")
+        # (a²+b²) J1 − 2ab J2 = prod/(2π) · [(a²+b²−2ab) sinθ + ((a²+b²)(π−θ) + 2ab θ) ρ]
+        dot_num = ipc(ipc(theta, ip, "mul", 2 * ab - s2), ip, "add", s2 * _PI)
+        nngp = ipc(sin, ip, "mul", (s2 - 2 * ab) / (2 * _PI))
+        nngp = ipc(ipc(nngp, ip, "addcmul", dot_num, rho, value=1 / (2 * _PI)), ip, "mul", prod)
+        dot = ipc(dot_num, ip, "mul", 1 / (2 * _PI)) if need_dot else None
+        return nngp, dot
+
+    def var_fn(self, q):
+        return (self.a ** 2 + self.b ** 2) / 2 * q
+
+
+class Relu(ABRelu):
+    """``max(x, 0)``; the arc-cosine kernel of degree 1 (Cho & Saul 2009). See :class:`ABRelu`."""
+
+    def __init__(self):
+        super().__init__(0.0, 1.0)
+
+    def __repr__(self):
+        return "Relu()"
+
+
+class LeakyRelu(ABRelu):
+    """``max(x, 0) + alpha·min(x, 0)``. See :class:`ABRelu` with ``a = alpha, b = 1``."""
+
+    def __init__(self, alpha: float):
+        super().__init__(alpha, 1.0)
+        self.alpha = float(alpha)
+
+    def __repr__(self):
+        return f"LeakyRelu(alpha={self.alpha})"
+
+
+class Abs(ABRelu):
+    """``|x|``. See :class:`ABRelu` with ``a = −1, b = 1``."""
+
+    def __init__(self):
+        super().__init__(-1.0, 1.0)
+
+    def __repr__(self):
+        return "Abs()"
+
+
+class Sign(RuleLayer):
+    """``sign(x)`` (``sign(0) = 0``).
+
+    The arc-cosine kernel of degree 0 made odd (Cho & Saul 2009): with ``θ = arccos ρ``,
+    ``E[sign(u) sign(v)] = 1 − 2θ/π = (2/π)·arcsin ρ``; ``E[sign(u)²] = 1`` (0 where ``q = 0``).
+
+    NTK: as NT, ``K̇ = 0`` — ``sign' = 0`` almost everywhere, which is also what autograd gives the finite
+    network. (Price's theorem would give the distributional ``(2/π)/√(q11 q22 − q12²)``, which is not the
+    limit of any finite network's gradient.)
+    """
+
+    def fn(self, x):
+        return torch.sign(x)
+
+    def rule(self, q12, q11, q22, need_dot):
+        _, rho = _safe_rho(q12, q11, q22)
+        nngp = (2 / _PI) * torch.arcsin(rho)
+        return nngp, (torch.zeros_like(nngp) if need_dot else None)
+
+    def var_fn(self, q):
+        return (q != 0).to(q.dtype)
+
+    def __repr__(self):
+        return "Sign()"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Erf: arcsine kernel (Williams 1997)
+# ---------------------------------------------------------------------------------------------------
+class Erf(RuleLayer):
+    """``φ(x) = a·erf(b·x) + c`` (NT's defaults a=1, b=1, c=0).
+
+    Williams (1997): ``E[erf(bu) erf(bv)] = (2/π)·arcsin(2b²q12 / sqrt((1 + 2b²q11)(1 + 2b²q22)))``, and
+    ``E[erf(bu)] = 0``, so::
+
+        K' = a²·(2/π)·arcsin(2b² q12 / sqrt((1+2b²q11)(1+2b²q22))) + c²
+        K̇  = a²·(4b²/π) / sqrt((1+2b²q11)(1+2b²q22) − 4b⁴ q12²)
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def fn(self, x):
+        return self.a * torch.erf(self.b * x) + self.c
+
+    def rule(self, q12, q11, q22, need_dot):
+        a, b, c = self.a, self.b, self.c
+        t = 2 * b * b
+        den2 = (1 + t * q11) * (1 + t * q22)
+        den = torch.sqrt(den2)
+        nngp = a * a * (2 / _PI) * torch.arcsin((t * q12 / den).clamp(-1.0, 1.0)) + c * c
+        dot = None
+        if need_dot:
+            dot = a * a * (2 * t / _PI) / torch.sqrt((den2 - (t * q12) ** 2).clamp_min(torch.finfo(q12.dtype).tiny))
+        return nngp, dot
+
+
+class Sigmoid_like(Erf):  # noqa: N801 - NT's name
+    """A sigmoid-like erf, ``φ(x) = erf(x / 2.4020563531719796)/2 + 1/2`` (NT's ``Sigmoid_like``).
+
+    The constant makes ``φ`` the least-squares fit of the logistic sigmoid on ``[−5, 5]``; the kernel is
+    :class:`Erf`'s with ``a = 1/2``, ``b = 1/2.4020563531719796``, ``c = 1/2`` (Williams 1997).
+    """
+
+    def __init__(self):
+        super().__init__(a=0.5, b=1 / 2.4020563531719796, c=0.5)
+
+    def __repr__(self):
+        return "Sigmoid_like()"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Any torch elementwise function: closed forms if given, else Gauss–Hermite quadrature
+# ---------------------------------------------------------------------------------------------------
+def _hermite_nodes(deg: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Probabilists' Gauss–Hermite nodes/weights normalised so that Σ w f(z) ≈ E[f(z)], z ~ N(0,1)."""
+    z, w = np.polynomial.hermite_e.hermegauss(deg)
+    w = w / w.sum()
+    return (torch.as_tensor(z, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device))
+
+
+# at most this many function evaluations are materialised at once by the quadrature
+_QUAD_CHUNK_EVALS = 1 << 22
+
+
+def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], q12: Tensor, q11: Tensor, q22: Tensor,
+                              deg: int = 25) -> Tensor:
+    """``E[f(u) f(v)]`` for ``(u, v) ~ N(0, [[q11, q12], [q12, q22]])`` by a ``deg × deg`` tensor-product
+    Gauss–Hermite rule on the Cholesky factorisation ``u = √q11·z1``,
+    ``v = √q22·(ρ z1 + √(1−ρ²) z2)``.
+
+    The larger variance is always put first, so the result is exactly symmetric in ``(q11, q22)``.
+    The rule is exact when ``f`` is a polynomial of degree ``≤ deg − 1`` (each 1-D rule integrates degree
+    ``2·deg − 1``). For functions with complex poles the error falls only like ``exp(−c·sqrt(deg))``:
+    measured for ``tanh`` with variances 1–2 and correlations 0.5–0.999 against ``deg = 200``, the relative
+    error is about 3e-4 at ``deg = 25`` (NT's default, and NT's own reference outputs carry it), 2e-6 at
+    ``deg = 50`` and 1e-9 at ``deg = 100``. Memory is bounded: entries are processed in chunks of
+    ``_QUAD_CHUNK_EVALS / deg²``.
+    """
+    q12, q11, q22 = torch.broadcast_tensors(q12, q11, q22)
+    # E[f(u) f(v)] is symmetric in (u, v) but the rule is not: put the larger variance first, so that the
+    # result is exactly symmetric in its two arguments (and K(x1, x2) = K(x2, x1) bit for bit)
+    q11, q22 = torch.maximum(q11, q22), torch.minimum(q11, q22)
+    shape = q12.shape
+    z, w = _hermite_nodes(deg, q12.dtype, q12.device)
+    flat12, flat11, flat22 = q12.reshape(-1), q11.reshape(-1), q22.reshape(-1)
+    out = torch.empty_like(flat12)
+    chunk = max(1, _QUAD_CHUNK_EVALS // (deg * deg))
+    for s in range(0, flat12.numel(), chunk):
+        a, b, c = flat12[s:s + chunk], flat11[s:s + chunk], flat22[s:s + chunk]
+        sq1, sq2 = torch.sqrt(b), torch.sqrt(c)
+        _, rho = _safe_rho(a, b, c)
+        perp = torch.sqrt((1 - rho * rho).clamp_min(0))
+        fu = f(sq1[:, None] * z[None, :])                                    # (m, deg): f(u_i)
+        v = sq2[:, None, None] * (rho[:, None, None] * z[None, :, None] + perp[:, None, None] * z[None, None, :])
+        fv = f(v)                                                             # (m, deg_i, deg_j)
+        out[s:s + chunk] = torch.einsum("mi,mij,i,j->m", fu, fv, w, w)
+    return out.reshape(shape)
+
+
+def _derivative(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Elementwise derivative of an elementwise ``f`` by autograd (``d/dx Σ f(x)`` is ``f'(x)``)."""
+
+    def df(x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(xx).sum(), xx)
+        return g
+
+    return df
+
+
+class Elementwise(ElementwiseLayer):
+    """Any elementwise torch function ``fn``.
+
+    * ``nngp_fn(q12, q11, q22)`` given: used as the closed form of ``E[fn(u) fn(v)]``; ``d_nngp_fn`` defaults to
+      its autograd derivative in ``q12`` (Price's theorem).
+    * ``nngp_fn=None``: both expectations by :func:`gauss_hermite_expectation` with ``deg`` nodes per axis
+      (``fn'`` by autograd). ``deg`` is the accuracy knob: polynomials of degree < ``deg`` are exact.
+
+    Example: ``Elementwise(torch.tanh)``, ``Elementwise(torch.nn.functional.silu, deg=40)``.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], nngp_fn: Optional[Callable] = None,
+                 d_nngp_fn: Optional[Callable] = None, deg: int = 25, name: Optional[str] = None):
+        if not callable(fn):
+            raise TypeError("fn must be a callable mapping a tensor to a tensor of the same shape.")
+        if not (isinstance(deg, int) and deg >= 2):
+            raise ValueError(f"deg={deg!r}: the quadrature needs an int >= 2 nodes per axis.")
+        self._fn, self._nngp, self._d_nngp, self.deg = fn, nngp_fn, d_nngp_fn, deg
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._dfn = _derivative(fn)
+
+    def fn(self, x):
+        return self._fn(x)
+
+    def nngp_fn(self, q12, q11, q22):
+        if self._nngp is not None:
+            return self._nngp(q12, q11, q22)
+        return gauss_hermite_expectation(self._fn, q12, q11, q22, self.deg)
+
+    def d_nngp_fn(self, q12, q11, q22):
+        if self._d_nngp is not None:
+            return self._d_nngp(q12, q11, q22)
+        if self._nngp is not None:
+            return super().d_nngp_fn(q12, q11, q22)
+        return gauss_hermite_expectation(self._dfn, q12, q11, q22, self.deg)
+
+    def var_fn(self, q):
+        if self._nngp is not None:
+            return self._nngp(q, q, q)
+        z, w = _hermite_nodes(self.deg, q.dtype, q.device)
+        return (self._fn(torch.sqrt(q)[..., None] * z) ** 2 * w).sum(-1)
+
+    def __repr__(self):
+        return f"Elementwise({self.name}, deg={self.deg})"

@@ -1,0 +1,78 @@
+"""Memory planning: how much memory is free, and how large a tile of sample pairs may be.
+
+Kernels are computed tile by tile (blocks of x1 × blocks of x2) so that no step allocates more than a budget,
+whatever the number of samples. The budget defaults to a fraction of the memory available now
+(``MemAvailable`` on Linux, ``torch.cuda.mem_get_info`` on CUDA devices).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available_bytes", "default_budget", "format_bytes", "plan_tile"]
+
+#: fraction of currently available memory a kernel computation may use by default
+BUDGET_FRACTION = 0.25
+#: live full-size temporaries per kernel entry while a tile runs through the layers (nngp, ntk, the
+#: variances and a rule's intermediates; measured on ReLU/Erf/conv stacks, rounded up)
+WORK_FACTOR = 12
+#: tiles of FC kernels are kept around this many entries so that a rule's passes stay in cache
+CACHE_TILE_ENTRIES = 1 << 18
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes that can be allocated now on ``device`` (best effort; falls back to 4 GiB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_budget(device: torch.device) -> int:
+    return int(BUDGET_FRACTION * available_bytes(device))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def plan_tile(n1: int, n2: int, entries_per_pair: int, element_size: int, budget: int,
+              tile_size: Optional[int] = None) -> int:
+    """Number of samples per tile side.
+
+    The working set of a ``T × T`` tile is about ``T² · entries_per_pair · element_size · WORK_FACTOR``
+    bytes; ``T`` is the largest size within ``budget``, capped for cache efficiency when a pair carries a
+    single entry (FC kernels). Raises ``MemoryError`` when even one pair does not fit.
+    """
+    per_pair = entries_per_pair * element_size * WORK_FACTOR
+    if per_pair > budget:
+        raise MemoryError(
+            f"one pair of inputs needs about {format_bytes(per_pair)} of working memory (a full pixel-by-pixel "
+            f"covariance of {entries_per_pair} entries), more than the budget of {format_bytes(budget)}. "
+            f"Raise memory_budget, use smaller images, or a net without pooling (diagonal covariances).")
+    if tile_size is not None:
+        if not (isinstance(tile_size, int) and tile_size > 0):
+            raise ValueError(f"tile_size={tile_size!r} must be a positive int or None.")
+        t = tile_size
+    else:
+        t = int(math.isqrt(budget // per_pair))
+        if entries_per_pair <= 4:
+            t = min(t, int(math.isqrt(CACHE_TILE_ENTRIES)))
+    return max(1, min(t, max(n1, n2)))

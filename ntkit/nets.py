@@ -1,0 +1,271 @@
+"""Combinators ``serial`` and ``parallel``, and :class:`Net`: one description, two objects.
+
+``net.kernel_fn(x1, x2=None, get=("nngp", "ntk"))`` gives the exact infinite-width kernels;
+``net.module(in_features, width=None, seed=None)`` gives the finite ``torch.nn.Module`` whose limit they are.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ntkit.kernel import Kernel, check_get, kernel_from_inputs, validate_inputs
+from ntkit.memory import available_bytes, default_budget, format_bytes, plan_tile
+from ntkit.layers.base import Layer, LayerError
+
+__all__ = ["Net", "serial", "parallel"]
+
+
+class _ParallelModule(nn.Module):
+    def __init__(self, branches: Sequence[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, xs):
+        if not isinstance(xs, (tuple, list)) or len(xs) != len(self.branches):
+            raise ValueError(f"parallel of {len(self.branches)} branches needs as many inputs (use FanOut).")
+        return tuple(m(x) for m, x in zip(self.branches, xs))
+
+
+class Net(Layer):
+    """A network: a layer that can also compute kernels from inputs and build its finite twin."""
+
+    def kernel_fn(self, x1: Any, x2: Any = None,
+                  get: Union[str, Sequence[str], None] = ("nngp", "ntk"), *,
+                  tile_size: Optional[int] = None, memory_budget: Optional[int] = None) -> Union[Kernel, Tensor]:
+        """Infinite-width kernels of this network between ``x1`` and ``x2``.
+
+        Args:
+          x1: ``(N1, features)`` or ``(N1, C, *spatial)`` float tensor (numpy accepted).
+          x2: same per-sample shape, or ``None`` for ``x1`` against itself: then only the upper tiles are
+            computed, ``cov2`` is ``None`` and the kernels are exactly symmetric.
+          get: ``"nngp"``, ``"ntk"`` or a tuple of them. A single name returns a tensor, a tuple a
+            :class:`Kernel` whose unrequested fields are ``None``.
+          tile_size: samples per tile side (default: planned from ``memory_budget`` and cache size).
+          memory_budget: bytes the working set of one tile may take (default: a quarter of the memory
+            available now, see :mod:`ntkit.memory`).
+
+        The layers run tile by tile over blocks of samples, so the working memory is bounded by the budget
+        whatever ``N1, N2``; only the output itself is ``N1 x N2`` (checked against free memory first).
+        Returns kernels of shape ``(N1, N2)`` (traced over output channels, as NT) in ``x1``'s dtype, on its
+        device.
+        """
+        names, single_out = check_get(get)
+        x1, x2, out_dtype = validate_inputs(x1, x2)
+        expected = self.input_rank()
+        if expected is not None and x1.dim() != expected:
+            raise LayerError(
+                f"this network expects {expected}-D inputs (batch, channels{', spatial' * (expected - 2)}) "
+                f"but x1 has shape {tuple(x1.shape)}.")
+        diagonal = not self.requires_full_spatial()
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        pixels = math.prod(x1.shape[2:])
+        entries = pixels if diagonal else pixels * pixels
+        budget = default_budget(x1.device) if memory_budget is None else int(memory_budget)
+        tile = plan_tile(n1, n2, entries, x1.element_size(), budget, tile_size)
+
+        def run(a: Tensor, b: Optional[Tensor]) -> Kernel:
+            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
+            out = self.kernel(k)
+            if isinstance(out, list):
+                raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
+            return _finish(out)
+
+        if tile >= n1 and tile >= n2:
+            out = run(x1, x2)
+        else:
+            out = _run_tiled(run, x1, x2, tile, names)
+        res = out.replace(nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
+                          ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
+                          cov1=_cast(out.cov1, out_dtype), cov2=_cast(out.cov2, out_dtype))
+        return getattr(res, names[0]) if single_out else res
+
+    def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk")):
+        return self.kernel_fn(x1, x2, get)
+
+    def input_rank(self) -> Optional[int]:
+        """Rank the inputs must have, if a layer fixes it (None: any)."""
+        for layer in self.sublayers():
+            r = getattr(layer, "input_rank", None)
+            r = r() if callable(r) else r
+            if r is not None:
+                return r
+        return None
+
+    def module(self, in_features: Union[int, Sequence[int]], width: Optional[int] = None,
+               seed: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+               device: Union[str, torch.device, None] = None) -> nn.Module:
+        """The finite network this kernel describes (same parameterisation, W_std/b_std; N(0,1) parameters
+        under the NTK parameterisation).
+
+        Args:
+          in_features: input features, or the per-sample input shape ``(C, *spatial)``.
+          width: if given, overrides every hidden width (the readout keeps its size).
+          seed: seeds the parameters' initialisation (``None``: torch's global generator state).
+          dtype, device: of the parameters (default: torch's default dtype, CPU). Parameters are drawn on the
+            CPU in float64 and then cast, so a seed gives the same network on every device and dtype.
+        """
+        in_shape = (in_features,) if isinstance(in_features, int) else tuple(int(s) for s in in_features)
+        if width is not None and not (isinstance(width, int) and width > 0):
+            raise ValueError(f"width={width!r} must be a positive int or None.")
+        gen = torch.Generator()
+        if seed is None:
+            gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+        else:
+            gen.manual_seed(int(seed))
+        with _default_dtype(torch.float64):
+            mod, _ = self.build(in_shape, width, gen, readout=True)
+        return mod.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+class _default_dtype:
+    """Context manager setting torch's default dtype (parameters are drawn in float64, then cast)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _swap_pair(t: Tensor, k: Kernel) -> Tensor:
+    """The kernel block of (x2, x1) from that of (x1, x2): swap the batch axes, and each (s, s') pair of a
+    full spatial layout."""
+    perm = [1, 0]
+    if not k.diagonal_spatial and k.spatial_ndim:
+        for a in range(k.spatial_ndim):
+            perm += [3 + 2 * a, 2 + 2 * a]
+    else:
+        perm += list(range(2, t.dim()))
+    return t.permute(perm)
+
+
+def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence[str]) -> Kernel:
+    """Run ``run`` on tiles of samples and assemble the kernels (upper tiles only when ``x2`` is None)."""
+    sym = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if sym else x2.shape[0]
+    b1 = [(s, min(s + tile, n1)) for s in range(0, n1, tile)]
+    b2 = b1 if sym else [(s, min(s + tile, n2)) for s in range(0, n2, tile)]
+    outs: dict[str, Tensor] = {}
+    cov1 = cov2 = None
+    first: Optional[Kernel] = None
+    for i, (a0, a1) in enumerate(b1):
+        for j, (c0, c1) in enumerate(b2):
+            if sym and j < i:
+                continue
+            other = None if (sym and i == j) else (x1 if sym else x2)[c0:c1]
+            k = run(x1[a0:a1], other)
+            if first is None:
+                first = k
+                per = [getattr(k, g)[0, 0].numel() for g in names]
+                need = sum(n1 * n2 * p for p in per) * k.nngp.element_size()
+                avail = available_bytes(x1.device)
+                if need > 0.9 * avail:
+                    raise MemoryError(
+                        f"the output kernels need {format_bytes(need)} but only {format_bytes(avail)} is "
+                        f"available; compute them to disk with ntkit.tiling.kernel_matrix(..., store=path).")
+                for g in names:
+                    t = getattr(k, g)
+                    outs[g] = t.new_empty((n1, n2) + tuple(t.shape[2:]))
+                cov1 = k.cov1.new_empty((n1,) + tuple(k.cov1.shape[1:]))
+                if not sym:
+                    cov2 = k.cov2.new_empty((n2,) + tuple(k.cov2.shape[1:]))
+            for g in names:
+                t = getattr(k, g)
+                outs[g][a0:a1, c0:c1] = t
+                if sym and i != j:
+                    outs[g][c0:c1, a0:a1] = _swap_pair(t, k)
+            if j == (i if sym else 0):
+                cov1[a0:a1] = k.cov1
+            if not sym and i == 0:
+                cov2[c0:c1] = k.cov2
+    assert first is not None
+    return first.replace(nngp=outs.get("nngp"), ntk=outs.get("ntk"), cov1=cov1, cov2=cov2,
+                         shape1=(n1,) + tuple(first.shape1[1:]), shape2=(n2,) + tuple(first.shape2[1:]),
+                         x1_is_x2=sym)
+
+
+def _finish(k: Kernel) -> Kernel:
+    """Reduce remaining spatial axes for the output: NT's convention is that a kernel with spatial axes left
+    is returned as is (e.g. a conv net without a readout), so nothing is done for FC nets."""
+    return k
+
+
+class Serial(Net):
+    """Layers applied one after another."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        for i, l in enumerate(layers):
+            if not isinstance(l, Layer):
+                raise TypeError(f"serial(...) argument {i} is {type(l).__name__}, not an ntkit layer.")
+        self.layers = tuple(layers)
+
+    def sublayers(self):
+        return self.layers
+
+    def kernel(self, k):
+        for layer in self.layers:
+            k = layer.kernel(k)
+        return k
+
+    def build(self, in_shape, width, generator, readout):
+        last = max((i for i, l in enumerate(self.layers) if l.contains_params()), default=-1)
+        mods, shape = [], in_shape
+        for i, layer in enumerate(self.layers):
+            m, shape = layer.build(shape, width, generator, readout and i == last)
+            mods.append(m)
+        return nn.Sequential(*mods), shape
+
+    def __repr__(self):
+        return "serial(" + ", ".join(map(repr, self.layers)) + ")"
+
+
+class Parallel(Net):
+    """Branch ``i`` applied to the ``i``-th input branch (after ``FanOut``)."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        for i, l in enumerate(layers):
+            if not isinstance(l, Layer):
+                raise TypeError(f"parallel(...) argument {i} is {type(l).__name__}, not an ntkit layer.")
+        self.layers = tuple(layers)
+
+    def sublayers(self):
+        return self.layers
+
+    def kernel(self, k):
+        if not isinstance(k, list) or len(k) != len(self.layers):
+            got = len(k) if isinstance(k, list) else 1
+            raise LayerError(f"parallel of {len(self.layers)} layers got {got} branch(es); "
+                             f"put FanOut({len(self.layers)}) before it.")
+        return [layer.kernel(x) for layer, x in zip(self.layers, k)]
+
+    def build(self, in_shape, width, generator, readout):
+        if not isinstance(in_shape, list) or len(in_shape) != len(self.layers):
+            raise LayerError(f"parallel of {len(self.layers)} layers needs FanOut({len(self.layers)}) before it.")
+        built = [layer.build(s, width, generator, readout) for layer, s in zip(self.layers, in_shape)]
+        return _ParallelModule([m for m, _ in built]), [s for _, s in built]
+
+    def __repr__(self):
+        return "parallel(" + ", ".join(map(repr, self.layers)) + ")"
+
+
+def serial(*layers: Layer) -> Net:
+    """Compose layers in sequence; the result is itself a layer and a :class:`Net`."""
+    return Serial(layers)
+
+
+def parallel(*layers: Layer) -> Net:
+    """Apply ``layers[i]`` to branch ``i`` (use after ``FanOut(len(layers))``)."""
+    return Parallel(layers)
