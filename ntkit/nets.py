@@ -269,3 +269,13 @@ def serial(*layers: Layer) -> Net:
 def parallel(*layers: Layer) -> Net:
     """Apply ``layers[i]`` to branch ``i`` (use after ``FanOut(len(layers))``)."""
     return Parallel(layers)
+
+
+def __getattr__(name: str):
+    """Ready-made architectures (Myrtle, CNTK, WRN) live in ntkit/architectures.py and are re-exported here
+    lazily (that module builds on serial/parallel, so it cannot be imported at the top of this one)."""
+    from ntkit import architectures
+
+    if name in architectures.__all__:
+        return getattr(architectures, name)
+    raise AttributeError(f"module 'ntkit.nets' has no attribute {name!r}")

@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+# Each pytest-xdist worker gets one intra-op thread: with `-n 2` on two cores, two workers of two threads each
+# oversubscribe the machine and small-tensor ops slow down many-fold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("NTKIT_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 

@@ -63,9 +63,10 @@ def affine_rule(k: Kernel, W_std: float, b_std: Optional[float], parameterizatio
     ntk = k.ntk
     if ntk is not None:
         if parameterization == "ntk":
-            ntk = torch.add(out.nngp, ntk, alpha=w2)
+            ntk = out.nngp + w2 * ntk if isinstance(w2, torch.Tensor) else torch.add(out.nngp, ntk, alpha=w2)
         else:
-            ntk = torch.add(nngp_in * fan_in_scale, ntk, alpha=w2)
+            ntk = (nngp_in * fan_in_scale + w2 * ntk if isinstance(w2, torch.Tensor)
+                   else torch.add(nngp_in * fan_in_scale, ntk, alpha=w2))
             if b_std is not None:
                 ntk = ntk + 1.0
     shape1 = (k.shape1[0], out_width) + tuple(k.shape1[2:])
@@ -96,7 +97,7 @@ class DenseModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.movedim(1, -1) if x.dim() > 2 else x
         if self.parameterization == "ntk":
-            y = xc @ (self.weight.T * (self.W_std / math.sqrt(self.in_features)))
+            y = (xc @ self.weight.T) * (self.W_std / math.sqrt(self.in_features))
             if self.bias is not None:
                 y = y + self.b_std * self.bias
         else:

@@ -250,8 +250,9 @@ class Sign(RuleLayer):
     ``E[sign(u) sign(v)] = 1 − 2θ/π = (2/π)·arcsin ρ``; ``E[sign(u)²] = 1`` (0 where ``q = 0``).
 
     NTK: as NT, ``K̇ = 0`` — ``sign' = 0`` almost everywhere, which is also what autograd gives the finite
-    network. (Price's theorem would give the distributional ``(2/π)/√(q11 q22 − q12²)``, which is not the
-    limit of any finite network's gradient.)
+    network. (Price's theorem with the distributional derivative ``2δ(x)`` would give
+    ``(2/π)/√(q11 q22 − q12²)`` — the limit of ``Erf(b=β)`` as ``β → ∞`` — which the sign network's gradient,
+    identically 0, never sees.)
     """
 
     def fn(self, x):

@@ -1,0 +1,154 @@
+"""CNN kernel benchmark (issue 5): the Myrtle-5 NTK of x against itself, ntkit vs NT 0.6.5 side by side.
+
+Myrtle-5 (Shankar et al. 2020): [Conv 3×3 SAME (W_std √2, b_std 0), ReLU] ×2, AvgPool 2×2/2, [Conv, ReLU],
+AvgPool 2×2/2, [Conv, ReLU], global average pool, Dense(10). Inputs ``RandomState(0).randn(n, H, W, 3)``
+(NHWC for NT, transposed to NCHW for ntkit). Cases: 8×8 with n = 50, 200 and 32×32 with n = 10, 50, in
+float32 and float64. NT is timed as ``nt.batch(kernel_fn, batch_size=25, store_on_device=False)(x, None,
+"ntk")`` with the same net written in NT's stax, in its own venv (``NTKIT_NT_PYTHON``). Every measurement runs
+in a fresh process, so ``peak_rss_mb`` is that case's own high-water mark; one untimed call on 2 images
+warms each side up first. One JSON line per case (with ``rel_err_vs_nt`` when both ran).
+
+    python benchmarks/cnn.py [--cases 8:50,8:200,32:10,32:50] [--dtypes float32,float64] [--no-nt]
+                             [--nt-timeout 3600] [--nt-max-gib 12] [--tile N]
+
+NT is skipped (and the reason recorded) when its estimated working set for one 25×25 batch exceeds
+``--nt-max-gib`` (its 32×32, n = 50 blocks hold 625 pairs × 32⁴ pixel pairs per tensor, ~2.5 GiB each in
+float32): measuring it would risk the machine, not inform.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import NT_PYTHON, emit, machine  # noqa: E402
+
+NT_SCRIPT = r"""
+import json, resource, sys, time
+import jax
+n, hw, dtype, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
+import numpy as np
+import neural_tangents as nt
+from neural_tangents import stax
+r2 = 2 ** 0.5
+conv = lambda: stax.Conv(1, (3, 3), W_std=r2, b_std=0.0, padding="SAME")
+block = lambda k: [conv(), stax.Relu()] * k
+_, _, kfn = stax.serial(*(block(2) + [stax.AvgPool((2, 2), (2, 2))] + block(1) + [stax.AvgPool((2, 2), (2, 2))]
+                          + block(1) + [stax.GlobalAvgPool(), stax.Dense(10, r2, 0.0)]))
+x = np.random.RandomState(0).randn(n, hw, hw, 3).astype(dtype)
+f = nt.batch(kfn, batch_size=25, store_on_device=False)
+np.asarray(f(x[:2], None, "ntk"))                      # warm-up
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+k = np.asarray(f(x, None, "ntk"))
+t = time.perf_counter() - t
+np.save(out, k)
+print(json.dumps({"s": t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_mb": rss0 / 1024}))
+"""
+
+
+def _worker(n: int, hw: int, dtype: str, out: str, tile: int) -> None:
+    """One ntkit measurement in this (fresh) process."""
+    import resource
+
+    import torch
+
+    from ntkit.architectures import myrtle
+
+    x = torch.from_numpy(np.ascontiguousarray(
+        np.random.RandomState(0).randn(n, hw, hw, 3).astype(dtype).transpose(0, 3, 1, 2)))
+    net = myrtle(5)
+    kw = {} if tile <= 0 else {"tile_size": tile}
+    net.kernel_fn(x[:2], None, "ntk")                     # warm-up
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    cpu = time.process_time()
+    k = net.kernel_fn(x, None, "ntk", **kw)
+    cpu = time.process_time() - cpu
+    t = time.perf_counter() - t
+    np.save(out, k.numpy())
+    print(json.dumps({"s": t, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_before_mb": rss0 / 1024, "threads": torch.get_num_threads()}))
+
+
+def _run(cmd: list, timeout: float, env=None) -> dict:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        return {"error": tail[-300:]}
+    return json.loads(lines[-1])
+
+
+def _nt_block_gib(n: int, hw: int, dtype: str) -> float:
+    """NT's working set for one batch of min(n, 25)² pairs: ~8 live full-covariance tensors of (hw²)² entries
+    per pair (its measured peak RSS for hw = 32, n = 10, float32 is 3.9 GiB; this estimate gives 3.0)."""
+    return 8 * min(n, 25) ** 2 * hw ** 4 * (4 if dtype == "float32" else 8) / 2 ** 30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="8:50,8:200,32:10,32:50", help="comma list of size:n")
+    ap.add_argument("--dtypes", default="float32,float64")
+    ap.add_argument("--no-nt", action="store_true")
+    ap.add_argument("--nt-timeout", type=float, default=3600)
+    ap.add_argument("--nt-max-gib", type=float, default=12.0)
+    ap.add_argument("--tile", type=int, default=0, help="ntkit tile_size (0: ntkit's own plan)")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        n, hw, dtype, out, tile = args.worker
+        _worker(int(n), int(hw), dtype, out, int(tile))
+        return
+    info = machine()
+    info["loadavg_at_start"] = os.getloadavg()
+    have_nt = os.path.exists(NT_PYTHON) and not args.no_nt
+    nt_env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases.split(","):
+            hw, n = (int(v) for v in case.split(":"))
+            for dtype in args.dtypes.split(","):
+                ours_path, nt_path = os.path.join(tmp, "ours.npy"), os.path.join(tmp, "nt.npy")
+                ours = _run([sys.executable, os.path.abspath(__file__), "--worker", str(n), str(hw), dtype, ours_path,
+                             str(args.tile)], timeout=args.nt_timeout)
+                if not have_nt:
+                    theirs = {"skipped": "NT venv absent" if not args.no_nt else "--no-nt"}
+                elif _nt_block_gib(n, hw, dtype) > args.nt_max_gib:
+                    theirs = {"skipped": f"estimated {_nt_block_gib(n, hw, dtype):.0f} GiB per 25x25 batch "
+                                         f"> --nt-max-gib {args.nt_max_gib:g}"}
+                else:
+                    theirs = _run([NT_PYTHON, "-c", NT_SCRIPT, str(n), str(hw), dtype, nt_path],
+                                  timeout=args.nt_timeout, env=nt_env)
+                row = dict(bench="cnn_myrtle5_ntk", hw=hw, n=n, dtype=dtype,
+                           ntkit_s=round(ours["s"], 3) if "s" in ours else None,
+                           ntkit_cpu_s=round(ours["cpu_s"], 3) if "cpu_s" in ours else None,
+                           ntkit_peak_rss_mb=round(ours.get("peak_rss_mb", 0), 1) or None,
+                           nt_s=round(theirs["s"], 3) if "s" in theirs else None,
+                           nt_peak_rss_mb=round(theirs.get("peak_rss_mb", 0), 1) or None)
+                if "s" in ours and "s" in theirs:
+                    row["speedup_vs_nt"] = round(theirs["s"] / ours["s"], 2)
+                    a, b = np.load(ours_path), np.load(nt_path)
+                    row["rel_err_vs_nt"] = float(np.abs(a - b).max() / np.abs(b).max())
+                for side, r in (("ntkit", ours), ("nt", theirs)):
+                    for key in ("error", "skipped"):
+                        if key in r:
+                            row[f"{side}_{key}"] = r[key]
+                row["machine"] = info
+                emit(**row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""Convolution ``Conv`` in 1-D, 2-D and 3-D (PyTorch layouts NCW / NCHW / NCDHW), and the windowed-sum
+primitive that convolutions and poolings share.
+
+Kernel rule (Novak et al. 2019, "Bayesian deep CNNs with many channels are Gaussian processes";
+Garriga-Alonso et al. 2019; Arora et al. 2019, "On exact computation with an infinitely wide neural net").
+For a filter of spatial shape ``F`` (``|F|`` pixels), strides ``σ`` and ``C`` input channels, let ``T`` be
+the *patch mean over joint shifts*::
+
+    T(K)[y, y'] = (1/|F|) Σ_{d ∈ F} K[σy + d, σy' + d]
+
+(``K`` is zero outside the image for zero padding, indices wrap for CIRCULAR). Then
+
+* NTK parameterisation: ``nngp' = W_std² T(nngp) + b_std²`` and ``ntk' = W_std² T(ntk) + nngp'``;
+* standard parameterisation: ``nngp'`` as above and ``ntk' = C|F| T(nngp) + W_std² T(ntk) + [1 if bias]``.
+
+With only the diagonal pixel covariance tracked (``y = y'``), ``T`` is a windowed mean of ``K[y, y]``.
+
+``T`` is separable: the joint shift over a ``f_1 × f_2`` filter is a joint shift of the ``(y_1, y'_1)`` axis
+pair followed by one of ``(y_2, y'_2)``, so a 3×3 convolution costs 3 + 3 shifted additions per entry of
+the covariance, not 9 (and no multiplications by the zeros of an identity filter). Each addition is one
+tensor op over the whole tile of input pairs. For stride 1 and SAME padding (the common case) a joint shift
+is a constant offset in memory: the op runs over long contiguous stretches, with a small cached 0/1 mask
+dropping the terms that fall outside the image (1.9× faster per conv layer than strided views on 8×8
+images, 1.2× on 32×32); scale factors and the NTK's ``+ nngp'`` are folded into the first and last passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ntkit.layers.base import Layer, LayerError, single, single_shape
+from ntkit.layers.dense import check_parameterization, check_std
+
+__all__ = ["Conv", "ConvModule", "AxisWindow", "plan_windows", "window_sum", "pad_spatial",
+           "PADDINGS"]
+
+PADDINGS = ("VALID", "SAME", "CIRCULAR")
+
+IntOrTuple = Union[int, Sequence[int]]
+PaddingArg = Union[str, int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checking and per-axis window plans
+# ---------------------------------------------------------------------------------------------------
+def _as_tuple(v: Optional[IntOrTuple], name: str, layer: str, allow_zero: bool = False) -> Optional[tuple]:
+    if v is None:
+        return None
+    vals = (v,) if isinstance(v, int) else tuple(v)
+    low = 0 if allow_zero else 1
+    if not vals or len(vals) > 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= low
+                                            for x in vals):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{layer}: {name}={v!r} must be a {kind} int or a tuple of 1 to 3 {kind} ints "
+                         f"(one per spatial axis).")
+    return vals
+
+
+def check_padding(padding: PaddingArg, padding_mode: str, layer: str) -> tuple[Union[str, tuple], str]:
+    """Normalise ``padding`` to ``"VALID"|"SAME"|"CIRCULAR"`` or a tuple of explicit symmetric pads."""
+    if isinstance(padding, str):
+        p = padding.upper()
+        if p not in PADDINGS:
+            raise ValueError(f"{layer}: padding={padding!r}; choose 'VALID', 'SAME', 'CIRCULAR' or explicit "
+                             f"non-negative ints (pixels added on both sides, as torch.nn.Conv2d).")
+        out: Union[str, tuple] = p
+    else:
+        out = _as_tuple(padding, "padding", layer, allow_zero=True)
+    mode = padding_mode.lower()
+    if mode not in ("zeros", "circular"):
+        raise ValueError(f"{layer}: padding_mode={padding_mode!r}; choose 'zeros' or 'circular' "
+                         f"(the kernel rules of 'reflect'/'replicate' are not implemented).")
+    return out, mode
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisWindow:
+    """How one spatial axis is windowed: ``n_out`` windows of ``size`` pixels, ``stride`` apart, over the
+    input padded by ``lo``/``hi`` pixels (zeros, or wrapped around when ``circular``)."""
+
+    size: int
+    stride: int
+    lo: int
+    hi: int
+    circular: bool
+    n_in: int
+    n_out: int
+
+    @property
+    def trivial(self) -> bool:
+        return self.size == 1 and self.stride == 1 and self.lo == 0 and self.hi == 0
+
+
+def _expand(v: Optional[tuple], n: int, default: int, name: str, layer: str) -> tuple:
+    if v is None:
+        return (default,) * n
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise LayerError(f"{layer}: {name} has {len(v)} entries but the input has {n} spatial axes.")
+    return v
+
+
+def plan_windows(spatial: Sequence[int], window: tuple, strides: Optional[tuple],
+                 padding: Union[str, tuple], padding_mode: str, layer: str) -> list[AxisWindow]:
+    """Per-axis windows with the padding rules of ``lax.padtype_to_pads`` (NT) and ``torch.nn.Conv*``.
+
+    SAME: ``n_out = ceil(n / σ)``, total padding ``max((n_out − 1)σ + f − n, 0)``, the extra pixel at the end.
+    VALID: ``n_out = floor((n − f)/σ) + 1``. CIRCULAR: SAME's padding, filled by wrapping around.
+    Explicit ``p``: ``p`` pixels on both sides, ``n_out = floor((n + 2p − f)/σ) + 1``.
+    """
+    n = len(spatial)
+    if isinstance(padding, int):
+        padding = (padding,)
+    window = _expand(window, n, 1, "the window/kernel size", layer)
+    strides = _expand(strides, n, 1, "strides", layer)
+    explicit = None if isinstance(padding, str) else _expand(padding, n, 0, "padding", layer)
+    out = []
+    for a, (size, f, s) in enumerate(zip(spatial, window, strides)):
+        circular = padding == "CIRCULAR" or (explicit is not None and padding_mode == "circular")
+        if explicit is not None:
+            lo = hi = explicit[a]
+            if 2 * lo + size < f:
+                raise LayerError(
+                    f"{layer}: window {f} is larger than spatial axis {a} of size {size} plus padding "
+                    f"{lo}+{lo}; the output would be empty. Use more padding, 'SAME', or a smaller window.")
+            n_out = (size + 2 * lo - f) // s + 1
+        elif padding == "VALID":
+            if f > size:
+                raise LayerError(
+                    f"{layer}: window {tuple(window)} is larger than the input's spatial shape "
+                    f"{tuple(spatial)} with padding='VALID' (the output would be empty); use padding='SAME' "
+                    f"or a smaller window.")
+            lo = hi = 0
+            n_out = (size - f) // s + 1
+        else:  # SAME / CIRCULAR
+            n_out = -(-size // s)
+            total = max((n_out - 1) * s + f - size, 0)
+            lo, hi = total // 2, total - total // 2
+        out.append(AxisWindow(f, s, lo, hi, circular and (lo + hi) > 0, size, n_out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the windowed-sum primitive
+# ---------------------------------------------------------------------------------------------------
+def _wrap_pad(x: Tensor, axes: Sequence[int], lo: int, hi: int, n: int) -> Tensor:
+    """Pad ``axes`` by wrapping around (any amount, also more than the axis length)."""
+    idx = torch.arange(-lo, n + hi, device=x.device) % n
+    for ax in axes:
+        x = x.index_select(ax, idx)
+    return x
+
+
+# contiguous rows shorter than this are grouped (``k`` rows of the outer dimension into one) so that every
+# tensor op runs over long contiguous stretches; masks stay this small
+_MIN_ROW = 512
+_GROUP_ROW = 8192
+_MASKS: dict = {}
+#: use the masked-offset fast path for stride-1 SAME windows (False: strided views only; for benchmarks/tests)
+FAST_SAME = True
+
+
+def _shift_mask(sizes: tuple, shifted: tuple, delta: int, k: int, dtype, device) -> Tensor:
+    """0/1 mask ``(k·|block|, 1)`` over a block of dims ``sizes`` (tiled ``k`` times): 1 where every
+    shifted index ``y`` satisfies ``0 <= y + delta < n``. Cached (masks are small and reused every layer)."""
+    key = (sizes, shifted, delta, k, dtype, device)
+    m = _MASKS.get(key)
+    if m is None:
+        m = torch.ones(sizes, dtype=torch.bool)
+        for i in shifted:
+            n = sizes[i]
+            ok = (torch.arange(n) + delta >= 0) & (torch.arange(n) + delta < n)
+            shape = [1] * len(sizes)
+            shape[i] = n
+            m = m & ok.reshape(shape)
+        m = m.reshape(-1).repeat(k).to(dtype=dtype, device=device)[:, None]   # (k·|block|, 1)
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        _MASKS[key] = m
+    return m
+
+
+def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float,
+                     base: Optional[Tensor]) -> Tensor:
+    """Fast path of :func:`window_sum` for stride 1 and zero padding that keeps the size (SAME).
+
+    A joint shift by ``δ`` of the axes in ``axes`` is a constant offset ``δ·Σ strides`` in memory, so each
+    term is one multiply-add of two long contiguous stretches and a small 0/1 mask that removes the terms
+    falling outside the image (which wrap into neighbouring rows or blocks). No padding is materialised
+    and no op runs over short strided rows.
+    """
+    if not x.is_contiguous():
+        # e.g. the input Gram matrix (a permuted GEMM result): one copy, scaled on the way
+        xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        x = torch.mul(x, alpha, out=xc) if alpha != 1.0 else xc.copy_(x)
+        alpha = 1.0
+    shape = tuple(x.shape)
+    first, last = min(axes), max(axes)
+    r = math.prod(shape[:first])
+    shifted = tuple(ax - first for ax in axes)
+    step = sum(x.stride(ax) for ax in axes)
+    t = math.prod(shape[last + 1:])
+    k = 1
+    if t >= _MIN_ROW:
+        # block (m, t): the mask varies over the shifted dims only and broadcasts along t
+        sizes = shape[first:last + 1]
+        m, step = math.prod(sizes), step // t
+    else:
+        # mask the whole block from the first shifted dim on; group k outer rows into one long row
+        sizes, t = shape[first:], 1
+        m = math.prod(sizes)
+        for cand in range(min(r, max(1, _GROUP_ROW // m)), 0, -1):
+            if r % cand == 0:
+                k = cand
+                break
+        r, m = r // k, m * k
+    x3 = x.view(r, m, t)
+    deltas = [d - w.lo for d in range(w.size) if d != w.lo and abs(d - w.lo) * step < m]
+    if base is not None:
+        out = torch.add(base, x, alpha=alpha)
+    elif alpha != 1.0 or not deltas:
+        out = torch.mul(x, alpha)
+    else:
+        # the first shifted term in the same pass as the copy of the centre term
+        out = torch.empty_like(x)
+        o3, delta = out.view(r, m, t), deltas.pop(0)
+        off = abs(delta) * step
+        mask = _shift_mask(tuple(sizes), shifted, delta, k, x.dtype, x.device)
+        if delta > 0:
+            torch.addcmul(x3[:, :m - off], x3[:, off:], mask[:m - off], out=o3[:, :m - off])
+            o3[:, m - off:].copy_(x3[:, m - off:])
+        else:
+            torch.addcmul(x3[:, off:], x3[:, :m - off], mask[off:], out=o3[:, off:])
+            o3[:, :off].copy_(x3[:, :off])
+    o3 = out.view(r, m, t)
+    for delta in deltas:
+        off = abs(delta) * step
+        mask = _shift_mask(tuple(sizes), shifted, delta, k, x.dtype, x.device)
+        if delta > 0:
+            o3[:, :m - off].addcmul_(x3[:, off:], mask[:m - off], value=alpha)
+        else:
+            o3[:, off:].addcmul_(x3[:, :m - off], mask[off:], value=alpha)
+    return out
+
+
+def window_sum(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float = 1.0,
+               base: Optional[Tensor] = None) -> Tensor:
+    """``base + alpha · Σ_{d < f} x_pad[.., σy + d, ..]`` with the same ``y`` and ``d`` on every axis in
+    ``axes`` (``base``: optional tensor of the output's shape, added in the same passes).
+
+    One axis: a windowed sum (pooling, or a convolution of a diagonal-spatial kernel). Two axes ``(a, a')``:
+    the sum over joint shifts of a full pixel-pixel covariance (a convolution). Zero padding is never
+    materialised. Returns a new tensor (``x`` and ``base`` are not modified).
+    """
+    if w.trivial:
+        return torch.add(base, x, alpha=alpha) if base is not None else torch.mul(x, alpha)
+    if FAST_SAME and w.stride == 1 and not w.circular and w.n_out == w.n_in and 0 <= w.lo < w.size:
+        return _window_sum_same(x, axes, w, alpha, base)
+    lo, n = w.lo, w.n_in
+    if w.circular:
+        x = _wrap_pad(x, axes, w.lo, w.hi, w.n_in)
+        lo, n = 0, w.n_in + w.lo + w.hi
+    f, s, n_out = w.size, w.stride, w.n_out
+    pieces = []
+    for d in range(f):
+        y0 = max(0, -((d - lo) // s))                      # first y with σy + d − lo ≥ 0
+        y1 = min(n_out, (n - 1 + lo - d) // s + 1)          # one past the last y with σy + d − lo ≤ n − 1
+        if y1 > y0:
+            start = s * y0 + d - lo
+            pieces.append((y0, y1, slice(start, start + s * (y1 - y0 - 1) + 1, s)))
+
+    def view(t, sl):
+        idx = [slice(None)] * t.dim()
+        for ax in axes:
+            idx[ax] = sl
+        return t[tuple(idx)]
+
+    full = [p for p in pieces if p[0] == 0 and p[1] == n_out]
+    for p in full[:2]:
+        pieces.remove(p)
+    srcs = [view(x, p[2]) for p in full[:2]]
+    if base is not None:
+        out = torch.add(base, srcs.pop(0), alpha=alpha) if srcs else base.clone()
+    elif len(srcs) == 2 and alpha == 1.0:
+        out = torch.add(srcs.pop(0), srcs.pop(0))
+    elif srcs:
+        out = torch.mul(srcs.pop(0), alpha)
+    else:
+        shape = list(x.shape)
+        for ax in axes:
+            shape[ax] = n_out
+        out = x.new_zeros(shape)
+    for src in srcs:
+        out.add_(src, alpha=alpha)
+    for y0, y1, sl in pieces:
+        view(out, slice(y0, y1)).add_(view(x, sl), alpha=alpha)
+    return out
+
+
+def spatial_axes(batch_ndim: int, a: int, full: bool) -> tuple[int, ...]:
+    """Tensor axes of spatial axis ``a`` in the Kernel layout (its pair ``(a, a')`` when ``full``)."""
+    return (batch_ndim + 2 * a, batch_ndim + 2 * a + 1) if full else (batch_ndim + a,)
+
+
+def pad_spatial(x: Tensor, wins: Sequence[AxisWindow]) -> Tensor:
+    """Pad the spatial axes of activations ``(N, C, *spatial)`` as the windows prescribe (finite twins)."""
+    for a, w in enumerate(wins):
+        if w.lo == 0 and w.hi == 0:
+            continue
+        ax = 2 + a
+        if w.circular:
+            x = _wrap_pad(x, (ax,), w.lo, w.hi, w.n_in)
+        else:
+            pads = [0, 0] * (x.dim() - ax - 1) + [w.lo, w.hi]
+            x = F.pad(x, pads)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conv
+# ---------------------------------------------------------------------------------------------------
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvModule(nn.Module):
+    """Finite twin of :class:`Conv`. NTK parameterisation: ``W, b ~ N(0, 1)`` and
+    ``z = W_std/sqrt(C·|F|) · (W ⋆ x) + b_std·b``; standard: ``W ~ N(0, W_std²/(C|F|))``, ``b ~ N(0, b_std²)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, wins: Sequence[AxisWindow], W_std: float,
+                 b_std: Optional[float], parameterization: str, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.wins = tuple(wins)
+        ks = tuple(w.size for w in wins)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride = tuple(w.stride for w in wins)
+        self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
+        fan_in = in_channels * math.prod(ks)
+        w = torch.randn((out_channels, in_channels) + ks, generator=generator)
+        b = None if b_std is None else torch.randn(out_channels, generator=generator)
+        self.scale = W_std / math.sqrt(fan_in)
+        if parameterization == "standard":
+            w = w * self.scale
+            b = None if b is None else b * b_std
+        self.weight = nn.Parameter(w)
+        self.bias = None if b is None else nn.Parameter(b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = pad_spatial(x, self.wins)
+        conv = _CONV_FNS[len(self.wins)]
+        if self.parameterization == "ntk":
+            y = conv(x, self.weight, None, self.stride) * self.scale
+            if self.bias is not None:
+                y = y + (self.b_std * self.bias).reshape((-1,) + (1,) * len(self.wins))
+            return y
+        return conv(x, self.weight, self.bias, self.stride)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r}")
+
+
+class Conv(Layer):
+    """Convolution ``Conv(out_channels, kernel_size, strides=None, padding="VALID", W_std=1.0, b_std=None,
+    parameterization="ntk")`` over 1, 2 or 3 spatial axes (NCW, NCHW, NCDHW). NT's ``stax.Conv``.
+
+    Args:
+      out_channels: channels of the finite twin (enters the kernel only through a following layer in the
+        standard parameterisation).
+      kernel_size: filter shape, a tuple of 1–3 ints (its length fixes the spatial rank) or an int for the
+        same size along every spatial axis.
+      strides: ``None`` (all 1), an int or a tuple.
+      padding: ``"VALID"``, ``"SAME"`` (``lax``/NT convention: the extra pixel of odd padding at the end),
+        ``"CIRCULAR"`` (SAME with wrap-around), or explicit ints as ``torch.nn.Conv2d(padding=...)``
+        (filled with zeros, or wrapped around with ``padding_mode="circular"``).
+      W_std, b_std: weight and bias standard deviations (``b_std=None``: no bias, NT's default).
+      parameterization: ``"ntk"`` or ``"standard"``.
+      in_channels: optional; if given, inputs with another channel count are refused with a clear error.
+
+    Kernel rule: see the module docstring.
+    """
+
+    has_params = True
+
+    def __init__(self, out_channels: int, kernel_size: IntOrTuple, strides: Optional[IntOrTuple] = None,
+                 padding: PaddingArg = "VALID", W_std: float = 1.0, b_std: Optional[float] = None,
+                 parameterization: str = "ntk", *, padding_mode: str = "zeros",
+                 in_channels: Optional[int] = None):
+        if not (isinstance(out_channels, int) and out_channels > 0):
+            raise ValueError(f"Conv: out_channels={out_channels!r} must be a positive int.")
+        if in_channels is not None and not (isinstance(in_channels, int) and in_channels > 0):
+            raise ValueError(f"Conv: in_channels={in_channels!r} must be None or a positive int.")
+        check_std(W_std, b_std)
+        self.out_channels = out_channels
+        self.kernel_size = _as_tuple(kernel_size, "kernel_size", "Conv")
+        self._int_kernel = isinstance(kernel_size, int)
+        self.strides = _as_tuple(strides, "strides", "Conv")
+        if not self._int_kernel and self.strides is not None and len(self.strides) not in (1, len(self.kernel_size)):
+            raise ValueError(f"Conv: strides={strides!r} and kernel_size={kernel_size!r} have different lengths.")
+        self.padding, self.padding_mode = check_padding(padding, padding_mode, "Conv")
+        self.W_std = float(W_std)
+        self.b_std = None if b_std is None else float(b_std)
+        self.parameterization = check_parameterization(parameterization)
+        self.in_channels = in_channels
+
+    def input_rank(self) -> Optional[int]:
+        return None if self._int_kernel else len(self.kernel_size) + 2
+
+    def _plan(self, shape: Sequence[int]) -> list[AxisWindow]:
+        """Windows for activations of per-sample shape ``(C, *spatial)``; checks rank and channels."""
+        spatial = tuple(shape[1:])
+        rank = self.input_rank()
+        if not spatial or (rank is not None and len(spatial) != rank - 2):
+            want = f"{rank - 2}-D" if rank is not None else "1-D to 3-D"
+            names = {1: "(N, C, W)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+            hint = names.get(rank - 2, "") if rank is not None else "(N, C, *spatial)"
+            raise LayerError(
+                f"Conv(kernel_size={self.kernel_size}) is {want} and needs activations {hint}, but got "
+                f"per-sample shape {tuple(shape)} ({len(spatial)} spatial axes). Give inputs in PyTorch's "
+                f"channels-first layout with the right number of spatial axes, or change kernel_size.")
+        if len(spatial) > 3:
+            raise LayerError(f"Conv supports 1 to 3 spatial axes; got per-sample shape {tuple(shape)}.")
+        return plan_windows(spatial, self.kernel_size, self.strides, self.padding, self.padding_mode,
+                            f"Conv(kernel_size={self.kernel_size}, padding={self.padding!r})")
+
+    def _check_channels(self, c: int) -> None:
+        if self.in_channels is not None and c != self.in_channels:
+            raise LayerError(f"Conv(in_channels={self.in_channels}) got activations with {c} channels; "
+                             f"the channel axis is axis 1 (PyTorch layout). Fix the input or in_channels.")
+
+    def kernel(self, k):
+        k = single(k, self)
+        wins = self._plan(k.shape1[1:])
+        self._check_channels(k.width)
+        full = not k.diagonal_spatial
+        f_size = math.prod(w.size for w in wins)
+        w2 = self.W_std ** 2
+        b2 = 0.0 if self.b_std is None else self.b_std ** 2
+        # strided axes first: they shrink the tensor for the passes after them
+        order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
+
+        def T(x: Optional[Tensor], batch_ndim: int, alpha: float,
+              base: Optional[Tensor] = None) -> Optional[Tensor]:
+            """``base + alpha · |F| · T(x)``: the joint-shift window sums, scaled in the first pass and
+            ``base`` added in the last."""
+            if x is None:
+                return None
+            for i, a in enumerate(order):
+                x = window_sum(x, spatial_axes(batch_ndim, a, full), wins[a], alpha if i == 0 else 1.0,
+                               base if i == len(order) - 1 else None)
+            return x
+
+        def affine(x: Optional[Tensor], batch_ndim: int) -> Optional[Tensor]:
+            x = T(x, batch_ndim, w2 / f_size)
+            return x.add_(b2) if (x is not None and b2) else x
+
+        cov1, cov2 = affine(k.cov1, 1), affine(k.cov2, 1)
+        ntk = None
+        if self.parameterization == "ntk":
+            nngp = affine(k.nngp, 2)
+            if k.ntk is not None:
+                # Θ' = W² T(Θ) + K' (the inputs carry Θ = 0)
+                ntk = nngp.clone() if k.is_input else T(k.ntk, 2, w2 / f_size, base=nngp)
+        else:
+            mean = T(k.nngp, 2, 1.0 / f_size)                     # T(nngp)
+            nngp = torch.mul(mean, w2)
+            if b2:
+                nngp.add_(b2)
+            if k.ntk is not None:
+                fan_in = float(k.width * f_size)
+                ntk = mean.mul_(fan_in) if k.is_input else T(k.ntk, 2, w2 / f_size).add_(mean, alpha=fan_in)
+                if self.b_std is not None:
+                    ntk.add_(1.0)
+        spatial = tuple(w.n_out for w in wins)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
+                         shape1=(k.shape1[0], self.out_channels) + spatial,
+                         shape2=(k.shape2[0], self.out_channels) + spatial,
+                         is_gaussian=True, is_input=False)
+
+    def build(self, in_shape, width, generator, readout):
+        s = single_shape(in_shape, self)
+        wins = self._plan(s)
+        if width is None:
+            self._check_channels(s[0])
+        out = self.out_channels if (width is None or readout) else width
+        mod = ConvModule(s[0], out, wins, self.W_std, self.b_std, self.parameterization, generator)
+        return mod, (out,) + tuple(w.n_out for w in wins)
+
+    def __repr__(self):
+        extra = "" if self.in_channels is None else f", in_channels={self.in_channels}"
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
+        return (f"Conv({self.out_channels}, {self.kernel_size if not self._int_kernel else self.kernel_size[0]}, "
+                f"strides={self.strides}, padding={self.padding!r}, W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r}{mode}{extra})")

@@ -1,0 +1,225 @@
+"""Pooling and flattening: ``AvgPool``, ``SumPool``, ``GlobalAvgPool``, ``GlobalSumPool``, ``Flatten``.
+
+Pooling is linear with fixed weights, so it maps the full pixel-pixel covariance by the same window on
+each side (Novak et al. 2019; Arora et al. 2019). For one spatial axis with window ``w``, stride ``σ``::
+
+    SumPool:  K'[y, y'] = Σ_{d, d' < w} K[σy + d, σy' + d']         (separable: one pass per axis and side)
+    AvgPool:  K'[y, y'] = SumPool(K)[y, y'] / w²                     (NT's default: padded zeros count)
+    GlobalAvgPool: K' = mean over all pixel pairs (y, y');   GlobalSumPool: the sum
+
+The NTK follows the same rule (pooling has no parameters). These layers need the full covariance:
+they set ``needs_full_spatial``, and a network containing one tracks it from the inputs on.
+
+``Flatten`` reshapes ``(N, C, *S)`` to ``(N, C·|S|)``; the covariance of the flattened vector, averaged over
+its entries as the next Dense layer sees it, is the mean over pixels of the same-pixel covariance
+``K[y, y]`` (NT's convention). On fully-connected inputs ``(N, d)`` it is the identity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ntkit.kernel import Kernel
+from ntkit.layers.base import Lambda, Layer, LayerError, single, single_shape
+from ntkit.layers.conv import (AxisWindow, IntOrTuple, PaddingArg, _as_tuple, check_padding, pad_spatial,
+                               plan_windows, spatial_axes, window_sum)
+
+__all__ = ["AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten", "PoolModule"]
+
+
+def _fields(k: Kernel):
+    """``(name, tensor, batch_ndim)`` for the kernel's present covariances."""
+    for name, nd in (("nngp", 2), ("ntk", 2), ("cov1", 1), ("cov2", 1)):
+        t = getattr(k, name)
+        if t is not None:
+            yield name, t, nd
+
+
+def _need_full(k: Kernel, layer: Layer) -> None:
+    if k.spatial_ndim == 0:
+        raise LayerError(f"{type(layer).__name__} pools spatial axes but its input has none "
+                         f"(per-sample shape {k.shape1[1:]}); remove it or move it before Flatten/GlobalAvgPool.")
+    if k.diagonal_spatial:
+        raise LayerError(
+            f"{type(layer).__name__} needs the full pixel-pixel covariance, but the kernel tracks only the "
+            f"diagonal. Call it through a network (serial(...).kernel_fn), which tracks the full covariance "
+            f"whenever a pooling layer is present.")
+
+
+def _edge_counts(w: AxisWindow, dtype, device) -> Tensor:
+    """Number of real (non-padding) pixels in each of the ``n_out`` windows of one axis."""
+    ones = torch.zeros(w.n_in + w.lo + w.hi, dtype=dtype, device=device)
+    ones[w.lo:w.lo + w.n_in] = 1
+    return ones.unfold(0, w.size, w.stride)[:w.n_out].sum(-1)
+
+
+class PoolModule(nn.Module):
+    """Finite twin of :class:`AvgPool` / :class:`SumPool` (explicit padding, then a strided window sum)."""
+
+    def __init__(self, wins: Sequence[AxisWindow], average: bool, normalize_edges: bool):
+        super().__init__()
+        self.wins, self.average, self.normalize_edges = tuple(wins), average, normalize_edges
+
+    def forward(self, x: Tensor) -> Tensor:
+        xp = pad_spatial(x, self.wins)
+        ks = tuple(w.size for w in self.wins)
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(ks)]
+        stride = tuple(w.stride for w in self.wins)
+        y = pool(xp, ks, stride)                     # mean over the padded window
+        if not self.average:
+            return y * math.prod(ks)
+        if self.normalize_edges and not any(w.circular for w in self.wins):
+            mask = pad_spatial(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device),
+                               self.wins)
+            y = y / pool(mask, ks, stride)           # mean over the real pixels only
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{'avg' if self.average else 'sum'}, window={tuple(w.size for w in self.wins)}, "
+                f"stride={tuple(w.stride for w in self.wins)}")
+
+
+class _Pool(Layer):
+    needs_full_spatial = True
+    _average = True
+
+    def __init__(self, window_shape: IntOrTuple, strides: Optional[IntOrTuple] = None,
+                 padding: PaddingArg = "VALID", normalize_edges: bool = False):
+        name = type(self).__name__
+        self.window_shape = _as_tuple(window_shape, "window_shape", name)
+        self._int_window = isinstance(window_shape, int)
+        self.strides = _as_tuple(strides, "strides", name)
+        self.padding, _ = check_padding(padding, "zeros", name)
+        self.normalize_edges = bool(normalize_edges)
+
+    def input_rank(self) -> Optional[int]:
+        return None if self._int_window else len(self.window_shape) + 2
+
+    def _plan(self, shape: Sequence[int]) -> list[AxisWindow]:
+        name = f"{type(self).__name__}(window_shape={self.window_shape}, padding={self.padding!r})"
+        spatial = tuple(shape[1:])
+        rank = self.input_rank()
+        if not spatial or (rank is not None and len(spatial) != rank - 2) or len(spatial) > 3:
+            raise LayerError(f"{name} needs activations with {rank - 2 if rank else '1 to 3'} spatial axes "
+                             f"(channels first) but got per-sample shape {tuple(shape)}.")
+        return plan_windows(spatial, self.window_shape, self.strides, self.padding, "zeros", name)
+
+    def kernel(self, k):
+        k = single(k, self)
+        _need_full(k, self)
+        wins = self._plan(k.shape1[1:])
+        edges = self._average and self.normalize_edges and self.padding != "CIRCULAR"
+        # the average's 1/Π w² is applied in the last pass, on the smallest tensor
+        scale = 1.0 / math.prod(w.size ** 2 for w in wins) if (self._average and not edges) else 1.0
+        passes = [(a, side) for a in range(len(wins)) for side in (0, 1)]
+        out = {}
+        for name, t, nd in _fields(k):
+            for i, (a, side) in enumerate(passes):
+                t = window_sum(t, (nd + 2 * a + side,), wins[a], scale if i == len(passes) - 1 else 1.0)
+            if edges:
+                for a, w in enumerate(wins):
+                    inv = 1.0 / _edge_counts(w, t.dtype, t.device)
+                    for ax in spatial_axes(nd, a, True):
+                        shape = [1] * t.dim()
+                        shape[ax] = w.n_out
+                        t = t * inv.reshape(shape)
+            out[name] = t
+        spatial = tuple(w.n_out for w in wins)
+        return k.replace(**out, shape1=k.shape1[:2] + spatial, shape2=k.shape2[:2] + spatial)
+
+    def build(self, in_shape, width, generator, readout):
+        s = single_shape(in_shape, self)
+        wins = self._plan(s)
+        return PoolModule(wins, self._average, self.normalize_edges), (s[0],) + tuple(w.n_out for w in wins)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.window_shape}, strides={self.strides}, padding={self.padding!r}"
+                + (", normalize_edges=True" if self.normalize_edges else "") + ")")
+
+
+class AvgPool(_Pool):
+    """Average pooling ``AvgPool(window_shape, strides=None, padding="VALID", normalize_edges=False)``.
+
+    NT's ``stax.AvgPool``: ``strides=None`` means stride 1 (unlike ``torch.nn.AvgPool2d``, whose default
+    stride is the window). ``normalize_edges=False`` divides by the full window, padded zeros included
+    (``torch``'s ``count_include_pad=True``); ``True`` by the number of real pixels at the edges.
+    Padding: ``"VALID"``, ``"SAME"``, ``"CIRCULAR"`` or explicit ints (as torch). Rule: module docstring.
+    """
+
+
+class SumPool(_Pool):
+    """Sum pooling ``SumPool(window_shape, strides=None, padding="VALID")`` (NT's ``stax.SumPool``)."""
+
+    _average = False
+
+    def __init__(self, window_shape: IntOrTuple, strides: Optional[IntOrTuple] = None,
+                 padding: PaddingArg = "VALID"):
+        super().__init__(window_shape, strides, padding, False)
+
+
+class _GlobalPool(Layer):
+    needs_full_spatial = True
+    _average = True
+
+    def kernel(self, k):
+        k = single(k, self)
+        _need_full(k, self)
+        out = {}
+        for name, t, nd in _fields(k):
+            dims = tuple(range(nd, t.dim()))
+            out[name] = t.mean(dims) if self._average else t.sum(dims)
+        return k.replace(**out, shape1=k.shape1[:2], shape2=k.shape2[:2], diagonal_spatial=True)
+
+    def build(self, in_shape, width, generator, readout):
+        s = single_shape(in_shape, self)
+        if len(s) < 2:
+            raise LayerError(f"{type(self).__name__} pools spatial axes but its input has per-sample shape "
+                             f"{tuple(s)} (no spatial axes).")
+        red = torch.mean if self._average else torch.sum
+        return Lambda(lambda x: red(x, dim=tuple(range(2, x.dim()))), repr(self)), (s[0],)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class GlobalAvgPool(_GlobalPool):
+    """Mean over all spatial axes, ``(N, C, *S) → (N, C)``: ``K' = mean_{y, y'} K[y, y']``."""
+
+
+class GlobalSumPool(_GlobalPool):
+    """Sum over all spatial axes, ``(N, C, *S) → (N, C)``: ``K' = Σ_{y, y'} K[y, y']``."""
+
+    _average = False
+
+
+class Flatten(Layer):
+    """``(N, C, *S) → (N, C·|S|)`` (channels-first, as ``torch.nn.Flatten``); identity on ``(N, d)``.
+
+    Kernel: ``K' = mean_y K[y, y]`` (the same-pixel covariance averaged over pixels); the result is not
+    Gaussian with i.i.d. entries (pixels differ), so a Dense layer must follow before a nonlinearity.
+    """
+
+    def kernel(self, k):
+        k = single(k, self)
+        if k.spatial_ndim == 0:
+            return k
+        out = {}
+        for name, t, nd in _fields(k):
+            if not k.diagonal_spatial:
+                for _ in range(k.spatial_ndim):
+                    t = torch.diagonal(t, dim1=nd, dim2=nd + 1)   # the pair (a, a') -> its diagonal, last
+            out[name] = t.mean(tuple(range(nd, t.dim())))
+        c = math.prod(k.shape1[1:])
+        return k.replace(**out, shape1=(k.shape1[0], c), shape2=(k.shape2[0], c), diagonal_spatial=True,
+                         is_gaussian=False)
+
+    def build(self, in_shape, width, generator, readout):
+        s = single_shape(in_shape, self)
+        return nn.Flatten(), (math.prod(s),)
+
+    def __repr__(self):
+        return "Flatten()"

@@ -1,0 +1,184 @@
+"""Tile plans, memory budgets and the identity of a kernel job.
+
+A kernel matrix ``K(X1, X2)`` of ``n1 x n2`` entries is cut into tiles of ``tile_size x tile_size`` samples;
+the last row/column of tiles is ragged when ``tile_size`` does not divide ``n`` (no divisibility constraint).
+With ``x2=None`` the matrix is symmetric and only tiles on or above the block diagonal are computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ntkit.memory import WORK_FACTOR, default_budget, format_bytes
+
+__all__ = ["Tile", "TilePlan", "choose_tile_size", "entries_per_pair", "describe_kernel_fn", "input_digest",
+           "compute_tile", "extract_kernels"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """Block ``(bi, bj)`` of the tile grid: rows ``r0:r1`` of x1, columns ``c0:c1`` of x2."""
+
+    bi: int
+    bj: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.bi}_{self.bj}"
+
+    @property
+    def diagonal(self) -> bool:
+        return self.bi == self.bj
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """All tiles of an ``n1 x n2`` matrix; ``symmetric`` keeps the upper block triangle only."""
+
+    n1: int
+    n2: int
+    tile_size: int
+    symmetric: bool
+
+    def __post_init__(self):
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size={self.tile_size} must be a positive number of samples.")
+        if self.symmetric and self.n1 != self.n2:
+            raise ValueError("a symmetric plan needs n1 == n2.")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return math.ceil(self.n1 / self.tile_size), math.ceil(self.n2 / self.tile_size)
+
+    def bounds(self, b: int, n: int) -> tuple[int, int]:
+        return b * self.tile_size, min((b + 1) * self.tile_size, n)
+
+    def tile(self, bi: int, bj: int) -> Tile:
+        r0, r1 = self.bounds(bi, self.n1)
+        c0, c1 = self.bounds(bj, self.n2)
+        return Tile(bi, bj, r0, r1, c0, c1)
+
+    def __iter__(self) -> Iterator[Tile]:
+        g1, g2 = self.grid
+        for bi in range(g1):
+            for bj in range(bi if self.symmetric else 0, g2):
+                yield self.tile(bi, bj)
+
+    def __len__(self) -> int:
+        g1, g2 = self.grid
+        return g1 * (g1 + 1) // 2 if self.symmetric else g1 * g2
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory (the estimates of ntkit.memory, shared with Net.kernel_fn's own tiling)
+# ---------------------------------------------------------------------------------------------------
+def entries_per_pair(kernel_fn: Callable, x: Tensor) -> int:
+    """Covariance entries one (x1, x2) pair carries inside the kernel: 1 for FC inputs, one per pixel
+    (diagonal spatial covariance) or one per pixel pair (full covariance, when an ntkit net pools)."""
+    if x.dim() <= 2:
+        return 1
+    pixels = int(math.prod(x.shape[2:]))
+    net = getattr(kernel_fn, "__self__", kernel_fn)
+    full = bool(getattr(net, "requires_full_spatial", lambda: False)())
+    return pixels * pixels if full else pixels
+
+
+def choose_tile_size(kernel_fn: Callable, x: Tensor, n1: int, n2: int, n_get: int,
+                     memory_budget: Optional[int] = None, device: Optional[torch.device] = None,
+                     cap: int = 4096) -> int:
+    """Largest square tile whose working set ``t² · entries · itemsize · WORK_FACTOR · n_get`` fits the
+    budget (default: ``ntkit.memory.default_budget``), at most ``cap`` and ``max(n1, n2)``. Large tiles
+    suit stores (fewer chunk files); an ntkit net still runs each tile in cache-sized pieces itself."""
+    budget = default_budget(device or x.device) if memory_budget is None else int(memory_budget)
+    item = max(torch.empty((), dtype=x.dtype).element_size(), 4)
+    per_pair = entries_per_pair(kernel_fn, x) * item * WORK_FACTOR * max(1, n_get)
+    if per_pair > budget:
+        raise MemoryError(
+            f"one pair of inputs needs about {format_bytes(per_pair)} of working memory, more than the budget "
+            f"of {format_bytes(budget)}; raise memory_budget or use smaller inputs.")
+    return max(1, min(int(math.isqrt(budget // per_pair)), cap, max(n1, n2)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# identity of a job: what the kernel is and what it was computed on
+# ---------------------------------------------------------------------------------------------------
+def describe_kernel_fn(kernel_fn: Callable, description: Optional[str] = None) -> str:
+    """A stable text naming the kernel: ``description`` if given; ``repr(net)`` for an ntkit net or its bound
+    ``kernel_fn`` (the repr lists every layer and hyperparameter); else the function's module and
+    qualified name (for closures and lambdas, pass ``description=`` naming their hyperparameters)."""
+    if description is not None:
+        return str(description)
+    from ntkit.nets import Net
+
+    owner = getattr(kernel_fn, "__self__", None)
+    if isinstance(kernel_fn, Net):
+        return f"ntkit:{kernel_fn!r}"
+    if isinstance(owner, Net):
+        return f"ntkit:{owner!r}"
+    mod = getattr(kernel_fn, "__module__", None) or type(kernel_fn).__module__
+    name = getattr(kernel_fn, "__qualname__", None) or type(kernel_fn).__qualname__
+    if "<lambda>" in name or "<locals>" in name:
+        raise ValueError(
+            f"cannot name the kernel {name!r} stably across runs (a lambda or closure); pass "
+            f"description='...' naming the kernel and its hyperparameters so a store can be resumed safely.")
+    return f"{mod}.{name}"
+
+
+def input_digest(x: Optional[Tensor]) -> Optional[dict[str, Any]]:
+    """Shape, dtype and SHA-256 of the input's bytes (C order, on the CPU)."""
+    if x is None:
+        return None
+    arr = x.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    flat = arr.reshape(-1).view(torch.uint8) if arr.numel() else arr.reshape(-1)
+    step = 1 << 26
+    for i in range(0, flat.numel(), step):
+        h.update(flat[i:i + step].numpy().tobytes())
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype).replace("torch.", ""), "sha256": h.hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# one tile
+# ---------------------------------------------------------------------------------------------------
+def compute_tile(kernel_fn: Callable, x1: Tensor, x2: Optional[Tensor], tile: Tile, names: Sequence[str],
+                 device: Optional[torch.device] = None) -> dict[str, Tensor]:
+    """``K(x1[r0:r1], x2[c0:c1])`` for each name in ``names``.
+
+    ``x2=None`` means the symmetric matrix ``K(x1, x1)``: a diagonal tile is computed as ``kernel_fn(block,
+    None)`` (exactly symmetric, exact diagonal), the others as ``kernel_fn(rows, cols)``.
+    """
+    a = x1[tile.r0:tile.r1]
+    if x2 is None and tile.diagonal:
+        b = None
+    else:
+        b = (x1 if x2 is None else x2)[tile.c0:tile.c1]
+    if device is not None:
+        a = a.to(device)
+        b = None if b is None else b.to(device)
+    out = kernel_fn(a, b, names[0] if len(names) == 1 else tuple(names))
+    return extract_kernels(out, names)
+
+
+def extract_kernels(out: Any, names: Sequence[str]) -> dict[str, Tensor]:
+    """The requested kernels from what a ``kernel_fn`` returned: a tensor (one name), a mapping, or a record
+    with attributes (``ntkit.Kernel``)."""
+    if isinstance(out, Tensor):
+        if len(names) != 1:
+            raise TypeError(f"kernel_fn returned a single tensor but {tuple(names)} were requested.")
+        return {names[0]: out}
+    res = {}
+    for n in names:
+        v = out[n] if isinstance(out, Mapping) else getattr(out, n, None)
+        if not isinstance(v, Tensor):
+            raise TypeError(f"kernel_fn's result has no tensor {n!r} (got {type(out).__name__}).")
+        res[n] = v
+    return res

@@ -1,0 +1,278 @@
+"""``kernel_matrix``: a kernel matrix of any size, tile by tile, in memory or into a resumable store.
+
+Tiles have any size (the last row/column of tiles is ragged: no divisibility constraint between the batch
+and ``n``), are sized to a memory budget, and for ``x2=None`` only the upper block triangle is computed.
+Under ``torchrun`` the tiles are split across ranks: a static round-robin over the unfinished tiles, then
+each rank that runs out steals unclaimed tiles from the tail of the others' lists. A tile is claimed with an
+exclusive-create file before it is computed, so no tile is computed twice within a run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ntkit.kernel import as_tensor_input, check_get
+from ntkit.tiling.distributed import DistContext, all_reduce_, barrier, broadcast_object, context
+from ntkit.memory import available_bytes, format_bytes
+from ntkit.tiling.plan import Tile, TilePlan, choose_tile_size, compute_tile, describe_kernel_fn, input_digest
+from ntkit.tiling.store import FORMAT, KernelStore
+
+__all__ = ["kernel_matrix"]
+
+
+def kernel_matrix(kernel_fn: Callable, x1: Any, x2: Any = None, get: Union[str, Sequence[str]] = "ntk",
+                  tile_size: Optional[int] = None, store: Union[None, str, os.PathLike, KernelStore] = None,
+                  memory_budget: Optional[int] = None, *, description: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
+                  progress: Optional[bool] = None, verify: bool = True,
+                  on_tile: Optional[Callable[[Tile], None]] = None):
+    """``K(x1, x2)`` of any ``kernel_fn(x1, x2, get)`` (an ntkit net's ``kernel_fn``, or an empirical one),
+    computed in tiles.
+
+    Args:
+      kernel_fn: called as ``kernel_fn(a, b, get)`` on blocks of samples; ``b=None`` for diagonal blocks of a
+        symmetric matrix. Returns a tensor (one name) or a record/mapping with the requested kernels.
+      x1, x2: input batches ``(N, ...)``; ``x2=None`` for ``K(x1, x1)`` (upper triangle computed only).
+      get: ``"nngp"``, ``"ntk"`` or a tuple of both.
+      tile_size: samples per tile side (any positive int); default: the largest tile whose working set fits
+        ``memory_budget`` (capped at 4096). When resuming a store, its tile size is used.
+      store: ``None`` to return tensors; a directory path (or :class:`KernelStore`) to write a resumable
+        on-disk store, returned when complete. Re-running the same call resumes it: finished tiles are never
+        recomputed. A store made for other inputs or another kernel is refused.
+      memory_budget: bytes a tile may use while computed (default: a quarter of free memory).
+      description: the kernel's stable name, recorded in the store; needed for lambdas/closures (ntkit nets
+        are described by their repr).
+      dtype: stored dtype (default: the kernel's, i.e. ``x1``'s). E.g. compute in float64, store float32.
+      device: where tiles are computed (default: ``x1``'s device; under torchrun ``cuda:LOCAL_RANK`` if CUDA).
+      progress: show a progress bar with tiles/s and ETA (default: when stderr is a terminal; rank 0 only).
+      verify: on resume, re-check every finished tile's checksum and recompute damaged tiles.
+      on_tile: called with each :class:`Tile` after it is durably finished (by this process).
+
+    Returns:
+      without ``store``: a tensor for a single ``get``, else a dict ``{name: tensor}``, on ``x1``'s device;
+      with ``store``: the complete :class:`KernelStore` (``.to_tensor()``, ``.matrix()`` for solvers).
+    """
+    names, single = check_get(get)
+    x1 = as_tensor_input(x1, "x1")
+    if x2 is not None:
+        x2 = as_tensor_input(x2, "x2")
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x1 has per-sample shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}.")
+    if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+        raise ValueError(f"tile_size={tile_size!r} must be a positive int (any value: no divisibility needed).")
+    ctx = context(device)
+    if device is None and not ctx.active:
+        ctx = DistContext(ctx.rank, ctx.world_size, x1.device)
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    show = progress if progress is not None else (ctx.is_main and _isatty())
+    show = bool(show) and ctx.is_main
+
+    if store is None:
+        ts = tile_size or _auto_tile(kernel_fn, x1, n1, n2, len(names), memory_budget, ctx)
+        plan = TilePlan(n1, n2, ts, symmetric=x2 is None)
+        out = _in_memory(kernel_fn, x1, x2, names, plan, ctx, dtype, show, on_tile)
+        return out[names[0]] if single else out
+
+    path = Path(store.path if isinstance(store, KernelStore) else store)
+    kdesc = describe_kernel_fn(kernel_fn, description)
+    ks = _open_store(path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx)
+    _fill_store(ks, kernel_fn, x1, x2, names, ctx, show, on_tile)
+    return ks
+
+
+# ---------------------------------------------------------------------------------------------------
+def _isatty() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:  # pragma: no cover
+        return False
+
+
+def _auto_tile(kernel_fn, x1, n1, n2, n_get, memory_budget, ctx) -> int:
+    return choose_tile_size(kernel_fn, x1, n1, n2, n_get, memory_budget, ctx.device)
+
+
+def _probe(kernel_fn, x1, x2, names, device) -> tuple[tuple[int, ...], torch.dtype]:
+    """Trailing axes and dtype of the kernels (one pair of samples)."""
+    t = Tile(0, 0 if x2 is None else 1, 0, 1, 0, 1)
+    out = compute_tile(kernel_fn, x1[:1], None if x2 is None else x2[:1], t, names, device)
+    v = out[names[0]]
+    return tuple(v.shape[2:]), v.dtype
+
+
+def _in_memory(kernel_fn, x1, x2, names, plan: TilePlan, ctx: DistContext, dtype, show, on_tile):
+    trailing, kdtype = _probe(kernel_fn, x1, x2, names, ctx.device)
+    dtype = dtype or kdtype
+    item = torch.empty((), dtype=dtype).element_size()
+    need = plan.n1 * plan.n2 * math.prod(trailing) * item * len(names)
+    free = available_bytes(x1.device)
+    if need > 0.8 * free:
+        raise MemoryError(
+            f"the kernel matrix needs {format_bytes(need)} but about {format_bytes(free)} is free; pass "
+            f"store='some/dir' to compute it out of core (solvers read it lazily), or use float32.")
+    outs = {n: torch.zeros((plan.n1, plan.n2) + trailing, dtype=dtype, device=x1.device) for n in names}
+    tiles = [t for i, t in enumerate(plan) if i % ctx.world_size == ctx.rank]
+    with _Progress(show, len(plan), 0) as bar:
+        for t in tiles:
+            vals = compute_tile(kernel_fn, x1, x2, t, names, ctx.device)
+            for n in names:
+                outs[n][t.r0:t.r1, t.c0:t.c1] = vals[n].to(device=x1.device, dtype=dtype)
+            if on_tile is not None:
+                on_tile(t)
+            bar.advance(ctx.world_size)
+    for n in names:
+        all_reduce_(outs[n])  # every entry written by exactly one rank: the sum is exact
+        if plan.symmetric:
+            _mirror(outs[n], plan)
+    return outs
+
+
+def _mirror(k: Tensor, plan: TilePlan) -> None:
+    for t in plan:
+        if not t.diagonal:
+            k[t.c0:t.c1, t.r0:t.r1] = k[t.r0:t.r1, t.c0:t.c1].transpose(0, 1)
+
+
+def _manifest(kdesc, x1, x2, names, tile_size, trailing, dtype) -> dict:
+    return {"format": FORMAT, "kernel": kdesc, "get": list(names), "dtype": str(dtype).replace("torch.", ""),
+            "n1": x1.shape[0], "n2": (x1 if x2 is None else x2).shape[0], "symmetric": x2 is None,
+            "tile_size": int(tile_size), "trailing": list(trailing),
+            "x1": input_digest(x1), "x2": input_digest(x2)}
+
+
+def _open_store(path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify,
+                ctx: DistContext) -> KernelStore:
+    """Rank 0 makes or checks the store (and repairs damaged tiles); every rank then opens it. An error on
+    rank 0 is raised on every rank."""
+    err = None
+    if ctx.is_main:
+        try:
+            existing = (path / "manifest.json").exists()
+            if existing:  # resume: no probe, the store knows the kernel's trailing axes and dtype
+                old = KernelStore(path)
+                tile_size = tile_size or old.plan.tile_size
+                trailing, kdtype = old.trailing, old.dtype
+            else:
+                trailing, kdtype = _probe(kernel_fn, x1, x2, names, ctx.device)
+            n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+            ts = tile_size or _auto_tile(kernel_fn, x1, n1, n2, len(names), memory_budget, ctx)
+            man = _manifest(kdesc, x1, x2, names, ts, trailing, dtype or kdtype)
+            if existing:
+                ks = KernelStore(path)
+                ks.check_identity(man)
+                ks.clean_partials()
+                if verify:
+                    for t in ks.verify():
+                        ks.invalidate(t)
+            else:
+                ks = KernelStore.create(path, man)
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            err = e
+    msg = broadcast_object(None if err is None else (type(err).__name__, str(err)))
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise RuntimeError(f"rank 0 could not open the store: {msg[0]}: {msg[1]}")
+    barrier()
+    return KernelStore(path)
+
+
+def _fill_store(ks: KernelStore, kernel_fn, x1, x2, names, ctx: DistContext, show, on_tile) -> None:
+    todo_keys = broadcast_object([t.key for t in ks.missing_tiles()] if ctx.is_main else None)
+    run_id = broadcast_object(uuid.uuid4().hex if ctx.is_main else None)
+    by_key = {t.key: t for t in ks.plan}
+    todo = [by_key[k] for k in todo_keys]
+    claims = ks.path / "claims" / run_id
+    if ctx.active:
+        if ctx.is_main:
+            claims.mkdir(parents=True, exist_ok=True)
+        barrier()
+    own = todo[ctx.rank::ctx.world_size]
+    steal = []  # other ranks' tiles, from the tail of their lists
+    for r in range(1, ctx.world_size):
+        steal.extend(reversed(todo[(ctx.rank + r) % ctx.world_size::ctx.world_size]))
+    done0 = len(ks.plan) - len(todo)
+    with _Progress(show, len(ks.plan), done0) as bar:
+        for t in own + steal:
+            if ctx.active and not _claim(claims, t):
+                continue
+            t0 = time.perf_counter()
+            vals = compute_tile(kernel_fn, x1, x2, t, names, ctx.device)
+            ks.write_tile(t, vals, rank=ctx.rank, seconds=round(time.perf_counter() - t0, 4), run=run_id)
+            if on_tile is not None:
+                on_tile(t)
+            if show:
+                bar.update(len(ks.finished()) if ctx.active else None)
+    barrier()
+    if ctx.is_main and ctx.active:
+        try:
+            for f in os.listdir(claims):
+                os.unlink(claims / f)
+            claims.rmdir()
+        except OSError:
+            pass
+    missing = len(ks.missing_tiles())
+    if missing:
+        raise RuntimeError(f"{missing} tiles of {ks.path} are still missing after the run (a rank failed?); "
+                           f"re-run the same job to resume.")
+
+
+def _claim(claims: Path, t: Tile) -> bool:
+    try:
+        fd = os.open(claims / t.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+class _Progress:
+    """A rich progress bar (tiles done/total, tiles/s, ETA) or nothing."""
+
+    def __init__(self, show: bool, total: int, done: int):
+        self.show, self.total, self.done = show, total, done
+        self.bar = None
+
+    def __enter__(self):
+        if self.show:
+            try:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+                from rich.text import Text
+
+                class _Rate(ProgressColumn):
+                    def render(self, task):
+                        return Text(f"{task.speed:.2f} tiles/s" if task.speed else "-- tiles/s")
+
+                self.bar = Progress(TextColumn("kernel tiles"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+                self.bar.start()
+                self.task = self.bar.add_task("tiles", total=self.total, completed=self.done)
+            except ImportError:  # rich is optional
+                self.bar = None
+        return self
+
+    def advance(self, k: int = 1):
+        if self.bar is not None:
+            self.bar.advance(self.task, k)
+
+    def update(self, completed: Optional[int] = None):
+        if self.bar is None:
+            return
+        if completed is None:
+            self.bar.advance(self.task, 1)
+        else:
+            self.bar.update(self.task, completed=completed)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
