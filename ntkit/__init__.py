@@ -9,6 +9,7 @@ from ntkit.layers import __all__ as _layers_all
 from ntkit.lift import lift
 from ntkit.monte_carlo import monte_carlo_kernel_fn
 from ntkit.nets import Net, parallel, serial
+from ntkit import predict, solvers  # noqa: E402  (after the core: predict builds on it)
 
 __version__ = "0.1.0"
 __all__ = ["Kernel", "Net", "serial", "parallel", "lift", "monte_carlo_kernel_fn", *_layers_all]
