@@ -9,7 +9,7 @@ in a fresh process, so ``peak_rss_mb`` is that case's own high-water mark; one u
 warms each side up first. One JSON line per case (with ``rel_err_vs_nt`` when both ran).
 
     python benchmarks/cnn.py [--cases 8:50,8:200,32:10,32:50] [--dtypes float32,float64] [--no-nt]
-                             [--nt-timeout 3600] [--nt-max-gib 12] [--tile N]
+                             [--nt-timeout 3600] [--nt-max-gib 12] [--tile N] [--threads N]
 
 NT is skipped (and the reason recorded) when its estimated working set for one 25×25 batch exceeds
 ``--nt-max-gib`` (its 32×32, n = 50 blocks hold 625 pairs × 32⁴ pixel pairs per tensor, ~2.5 GiB each in
@@ -107,23 +107,32 @@ def main() -> None:
     ap.add_argument("--nt-timeout", type=float, default=3600)
     ap.add_argument("--nt-max-gib", type=float, default=12.0)
     ap.add_argument("--tile", type=int, default=0, help="ntkit tile_size (0: ntkit's own plan)")
-    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads for both sides (0: each library's default; 1 is robust on a shared machine)")
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        n, hw, dtype, out, tile = args.worker
+        n, hw, dtype, out, tile, threads = args.worker
+        if int(threads) > 0:
+            import torch
+            torch.set_num_threads(int(threads))
         _worker(int(n), int(hw), dtype, out, int(tile))
         return
     info = machine()
-    info["loadavg_at_start"] = os.getloadavg()
     have_nt = os.path.exists(NT_PYTHON) and not args.no_nt
     nt_env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    if args.threads > 0:
+        info["torch_threads"] = args.threads
+        nt_env["XLA_FLAGS"] = (nt_env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               f"intra_op_parallelism_threads={args.threads}").strip()
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             hw, n = (int(v) for v in case.split(":"))
             for dtype in args.dtypes.split(","):
                 ours_path, nt_path = os.path.join(tmp, "ours.npy"), os.path.join(tmp, "nt.npy")
+                info["loadavg_at_start"] = os.getloadavg()
                 ours = _run([sys.executable, os.path.abspath(__file__), "--worker", str(n), str(hw), dtype, ours_path,
-                             str(args.tile)], timeout=args.nt_timeout)
+                             str(args.tile), str(args.threads)], timeout=args.nt_timeout)
                 if not have_nt:
                     theirs = {"skipped": "NT venv absent" if not args.no_nt else "--no-nt"}
                 elif _nt_block_gib(n, hw, dtype) > args.nt_max_gib:
@@ -146,7 +155,7 @@ def main() -> None:
                     for key in ("error", "skipped"):
                         if key in r:
                             row[f"{side}_{key}"] = r[key]
-                row["machine"] = info
+                row["machine"] = dict(info)
                 emit(**row)
 
 

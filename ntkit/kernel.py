@@ -124,12 +124,18 @@ class Kernel:
         d2 = d1 if self.cov2 is None else self._cov_diag(self.cov2)
         return self._outer_view(d1, 0, True), self._outer_view(d2, 1, True)
 
-    def with_exact_diagonal(self) -> "Kernel":
+    def with_exact_diagonal(self, inplace: bool = False) -> "Kernel":
         """For ``x1_is_x2``: make ``nngp[i, i]`` equal ``cov1[i]`` bit for bit, so that correlations on the
-        diagonal are exactly 1 (arc-cosines there are exact, not round-off of ``arccos(1 - ε)``)."""
+        diagonal are exactly 1 (arc-cosines there are exact, not round-off of ``arccos(1 - ε)``).
+
+        ``inplace=True`` writes the diagonal into ``nngp`` itself (only for a freshly computed ``nngp`` that
+        nothing else references)."""
         if not self.x1_is_x2 or self.nngp is None:
             return self
-        src = self.cov1.movedim(0, -1)  # diagonal_scatter puts the batch diagonal last
+        src = self.cov1.movedim(0, -1)  # the batch diagonal comes last in both forms below
+        if inplace and not self.nngp.requires_grad:
+            torch.diagonal(self.nngp, 0, 0, 1).copy_(src)
+            return self
         return self.replace(nngp=torch.diagonal_scatter(self.nngp, src, 0, 0, 1))
 
     def self_variances(self, which: int = 1) -> tuple[Tensor, Tensor]:
@@ -166,7 +172,8 @@ def as_tensor_input(x: Any, name: str) -> Tensor:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one sample.")
     if any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"{name} has a zero-sized feature axis (shape {tuple(x.shape)}).")
-    if not bool(torch.isfinite(x).all()):
+    # one cheap reduction first: a finite sum means no NaN/Inf (the full check runs only if it overflowed)
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf entries; clean or impute them before computing kernels.")
     return x
@@ -194,7 +201,7 @@ def _gram(a: Tensor, b: Tensor, diagonal_spatial: bool) -> Tensor:
     c = a.shape[1]
     sp = a.dim() - 2
     if sp == 0:
-        return (a @ b.T) / c
+        return (a @ b.T).div_(c)
     if diagonal_spatial:
         # (N1, C, P) x (N2, C, P) -> (N1, N2, P), batched over pixels as a matmul
         a2, b2 = a.reshape(a.shape[0], c, -1), b.reshape(b.shape[0], c, -1)
@@ -254,7 +261,8 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
     if x2 is None:
         g = _gram(x1, x1, diagonal_spatial)
         if x1.dim() == 2:
-            g = 0.5 * (g + g.T)  # gemm need not return an exactly symmetric product
+            # gemm need not return an exactly symmetric product; (g + gᵀ)/2 is (addition commutes)
+            g = g.add_(g.T.contiguous()).mul_(0.5)
         cov1 = torch.diagonal(g, 0, 0, 1).movedim(-1, 0).clone()
         cov2 = None
     else:

@@ -55,6 +55,8 @@ def affine_rule(k: Kernel, W_std: float, b_std: Optional[float], parameterizatio
     b2 = 0.0 if b_std is None else b_std ** 2
 
     def aff(x):
+        if not b2 and not isinstance(w2, torch.Tensor) and w2 == 1.0:
+            return x  # the identity map (W_std = 1, no bias): no pass over the kernel
         y = x * w2
         return y.add_(b2) if (b2 and not y.requires_grad) else (y + b2 if b2 else y)
 
