@@ -1,8 +1,8 @@
 """FC kernel benchmark (issue 3): serial(Dense(512), Relu()) x3 + Dense(1), x = RandomState(0).randn(2000, 784),
-nngp + ntk of x against itself, float32 and float64, median of 3 after a warm-up; NT 0.6.5 (jit) side by side
+nngp + ntk of x against itself, float32 and float64, median of 3 (``--repeats``) after a warm-up; NT 0.6.5 (jit) side by side
 when its venv exists (NTKIT_NT_PYTHON, default /tmp/ntenv/bin/python).
 
-    python benchmarks/fc.py [--n 2000]
+    python benchmarks/fc.py [--n 2000] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from _common import emit, machine, median_time, run_nt
 NT_SCRIPT = r"""
 import json, sys, time
 import jax
-n, dtype = int(sys.argv[1]), sys.argv[2]
+n, dtype, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 if dtype == "float64":
     jax.config.update("jax_enable_x64", True)
 import numpy as np
@@ -27,26 +27,27 @@ _, _, kfn = stax.serial(*([stax.Dense(512), stax.Relu()] * 3), stax.Dense(1))
 kfn = jax.jit(kfn, static_argnames=("get",))
 jax.block_until_ready(kfn(x, None, ("nngp", "ntk")))
 ts = []
-for _ in range(3):
+for _ in range(reps):
     t = time.perf_counter(); jax.block_until_ready(kfn(x, None, ("nngp", "ntk"))); ts.append(time.perf_counter() - t)
-print(json.dumps({"median_s": sorted(ts)[1]}))
+print(json.dumps({"median_s": sorted(ts)[len(ts) // 2]}))
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     args = ap.parse_args()
     x64 = torch.from_numpy(np.random.RandomState(0).randn(args.n, 784))
     net = nt.serial(*([nt.Dense(512), nt.Relu()] * 3), nt.Dense(1))
     info = machine()
     for dtype in ("float32", "float64"):
         x = x64.to(getattr(torch, dtype))
-        t = median_time(lambda: net.kernel_fn(x, None, ("nngp", "ntk")))
-        ntr = run_nt(NT_SCRIPT, str(args.n), dtype)
+        t = median_time(lambda: net.kernel_fn(x, None, ("nngp", "ntk")), repeats=args.repeats)
+        ntr = run_nt(NT_SCRIPT, str(args.n), dtype, str(args.repeats))
         nt_t = ntr[0]["median_s"] if ntr else None
         emit(bench="fc", n=args.n, dtype=dtype, ntkit_s=round(t, 4), nt_s=None if nt_t is None else round(nt_t, 4),
-             ratio_vs_nt=None if nt_t is None else round(t / nt_t, 3), machine=info)
+             ratio_vs_nt=None if nt_t is None else round(t / nt_t, 3), repeats=args.repeats, machine=info)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _gelu(m: nn.GELU, opts: dict) -> L.Layer:
     return L.Gelu(approximate=(m.approximate == "tanh"))
 
 
-#: module type -> builder(module, options) -> ntkit layer. Extended by the conv family below when present.
+#: module type -> builder(module, options) -> ntkit layer (the conv/pooling family is added below).
 SUPPORTED: dict[type, Callable[[nn.Module, dict], L.Layer]] = {
     nn.Linear: _linear,
     nn.ReLU: lambda m, o: L.Relu(),
@@ -66,8 +66,62 @@ SUPPORTED: dict[type, Callable[[nn.Module, dict], L.Layer]] = {
     nn.SiLU: lambda m, o: L.Elementwise(nn.functional.silu, name="silu", deg=o["deg"]),
     nn.Identity: lambda m, o: L.Identity(),
 }
-if hasattr(L, "Flatten"):
-    SUPPORTED[nn.Flatten] = lambda m, o: L.Flatten()
+
+
+def _unsupported(m: nn.Module, why: str) -> "LiftError":
+    return LiftError(f"{m!r}: {why}")
+
+
+def _conv(m: nn.Module, opts: dict) -> L.Layer:
+    """``nn.Conv{1,2,3}d`` -> ``Conv`` (standard parameterisation; fan-in = in_channels × Π kernel_size)."""
+    if m.groups != 1 or any(d != 1 for d in m.dilation):
+        raise _unsupported(m, "grouped or dilated convolutions have no kernel rule in ntkit; use groups=1, "
+                              "dilation=1.")
+    if m.padding_mode not in ("zeros", "circular"):
+        raise _unsupported(m, f"padding_mode={m.padding_mode!r} is not supported; use 'zeros' or 'circular'.")
+    if isinstance(m.padding, str):
+        padding = m.padding.upper()  # torch's 'same'/'valid' are lax's SAME/VALID (extra pixel at the end)
+        if m.padding_mode == "circular" and padding == "SAME":
+            padding = "CIRCULAR"
+    else:
+        padding = tuple(int(p) for p in m.padding)
+    fan_in = m.in_channels * math.prod(m.kernel_size)
+    return L.Conv(m.out_channels, tuple(m.kernel_size), strides=tuple(m.stride), padding=padding,
+                  W_std=_std(opts["W_std"], "W", m.weight, fan_in), b_std=_std(opts["b_std"], "b", m.bias, fan_in),
+                  parameterization=opts["parameterization"], padding_mode=m.padding_mode,
+                  in_channels=m.in_channels)
+
+
+def _avg_pool(m: nn.Module, opts: dict) -> L.Layer:
+    """``nn.AvgPool{1,2,3}d`` -> ``AvgPool`` (torch's default stride is the window, as ``m.stride`` holds)."""
+    rank = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
+    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * rank
+    if m.ceil_mode or getattr(m, "divisor_override", None) is not None:
+        raise _unsupported(m, "ceil_mode=True and divisor_override have no kernel rule; use the defaults.")
+    pad = tup(m.padding)
+    return L.AvgPool(tup(m.kernel_size), strides=tup(m.stride or m.kernel_size),
+                     padding=pad if any(pad) else "VALID",
+                     normalize_edges=not m.count_include_pad and any(pad))
+
+
+def _adaptive_avg_pool(m: nn.Module, opts: dict) -> L.Layer:
+    """``nn.AdaptiveAvgPool{1,2,3}d(1)`` -> ``GlobalAvgPool`` (other output sizes are not supported)."""
+    size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
+    if any(s != 1 for s in size):
+        raise _unsupported(m, "only output_size=1 (global average pooling) is supported.")
+    return L.GlobalAvgPool()
+
+
+def _flatten(m: nn.Flatten, opts: dict) -> L.Layer:
+    if m.start_dim != 1 or m.end_dim != -1:
+        raise _unsupported(m, "only nn.Flatten(start_dim=1, end_dim=-1) is supported.")
+    return L.Flatten()
+
+
+SUPPORTED.update({nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+                  nn.AvgPool1d: _avg_pool, nn.AvgPool2d: _avg_pool, nn.AvgPool3d: _avg_pool,
+                  nn.AdaptiveAvgPool1d: _adaptive_avg_pool, nn.AdaptiveAvgPool2d: _adaptive_avg_pool,
+                  nn.AdaptiveAvgPool3d: _adaptive_avg_pool, nn.Flatten: _flatten})
 
 
 def _flatten_sequential(model: nn.Module) -> list[nn.Module]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel, check_get, kernel_from_inputs, validate_inputs
-from ntkit.memory import available_bytes, default_budget, empty_output, format_bytes, plan_tile
+from ntkit.memory import available_bytes, default_budget, empty_output, format_bytes, plan_tile, tune_allocator
 from ntkit.layers.base import Layer, LayerError
 
 __all__ = ["Net", "serial", "parallel"]
@@ -54,6 +54,8 @@ class Net(Layer):
         """
         names, single_out = check_get(get)
         x1, x2, out_dtype = validate_inputs(x1, x2)
+        if x1.device.type == "cpu":
+            tune_allocator()
         expected = self.input_rank()
         if expected is not None and x1.dim() != expected:
             raise LayerError(

@@ -79,3 +79,57 @@ def test_lifted_kernels_match_the_torch_model_monte_carlo():
     print("lift MC errors", rel_err(nngp, k.nngp), rel_err(ntk, k.ntk))
     assert rel_err(nngp, k.nngp) < 0.08
     assert rel_err(ntk, k.ntk) < 0.08
+
+
+# --- convolutions and pooling ----------------------------------------------------------------------------
+def _img(n, c, h, w, seed=0):
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_lift_cnn_equals_hand_built_net():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(16, 8, (3, 2), stride=(1, 2), padding="valid", bias=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    s3 = math.sqrt(1 / 3)
+    hand = nt.serial(nt.Conv(16, (3, 3), (1, 1), (1, 1), s3, math.sqrt(1 / 81), "standard"), nt.Relu(),
+                     nt.AvgPool((2, 2), (2, 2)),
+                     nt.Conv(8, (3, 2), (1, 2), "VALID", s3, None, "standard"), nt.Relu(),
+                     nt.GlobalAvgPool(), nt.Flatten(), nt.Dense(4, s3, math.sqrt(1 / 24), "standard"))
+    x1, x2 = _img(3, 3, 8, 8), _img(2, 3, 8, 8, 1)
+    a, b = lift(model).kernel_fn(x1, x2), hand.kernel_fn(x1, x2)
+    assert rel_err(a.nngp, b.nngp) < 1e-14 and rel_err(a.ntk, b.ntk) < 1e-14
+    # conv1d / 3d, 'same' padding, circular mode and a padded average pool map too
+    m1 = nn.Sequential(nn.Conv1d(2, 4, 3, padding="same", padding_mode="circular"), nn.ReLU(),
+                       nn.AvgPool1d(3, stride=1, padding=1, count_include_pad=False), nn.Flatten(), nn.Linear(28, 1))
+    k1 = lift(m1).kernel_fn(torch.randn(3, 2, 7, dtype=torch.float64))
+    assert torch.isfinite(k1.ntk).all() and k1.ntk.shape == (3, 3)
+    m3 = nn.Sequential(nn.Conv3d(1, 4, 2), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1))
+    k3 = lift(m3).kernel_fn(torch.randn(2, 1, 3, 3, 3, dtype=torch.float64))
+    assert torch.isfinite(k3.nngp).all() and k3.nngp.shape == (2, 2)
+
+
+def test_lift_cnn_errors_name_the_fix():
+    for bad, msg in ((nn.Conv2d(2, 4, 3, groups=2), "groups=1"), (nn.Conv2d(2, 4, 3, dilation=2), "dilation=1"),
+                     (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), "'zeros' or 'circular'"),
+                     (nn.AdaptiveAvgPool2d(2), "output_size=1"), (nn.AvgPool2d(2, ceil_mode=True), "ceil_mode"),
+                     (nn.Flatten(0), "start_dim=1")):
+        with pytest.raises(LiftError, match=msg):
+            lift(nn.Sequential(bad))
+
+
+def test_lifted_cnn_nngp_matches_the_torch_model_monte_carlo():
+    """E[f(x) f(x')] over PyTorch-initialised CNNs (conv, ReLU, avg-pool, global pool) is the lifted NNGP.
+    200 models x 16 outputs: standard error about 2.5%; width 128 adds O(1/128)."""
+    x = _img(3, 2, 6, 6, 3)
+    width, outs = 128, 16
+    make = lambda: nn.Sequential(nn.Conv2d(2, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                 nn.Conv2d(width, width, 3, padding="same"), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(width, outs)).double()
+    k = lift(make()).kernel_fn(x, get="nngp")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        f = torch.stack([make()(x) for _ in range(200)])
+    nngp = torch.einsum("sio,sjo->ij", f, f) / (f.shape[0] * outs)
+    err = rel_err(nngp, k)
+    print("lifted CNN MC error", err)
+    assert err < 0.08
