@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkit.kernel import all_finite
+
 GET_NAMES = ("nngp", "ntk")
 
 
@@ -39,7 +41,7 @@ def to_tensor(x: Any, name: str, dtype: Optional[torch.dtype] = None,
             raise TypeError(f"{name} must be a tensor, array or number, got {type(x).__name__}.") from e
     if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{name} has dtype {x.dtype}; pass real numbers.")
-    if check_finite and x.is_floating_point():
+    if check_finite and x.is_floating_point() and not all_finite(x):
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             raise ValueError(f"{name} contains {int(bad.sum())} NaN/Inf entries; clean them first.")

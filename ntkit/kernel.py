@@ -172,11 +172,16 @@ def as_tensor_input(x: Any, name: str) -> Tensor:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one sample.")
     if any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"{name} has a zero-sized feature axis (shape {tuple(x.shape)}).")
-    # one cheap reduction first: a finite sum means no NaN/Inf (the full check runs only if it overflowed)
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf entries; clean or impute them before computing kernels.")
     return x
+
+
+def all_finite(x: Tensor) -> bool:
+    """True if ``x`` has no NaN/Inf. One reduction: a finite sum proves it (NaN and ±Inf propagate); only a
+    sum that overflowed falls back to the elementwise check (``torch.isfinite`` is ~20x slower)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -143,7 +143,7 @@ def tune_allocator() -> bool:
     much freed memory is retained for reuse). Opt out with the environment variable ``NTKIT_MALLOC_TUNING=0``
     (before the first kernel call). Returns whether the tuning is in effect.
     """
-    global _TUNED, _LIBC
+    global _TUNED
     if _TUNED or os.environ.get("NTKIT_MALLOC_TUNING", "1") == "0":
         return _TUNED
     _madvise_hugepage(0, 0)  # loads libc (or marks it unavailable)

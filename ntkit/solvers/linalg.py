@@ -20,13 +20,15 @@ The eigendecomposition (:meth:`PSDMatrix.eigh`) and the Cholesky factor are each
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ntkit.kernel import all_finite
+from ntkit.memory import available_bytes
 
 __all__ = ["NumericalWarning", "PSDMatrix", "as_kernel_matrix", "add_diagonal_regularizer", "psd_rtol",
            "symmetry_rtol", "check_memory", "available_memory"]
@@ -58,24 +60,10 @@ def psd_rtol(dtype: torch.dtype, n: int) -> float:
 # memory planning
 # -------------------------------------------------------------------------------------------------
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes that can still be allocated on ``device`` (``None`` if unknown)."""
+    """Bytes that can still be allocated on ``device`` (``None`` for devices other than CPU and CUDA);
+    :func:`ntkit.memory.available_bytes` is the one probe."""
     device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
+    return available_bytes(device) if device.type in ("cpu", "cuda") else None
 
 
 def check_memory(nbytes: int, device: torch.device, what: str) -> None:
@@ -104,8 +92,8 @@ def as_kernel_matrix(a: Any, name: str, *, check_symmetric: bool = True) -> Tens
         raise TypeError(f"{name} has dtype {a.dtype}; pass a floating kernel (float64 recommended).")
     if a.dim() != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"{name} must be a square (n, n) matrix with n >= 1, got shape {tuple(a.shape)}.")
-    finite = torch.isfinite(a)
-    if not bool(finite.all()):
+    if not all_finite(a):
+        finite = torch.isfinite(a)
         raise ValueError(f"{name} contains {int((~finite).sum())} NaN/Inf entries; the kernel must be finite "
                          f"(check the inputs and the kernel function).")
     if check_symmetric:
