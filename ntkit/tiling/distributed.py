@@ -11,6 +11,7 @@ holding zeros) are exact, so results do not depend on the number of processes.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from typing import Any, Optional
@@ -53,6 +54,9 @@ def context(device: Optional[torch.device | str] = None, init: bool = True) -> D
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # the group ntkit made is ntkit's to close: a gloo/nccl group still alive at interpreter exit can
+        # abort the process ("terminate called without an active exception") after the work succeeded
+        atexit.register(_destroy_group)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
@@ -65,6 +69,15 @@ def context(device: Optional[torch.device | str] = None, init: bool = True) -> D
         else:
             device = torch.device("cpu")
     return DistContext(rank=rank, world_size=world, device=torch.device(device))
+
+
+def _destroy_group() -> None:
+    """Destroy the process group at exit (best effort; no barrier, so a crashed peer cannot hang this exit)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; a failed peer must not hide this rank's result
+            pass
 
 
 def _comm_device() -> torch.device:
