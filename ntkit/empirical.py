@@ -47,13 +47,19 @@ IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
 # ---------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------
-def _prepare(model, x1, x2, params, trace_axes, diagonal_axes):
+def _checked_inputs(model, x1, x2):
+    """Check that ``model`` is a module fit for per-sample kernels and return ``x1``/``x2`` as valid inputs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     x1 = as_input(x1, "x1")
     x2 = None if x2 is None else as_input(x2, "x2")
     check_pair(x1, x2)
     check_eval(model)
+    return x1, x2
+
+
+def _prepare(model, x1, x2, params, trace_axes, diagonal_axes):
+    x1, x2 = _checked_inputs(model, x1, x2)
     p = resolve_params(model, params)
     fixed = fixed_params(model, p)
     pr = probe(model, p, x1, fixed)
@@ -150,12 +156,7 @@ def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, layer: Union[None,
     diagonal axes refer to ``φ``'s axes, as in :func:`empirical_ntk` (a conv layer's ``(N, C, H, W)``
     features averaged over channels: ``trace_axes=(1,)``). ``params`` optionally maps names to values.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    x1 = as_input(x1, "x1")
-    x2 = None if x2 is None else as_input(x2, "x2")
-    check_pair(x1, x2)
-    check_eval(model)
+    x1, x2 = _checked_inputs(model, x1, x2)
     mod = _layer_module(model, layer)
     vals = None if params is None else resolve_params(model, params)
     try:

@@ -6,6 +6,8 @@ whatever the number of samples. The budget defaults to a fraction of the memory 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from typing import Optional
@@ -86,26 +88,29 @@ _HUGE = 1 << 21  # 2 MiB: the x86-64/arm64 transparent huge page
 _MADV_HUGEPAGE = 14
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    """The C library through ctypes on Linux (``None`` elsewhere or if it cannot be loaded)."""
+    if os.name != "posix" or os.uname().sysname != "Linux":
+        return None
+    try:
+        lib = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if hasattr(lib, "madvise"):
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lib
+
+
 def _madvise_hugepage(ptr: int, nbytes: int) -> None:
     """Best effort ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned interior of ``[ptr, ptr + nbytes)``."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if not _LIBC:
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
         return
     start = (ptr + _HUGE - 1) & ~(_HUGE - 1)
     end = (ptr + nbytes) & ~(_HUGE - 1)
     if end > start:
-        _LIBC.madvise(start, end - start, _MADV_HUGEPAGE)  # failure only means small pages
-
-
-_LIBC = None if os.name == "posix" and os.uname().sysname == "Linux" else False
+        madvise(start, end - start, _MADV_HUGEPAGE)  # failure only means small pages
 
 
 def empty_output(shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -130,11 +135,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20
 #: the heap top is returned to the OS only beyond this much free memory
 TRIM_THRESHOLD = 512 << 20
-_TUNED = False
+_TUNED: Optional[bool] = None  # decided on the first call
 
 
 def tune_allocator() -> bool:
-    """Keep tile-sized temporaries in glibc's heap between tiles (once per process; Linux/glibc only).
+    """Keep tile-sized temporaries in glibc's heap between tiles (decided once per process; Linux/glibc).
 
     A kernel runs tile after tile through the same layers, so it allocates and frees the same few MB-sized
     temporaries thousands of times. With glibc's defaults, freed memory at the top of the heap is returned
@@ -144,12 +149,9 @@ def tune_allocator() -> bool:
     (before the first kernel call). Returns whether the tuning is in effect.
     """
     global _TUNED
-    if _TUNED or os.environ.get("NTKIT_MALLOC_TUNING", "1") == "0":
-        return _TUNED
-    _madvise_hugepage(0, 0)  # loads libc (or marks it unavailable)
-    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC else None
-    if mallopt is None:
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _TUNED = bool(ok)
+    if _TUNED is None:
+        mallopt = getattr(_libc(), "mallopt", None)
+        _TUNED = (os.environ.get("NTKIT_MALLOC_TUNING", "1") != "0" and mallopt is not None
+                  and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                  and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     return _TUNED

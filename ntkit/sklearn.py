@@ -126,15 +126,9 @@ _COMMON_DOC = """
       device: where kernels are computed (``None``: CPU)."""
 
 
-class NTKRegressor(RegressorMixin, _KernelEstimator):
-    """Mean prediction of an infinitely wide network trained on MSE by gradient flow for time ``t``.
-
-    ``f_t(x) = Θ(x, X) Θ⁻¹ (I - exp(-η Θ t / N)) y`` (zero initial outputs, the ensemble mean); ``t=None``
-    is ``Θ(x, X) (Θ + r I)⁻¹ y``, NTK kernel regression.
-    """ + _COMMON_DOC + """
-      t: training time in units of ``learning_rate`` (``None``: infinite).
-      learning_rate: ``η`` (only ``η·t`` matters).
-    """
+class _NTKFlow(_KernelEstimator):
+    """What NTKRegressor and NTKClassifier share: the parameters, and the NTK gradient-flow predictor on
+    (already encoded) targets."""
 
     _get = "ntk"
 
@@ -168,6 +162,17 @@ class NTKRegressor(RegressorMixin, _KernelEstimator):
         out = self.predictor_(self.t, None, f0, k)
         return out.detach().cpu().numpy().astype(np.float64)
 
+
+class NTKRegressor(RegressorMixin, _NTKFlow):
+    """Mean prediction of an infinitely wide network trained on MSE by gradient flow for time ``t``.
+
+    ``f_t(x) = Θ(x, X) Θ⁻¹ (I - exp(-η Θ t / N)) y`` (zero initial outputs, the ensemble mean); ``t=None``
+    is ``Θ(x, X) (Θ + r I)⁻¹ y``, NTK kernel regression.
+    """ + _COMMON_DOC + """
+      t: training time in units of ``learning_rate`` (``None``: infinite).
+      learning_rate: ``η`` (only ``η·t`` matters).
+    """
+
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
         self._y_1d = y.ndim == 1
@@ -183,7 +188,7 @@ class NTKRegressor(RegressorMixin, _KernelEstimator):
         return s[:, 0] if self._y_1d else s
 
 
-class NTKClassifier(ClassifierMixin, _KernelEstimator):
+class NTKClassifier(ClassifierMixin, _NTKFlow):
     """Classifier from NTK regression on centred one-hot targets (Arora et al. 2019): the class with the
     largest output of the infinitely wide network trained on MSE for time ``t``.
 
@@ -192,24 +197,6 @@ class NTKClassifier(ClassifierMixin, _KernelEstimator):
     """ + _COMMON_DOC + """
       t, learning_rate: as in :class:`NTKRegressor`.
     """
-
-    _get = "ntk"
-
-    def __init__(self, net: Optional[Net] = None, depth: int = 3, W_std: float = SQRT2,
-                 b_std: Optional[float] = 0.05, diag_reg: float = 1e-6, t: Optional[float] = None,
-                 learning_rate: float = 1.0, dtype: str = "float64", device: Optional[str] = None):
-        self.net = net
-        self.depth = depth
-        self.W_std = W_std
-        self.b_std = b_std
-        self.diag_reg = diag_reg
-        self.t = t
-        self.learning_rate = learning_rate
-        self.dtype = dtype
-        self.device = device
-
-    _fit_targets = NTKRegressor._fit_targets
-    _scores = NTKRegressor._scores
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)

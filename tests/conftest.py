@@ -13,6 +13,18 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module, with or without xdist (two workers share two cores: one
+    thread each avoids oversubscription). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("NTKIT_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 

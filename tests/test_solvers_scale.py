@@ -15,13 +15,7 @@ from ntkit.tiling import KernelFnOperator, MatvecOperator
 from ntkit.tiling.operator import tmm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two xdist workers share two cores: one intra-op thread each avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relu_net(depth=2, b_std=0.1, act=ntkit.Relu):

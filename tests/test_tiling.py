@@ -16,13 +16,7 @@ from ntkit.tiling import (CorruptTileError, KernelFnOperator, KernelStore, Store
 pytest.importorskip("zarr")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two xdist workers share two cores: one intra-op thread each avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fc_net(depth=2, b_std=0.1):

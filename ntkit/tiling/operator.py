@@ -21,9 +21,9 @@ from torch import Tensor
 
 from ntkit.kernel import as_tensor_input, check_get
 from ntkit.tiling.distributed import all_reduce_, context
-from ntkit.tiling.plan import TilePlan, choose_tile_size, compute_tile
+from ntkit.tiling.plan import Tile, TilePlan, choose_tile_size, compute_tile
 
-__all__ = ["KernelOperator", "DenseOperator", "MatvecOperator", "KernelFnOperator", "as_operator", "tmm"]
+__all__ = ["KernelOperator", "TiledOperator", "DenseOperator", "MatvecOperator", "KernelFnOperator", "as_operator", "tmm"]
 
 
 def tmm(a: Tensor, b: Tensor) -> Tensor:
@@ -157,7 +157,36 @@ class MatvecOperator(KernelOperator):
         return super().diagonal()
 
 
-class KernelFnOperator(KernelOperator):
+class TiledOperator(KernelOperator):
+    """An operator whose matrix comes tile by tile: subclasses set ``plan`` (a :class:`TilePlan`; for a
+    symmetric plan only upper tiles exist and each off-diagonal one is used twice) and implement
+    ``_tile(t)`` (the tile's block in ``dtype`` on ``device``). Under ``torchrun`` each rank takes its
+    round-robin share of the tiles and the partial products are summed with ``all_reduce``."""
+
+    plan: TilePlan
+
+    def _tile(self, t: Tile) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _my_tiles(self):
+        ctx = context(init=False)
+        split = self.distributed and ctx.active
+        for i, t in enumerate(self.plan):
+            if not split or i % ctx.world_size == ctx.rank:
+                yield t
+
+    def matmat(self, v):
+        v = self._check_rhs(v)
+        out = torch.zeros(self.shape[0], v.shape[1], dtype=self.dtype, device=self.device)
+        for t in self._my_tiles():
+            k = self._tile(t)
+            out[t.r0:t.r1] += k @ v[t.c0:t.c1]
+            if self.plan.symmetric and not t.diagonal:
+                out[t.c0:t.c1] += tmm(k, v[t.r0:t.r1])
+        return all_reduce_(out) if self.distributed else out
+
+
+class KernelFnOperator(TiledOperator):
     """``K(x1, x2)`` of a ``kernel_fn``, never stored: each product recomputes it tile by tile.
 
     Memory is ``O(tile_size²)`` whatever ``n``; time per product is one full kernel evaluation (half of it for
@@ -191,23 +220,6 @@ class KernelFnOperator(KernelOperator):
             raise ValueError(f"kernel_fn returned tiles of shape {tuple(k.shape)}; an operator needs a 2-D "
                              f"(N1, N2) kernel (add a readout/Flatten so no spatial axes remain).")
         return k.to(device=self.device, dtype=self.dtype)
-
-    def _my_tiles(self):
-        ctx = context(init=False)
-        split = self.distributed and ctx.active
-        for i, t in enumerate(self.plan):
-            if not split or i % ctx.world_size == ctx.rank:
-                yield t
-
-    def matmat(self, v):
-        v = self._check_rhs(v)
-        out = torch.zeros(self.shape[0], v.shape[1], dtype=self.dtype, device=self.device)
-        for t in self._my_tiles():
-            k = self._tile(t)
-            out[t.r0:t.r1] += k @ v[t.c0:t.c1]
-            if self.plan.symmetric and not t.diagonal:
-                out[t.c0:t.c1] += tmm(k, v[t.r0:t.r1])
-        return all_reduce_(out) if self.distributed else out
 
     def columns(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)

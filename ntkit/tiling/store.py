@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkit.tiling.distributed import all_reduce_, context
-from ntkit.tiling.operator import KernelOperator, tmm
+from ntkit.tiling.operator import TiledOperator
 from ntkit.tiling.plan import Tile, TilePlan
 
 __all__ = ["KernelStore", "StoredMatrix", "StoreMismatchError", "CorruptTileError", "FORMAT"]
@@ -288,7 +287,7 @@ class KernelStore:
                 f"{len(self.finished())}/{len(self.plan)}, tile_size={self.plan.tile_size})")
 
 
-class StoredMatrix(KernelOperator):
+class StoredMatrix(TiledOperator):
     """One kernel of a :class:`KernelStore` as a lazy matrix: products stream the tiles from disk.
 
     Each tile is CRC-checked the first time this object reads it (``verify=True``). Products are computed in
@@ -302,33 +301,17 @@ class StoredMatrix(KernelOperator):
                              f"(N1, N2) kernel.")
         store._require_complete()
         self.store, self.name = store, name
+        self.plan = store.plan
         self.shape = store.shape
         self.dtype = dtype
         self.device = torch.device("cpu")
         self.verify = verify
         self._checked: set[str] = set()
 
-    def _read(self, t: Tile) -> Tensor:
+    def _tile(self, t: Tile) -> Tensor:
         v = self.store.read_tile(t, self.name, verify=self.verify and t.key not in self._checked)
         self._checked.add(t.key)
         return v.to(self.dtype)
-
-    def _my_tiles(self):
-        ctx = context(init=False)
-        split = self.distributed and ctx.active
-        for i, t in enumerate(self.store.plan):
-            if not split or i % ctx.world_size == ctx.rank:
-                yield t
-
-    def matmat(self, v):
-        v = self._check_rhs(v)
-        out = torch.zeros(self.shape[0], v.shape[1], dtype=self.dtype)
-        for t in self._my_tiles():
-            k = self._read(t)
-            out[t.r0:t.r1] += k @ v[t.c0:t.c1]
-            if self.store.symmetric and not t.diagonal:
-                out[t.c0:t.c1] += tmm(k, v[t.r0:t.r1])
-        return all_reduce_(out) if self.distributed else out
 
     def columns(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -343,10 +326,10 @@ class StoredMatrix(KernelOperator):
             for bi in range(g1):
                 if self.store.symmetric and bi > bj:
                     t = plan.tile(bj, bi)
-                    out[t.c0:t.c1, sel] = self._read(t)[local].T
+                    out[t.c0:t.c1, sel] = self._tile(t)[local].T
                 else:
                     t = plan.tile(bi, bj)
-                    out[t.r0:t.r1, sel] = self._read(t)[:, local]
+                    out[t.r0:t.r1, sel] = self._tile(t)[:, local]
         return out
 
     def diagonal(self):
@@ -355,7 +338,7 @@ class StoredMatrix(KernelOperator):
         g1, g2 = self.store.plan.grid
         for b in range(min(g1, g2)):
             t = self.store.plan.tile(b, b)
-            out[t.r0:t.r1] = torch.diagonal(self._read(t))
+            out[t.r0:t.r1] = torch.diagonal(self._tile(t))
         return out
 
     def to_tensor(self):
