@@ -2,7 +2,7 @@
 
 NT's case: x_train ~ RandomState(0).randn(500, 16), x_test ~ randn(200, 16), y = sin(x·w/√d) + 0.05·noise,
 ``gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, diag_reg=1e-4)`` called with t = None and t = 10,
-``get=("nngp", "ntk")``, ``compute_cov=True``, float64. Two timings per t (median of 3 after a warm-up):
+``get=("nngp", "ntk")``, ``compute_cov=True``, float64. Two timings per t (median of ``--repeats`` after a warm-up, same for NT):
 
 * ``fresh``: a new predictor (train kernels, their factorisation, test kernels, the solve);
 * ``cached``: a second call on the same predictor (test kernels and the solve; train side cached).
@@ -10,7 +10,7 @@ NT's case: x_train ~ RandomState(0).randn(500, 16), x_test ~ randn(200, 16), y =
 NT 0.6.5 runs side by side in its own venv (NTKIT_NT_PYTHON, default /tmp/ntenv/bin/python) with its kernel_fn
 jitted and warm, i.e. at its best; the largest relative difference between the two outputs is reported too.
 
-    python benchmarks/predict.py [--n-train 500] [--n-test 200] [--threads N]
+    python benchmarks/predict.py [--n-train 500] [--n-test 200] [--threads N] [--repeats 11]
 
 ``--threads N`` pins both libraries to N intra-op threads (torch.set_num_threads; XLA's Eigen pool for NT), which
 keeps timings meaningful on a machine shared with other jobs.
@@ -35,7 +35,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np
 import neural_tangents as nt
 from neural_tangents import stax
-n_train, n_test, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+n_train, n_test, out, repeats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 rs = np.random.RandomState(0)
 xtr, xte = rs.randn(n_train, 16), rs.randn(n_test, 16)
 w = rs.randn(16, 1)
@@ -48,9 +48,9 @@ def fresh(t):
 def med(fn):
     fn()
     ts = []
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return sorted(ts)[1]
+    return sorted(ts)[repeats // 2]
 arrays = {}
 for t in (None, 10.0):
     tag = "inf" if t is None else "10"
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=500)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=11, help="timed runs per case (median reported), both sides")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         nt_file = os.path.join(tmp, "nt.npz")
-        nt_rows = run_nt(NT_SCRIPT, str(args.n_train), str(args.n_test), nt_file)
+        nt_rows = run_nt(NT_SCRIPT, str(args.n_train), str(args.n_test), nt_file, str(args.repeats))
         nt_arrays = dict(np.load(nt_file)) if nt_rows else None
     nt_by_t = {r["t"]: r for r in nt_rows} if nt_rows else {}
 
@@ -101,9 +102,9 @@ def main() -> None:
             pf = predict.gradient_descent_mse_ensemble(net.kernel_fn, xtr, ytr, diag_reg=1e-4)
             return pf, pf(t, xte, ("nngp", "ntk"), compute_cov=True)
 
-        fresh_s = median_time(fresh)
+        fresh_s = median_time(fresh, repeats=args.repeats)
         pf, res = fresh()
-        cached_s = median_time(lambda: pf(t, xte, ("nngp", "ntk"), compute_cov=True))
+        cached_s = median_time(lambda: pf(t, xte, ("nngp", "ntk"), compute_cov=True), repeats=args.repeats)
         diff = None
         if nt_arrays is not None:
             diff = 0.0

@@ -18,6 +18,11 @@ Layouts follow PyTorch (channels first). With ``S`` spatial dimensions of sizes 
 
 Fully-connected networks have ``S = 0``: ``nngp`` is ``(N1, N2)`` and ``cov1`` is ``(N1,)``.
 ``cov2`` is ``None`` when ``x2`` is ``x1`` (``x1_is_x2``).
+
+Pair-only records: a nonlinearity needs from ``cov1``/``cov2`` only their same-pixel variances. When the
+tiler has those already (recorded on the diagonal tiles, see :mod:`ntkit.nets`), an off-diagonal tile runs
+with ``cov1 = cov2 = None`` and the variances in ``var1``/``var2`` (``(N, *s)``), which the tiler refreshes
+after every layer, so that no tile recomputes the full self-covariances of its samples.
 """
 from __future__ import annotations
 
@@ -48,11 +53,13 @@ class Kernel:
       is_gaussian: the current activations are jointly Gaussian (true after any Dense/Conv); a nonlinearity
         requires it, since its rule is a Gaussian expectation.
       is_input: nothing has been applied yet.
+      var1, var2: same-pixel variances ``(N, *s)`` of a pair-only record (``cov1 = cov2 = None``); see the
+        module docstring.
     """
 
     nngp: Optional[Tensor]
     ntk: Optional[Tensor]
-    cov1: Tensor
+    cov1: Optional[Tensor]
     cov2: Optional[Tensor]
     shape1: tuple[int, ...]
     shape2: tuple[int, ...]
@@ -60,6 +67,8 @@ class Kernel:
     x1_is_x2: bool = False
     is_gaussian: bool = False
     is_input: bool = True
+    var1: Optional[Tensor] = None
+    var2: Optional[Tensor] = None
 
     def replace(self, **changes: Any) -> "Kernel":
         return dataclasses.replace(self, **changes)
@@ -78,13 +87,21 @@ class Kernel:
         """Channel width of the finite twin at this point (the ``C`` of ``shape1``)."""
         return self.shape1[1]
 
+    def _any(self) -> Tensor:
+        return next(t for t in (self.cov1, self.var1, self.nngp, self.ntk) if t is not None)
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.cov1.dtype
+        return self._any().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.cov1.device
+        return self._any().device
+
+    @property
+    def pair_only(self) -> bool:
+        """Self-covariances are not propagated (``var1``/``var2`` carry the variances instead)."""
+        return self.cov1 is None
 
     # -- marginal variances, broadcast against the kernels ---------------------------------------------
     def _cov_diag(self, cov: Tensor) -> Tensor:
@@ -118,10 +135,16 @@ class Kernel:
             shape += [size, 1] if side == 0 else [1, size]
         return v.reshape(shape)
 
+    def same_pixel_variances(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``(d1, d2)``: same-pixel variances ``(N, *s)`` of both sides (``d2`` is ``None`` for ``x1_is_x2``)."""
+        if self.cov1 is None:
+            return self.var1, self.var2
+        return self._cov_diag(self.cov1), None if self.cov2 is None else self._cov_diag(self.cov2)
+
     def variances(self) -> tuple[Tensor, Tensor]:
         """``(q11, q22)``: the variances of the two entries behind every entry of ``nngp``."""
-        d1 = self._cov_diag(self.cov1)
-        d2 = d1 if self.cov2 is None else self._cov_diag(self.cov2)
+        d1, d2 = self.same_pixel_variances()
+        d2 = d1 if d2 is None else d2
         return self._outer_view(d1, 0, True), self._outer_view(d2, 1, True)
 
     def with_exact_diagonal(self, inplace: bool = False) -> "Kernel":
@@ -256,13 +279,22 @@ def validate_inputs(x1: Any, x2: Any = None) -> tuple[Tensor, Optional[Tensor], 
 
 
 def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spatial: bool = True,
-                       compute_ntk: bool = True) -> Kernel:
+                       compute_ntk: bool = True, pair_only: bool = False) -> Kernel:
     """Input covariances (channel-averaged inner products, as NT) of validated inputs.
 
     ``nngp = x1 x2^T / C``; ``cov1 = |x1|^2 / C``; ``ntk = 0`` (inputs have no parameters).
     For ``x2 = None`` the Gram matrix is symmetrised and ``cov1`` is its diagonal, bit for bit.
+    ``pair_only`` (needs ``x2``): a pair-only record with the same-pixel variances in ``var1``/``var2``.
     """
     diagonal_spatial = diagonal_spatial or x1.dim() == 2
+    if pair_only:
+        if x2 is None:
+            raise ValueError("kernel_from_inputs(pair_only=True) needs x2 (the tiler's off-diagonal tiles).")
+        g = _gram(x1, x2, diagonal_spatial)
+        return Kernel(nngp=g, ntk=torch.zeros_like(g) if compute_ntk else None, cov1=None, cov2=None,
+                      shape1=tuple(x1.shape), shape2=tuple(x2.shape), diagonal_spatial=diagonal_spatial,
+                      x1_is_x2=False, is_gaussian=False, is_input=True,
+                      var1=_self_cov(x1, True), var2=_self_cov(x2, True))
     if x2 is None:
         g = _gram(x1, x1, diagonal_spatial)
         if x1.dim() == 2:
@@ -284,7 +316,8 @@ def map_kernels(k: Kernel, fn, *, ntk_fn=None, **changes: Any) -> Kernel:
     """Apply ``fn`` to nngp, cov1 and cov2 (and ``ntk_fn`` to ntk, if given); a small helper for
     affine layers whose rule is the same map on every covariance."""
     nngp = None if k.nngp is None else fn(k.nngp)
-    out = dict(nngp=nngp, cov1=fn(k.cov1), cov2=None if k.cov2 is None else fn(k.cov2))
+    out = dict(nngp=nngp, cov1=None if k.cov1 is None else fn(k.cov1),
+               cov2=None if k.cov2 is None else fn(k.cov2))
     if ntk_fn is not None and k.ntk is not None:
         out["ntk"] = ntk_fn(k.ntk)
     out.update(changes)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Optional, Sequence, Union
 
@@ -69,8 +70,9 @@ class Net(Layer):
         budget = default_budget(x1.device) if memory_budget is None else int(memory_budget)
         tile = plan_tile(n1, n2, entries, x1.element_size(), budget, tile_size)
 
-        def run(a: Tensor, b: Optional[Tensor]) -> Kernel:
-            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
+        def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
+            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names,
+                                   pair_only=pair_only)
             out = self.kernel(k)
             if isinstance(out, list):
                 raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
@@ -79,7 +81,10 @@ class Net(Layer):
         if tile >= n1 and tile >= n2:
             out = run(x1, x2)
         else:
-            out = _run_tiled(run, x1, x2, tile, names)
+            # full pixel covariances: propagate each sample's self-covariance once, not once per tile
+            use_tape = (not diagonal and pixels > 1 and _tape_pays(n1, None if x2 is None else n2, tile)
+                        and _tape_bytes(self, pixels, x1, n1 + (0 if x2 is None else n2)) <= budget)
+            out = _run_tiled(run, x1, x2, tile, names, use_tape)
         res = out.replace(nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
                           ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
                           cov1=_cast(out.cov1, out_dtype), cov2=_cast(out.cov2, out_dtype))
@@ -153,52 +158,143 @@ def _swap_pair(t: Tensor, k: Kernel) -> Tensor:
     return t.permute(perm)
 
 
-def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence[str]) -> Kernel:
-    """Run ``run`` on tiles of samples and assemble the kernels (upper tiles only when ``x2`` is None)."""
+class _Tape:
+    """Same-pixel variances after every leaf layer: recorded while a block of samples runs against itself
+    (a diagonal tile), replayed into the pair-only records of the off-diagonal tiles (see
+    :mod:`ntkit.kernel`). A nonlinearity needs from the self-covariances only these variances, so with a tape
+    an off-diagonal tile propagates its cross-covariances alone — at 32×32 images, where a tile is one pair
+    of images, that is a third of the work of propagating both images' full self-covariances as well."""
+
+    def __init__(self, replay: Optional[tuple[list, list]] = None):
+        self.steps: list = []
+        self.replay = replay
+        self.i = 0
+
+    def step(self, out):
+        outs = out if isinstance(out, list) else [out]
+        if self.replay is None:
+            self.steps.append(tuple(x.same_pixel_variances()[0].clone() for x in outs))
+            return out
+        a, b = self.replay[0][self.i], self.replay[1][self.i]
+        self.i += 1
+        new = [x.replace(var1=va, var2=vb) for x, va, vb in zip(outs, a, b)]
+        return new if isinstance(out, list) else new[0]
+
+
+_TAPE: contextvars.ContextVar[Optional[_Tape]] = contextvars.ContextVar("ntkit_tape", default=None)
+
+
+def _apply(layer: Layer, k):
+    """``layer.kernel(k)``, recorded on / replayed from the active tape for leaf layers."""
+    out = layer.kernel(k)
+    tape = _TAPE.get()
+    return tape.step(out) if tape is not None and not isinstance(layer, Net) else out
+
+
+def _taped(fn, tape: _Tape):
+    token = _TAPE.set(tape)
+    try:
+        return fn()
+    finally:
+        _TAPE.reset(token)
+
+
+def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence[str],
+               use_tape: bool) -> Kernel:
+    """Run ``run(a, b, pair_only)`` on tiles of samples and assemble the kernels (upper tiles only when
+    ``x2`` is None).
+
+    With ``use_tape`` the self-covariances are propagated once per block: on the diagonal tiles (``x2`` is
+    None) or on each block of ``x1`` and of ``x2`` against itself, recording their same-pixel variances
+    (:class:`_Tape`); every other tile is pair-only and replays them."""
     sym = x2 is None
     n1 = x1.shape[0]
     n2 = n1 if sym else x2.shape[0]
     b1 = [(s, min(s + tile, n1)) for s in range(0, n1, tile)]
     b2 = b1 if sym else [(s, min(s + tile, n2)) for s in range(0, n2, tile)]
     outs: dict[str, Tensor] = {}
-    cov1 = cov2 = None
+    covs: dict[int, Tensor] = {}
+    tapes: dict[tuple[int, int], list] = {}
     first: Optional[Kernel] = None
-    for i, (a0, a1) in enumerate(b1):
-        for j, (c0, c1) in enumerate(b2):
-            if sym and j < i:
-                continue
-            other = None if (sym and i == j) else (x1 if sym else x2)[c0:c1]
-            k = run(x1[a0:a1], other)
-            if first is None:
-                first = k
-                per = [getattr(k, g)[0, 0].numel() for g in names]
-                need = sum(n1 * n2 * p for p in per) * k.nngp.element_size()
-                avail = available_bytes(x1.device)
-                if need > 0.9 * avail:
-                    raise MemoryError(
-                        f"the output kernels need {format_bytes(need)} but only {format_bytes(avail)} is "
-                        f"available; compute them to disk with ntkit.tiling.kernel_matrix(..., store=path).")
-                for g in names:
-                    t = getattr(k, g)
-                    outs[g] = empty_output((n1, n2) + tuple(t.shape[2:]), t)
-                cov1 = k.cov1.new_empty((n1,) + tuple(k.cov1.shape[1:]))
-                if not sym:
-                    cov2 = k.cov2.new_empty((n2,) + tuple(k.cov2.shape[1:]))
+
+    def store_cov(side: int, a0: int, a1: int, n: int, t: Tensor) -> None:
+        if side not in covs:
+            covs[side] = t.new_empty((n,) + tuple(t.shape[1:]))
+        covs[side][a0:a1] = t
+
+    def put(k: Kernel, a0, a1, c0, c1, mirror: bool) -> None:
+        nonlocal first
+        if first is None:
+            first = k
+            per = [getattr(k, g)[0, 0].numel() for g in names]
+            need = sum(n1 * n2 * p for p in per) * k.nngp.element_size()
+            avail = available_bytes(x1.device)
+            if need > 0.9 * avail:
+                raise MemoryError(
+                    f"the output kernels need {format_bytes(need)} but only {format_bytes(avail)} is "
+                    f"available; compute them to disk with ntkit.tiling.kernel_matrix(..., store=path).")
             for g in names:
                 t = getattr(k, g)
-                outs[g][a0:a1, c0:c1] = t
-                if sym and i != j:
-                    # a contiguous transposed copy first: writing a transposed view into a strided
-                    # block directly is ~4x slower
-                    outs[g][c0:c1, a0:a1] = _swap_pair(t, k).contiguous()
-            if j == (i if sym else 0):
-                cov1[a0:a1] = k.cov1
-            if not sym and i == 0:
-                cov2[c0:c1] = k.cov2
+                outs[g] = empty_output((n1, n2) + tuple(t.shape[2:]), t)
+        for g in names:
+            t = getattr(k, g)
+            outs[g][a0:a1, c0:c1] = t
+            if mirror:
+                # a contiguous transposed copy first: writing a transposed view into a strided block
+                # directly is ~4x slower
+                outs[g][c0:c1, a0:a1] = _swap_pair(t, k).contiguous()
+
+    def record(x: Tensor, side: int, i: int, a0: int, a1: int, n: int) -> Kernel:
+        tape = _Tape()
+        k = _taped(lambda: run(x[a0:a1], None, False), tape)
+        tapes[side, i] = tape.steps
+        store_cov(side, a0, a1, n, k.cov1)
+        return k
+
+    if use_tape:
+        for i, (a0, a1) in enumerate(b1):
+            k = record(x1, 1, i, a0, a1, n1)
+            if sym:
+                put(k, a0, a1, a0, a1, False)
+        if not sym:
+            for j, (c0, c1) in enumerate(b2):
+                record(x2, 2, j, c0, c1, n2)
+    for i, (a0, a1) in enumerate(b1):
+        for j, (c0, c1) in enumerate(b2):
+            if sym and j < i or (use_tape and sym and i == j):
+                continue
+            other = None if (sym and i == j) else (x1 if sym else x2)[c0:c1]
+            if use_tape:
+                tape = _Tape((tapes[1, i], tapes[1 if sym else 2, j]))
+                k = _taped(lambda: run(x1[a0:a1], other, True), tape)
+            else:
+                k = run(x1[a0:a1], other, False)
+                if j == (i if sym else 0):
+                    store_cov(1, a0, a1, n1, k.cov1)
+                if not sym and i == 0:
+                    store_cov(2, c0, c1, n2, k.cov2)
+            put(k, a0, a1, c0, c1, sym and i != j)
     assert first is not None
-    return first.replace(nngp=outs.get("nngp"), ntk=outs.get("ntk"), cov1=cov1, cov2=cov2,
+    return first.replace(nngp=outs.get("nngp"), ntk=outs.get("ntk"), cov1=covs[1], cov2=covs.get(2),
                          shape1=(n1,) + tuple(first.shape1[1:]), shape2=(n2,) + tuple(first.shape2[1:]),
-                         x1_is_x2=sym)
+                         x1_is_x2=sym, var1=None, var2=None)
+
+
+def _tape_bytes(net: "Net", pixels: int, x: Tensor, n: int) -> int:
+    """Upper bound on the tapes of ``n`` samples: one same-pixel variance map per leaf layer (twice the
+    input's pixels, for paddings that grow the image)."""
+    def leaves(layer: Layer) -> int:
+        return sum(leaves(s) for s in layer.sublayers()) if isinstance(layer, Net) else 1
+    return 2 * leaves(net) * pixels * x.element_size() * n
+
+
+def _tape_pays(n1: int, n2: Optional[int], tile: int) -> bool:
+    """Whether recording the self-covariances once per block beats recomputing them in every tile, in units
+    of one pair's covariance: a tile recomputes ``2·tile`` self-covariances; a block run against itself
+    (needed anyway on the diagonal when ``x2`` is None) costs ``tile² + tile``."""
+    if n2 is None:
+        return n1 > tile
+    return (n1 + n2) * (tile + 1) < 2 * n1 * n2 / tile
 
 
 def _finish(k: Kernel) -> Kernel:
@@ -221,7 +317,7 @@ class Serial(Net):
 
     def kernel(self, k):
         for layer in self.layers:
-            k = layer.kernel(k)
+            k = _apply(layer, k)
         return k
 
     def build(self, in_shape, width, generator, readout):
@@ -253,7 +349,7 @@ class Parallel(Net):
             got = len(k) if isinstance(k, list) else 1
             raise LayerError(f"parallel of {len(self.layers)} layers got {got} branch(es); "
                              f"put FanOut({len(self.layers)}) before it.")
-        return [layer.kernel(x) for layer, x in zip(self.layers, k)]
+        return [_apply(layer, x) for layer, x in zip(self.layers, k)]
 
     def build(self, in_shape, width, generator, readout):
         if not isinstance(in_shape, list) or len(in_shape) != len(self.layers):

@@ -467,3 +467,85 @@ def test_errors_pool_on_diagonal_kernel_and_nonlinearity_after_flatten():
         nk.GlobalAvgPool().kernel(k)
     with pytest.raises(LayerError, match="Gaussian"):
         nk.serial(nk.Conv(4, (3, 3)), nk.Flatten(), nk.Relu()).kernel_fn(_img(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# tiles with full pixel covariances: self-covariances propagated once per block (the tape)
+# ---------------------------------------------------------------------------------------------------
+def _tape_counts(monkeypatch):
+    import ntkit.nets as nets
+    calls = {"record": 0, "replay": 0}
+    orig = nets._Tape.step
+
+    def step(self, out):
+        calls["replay" if self.replay is not None else "record"] += 1
+        return orig(self, out)
+
+    monkeypatch.setattr(nets._Tape, "step", step)
+    return calls
+
+
+TAPE_NETS = {
+    "myrtle5": lambda: myrtle(5),
+    "residual+norm+prod": lambda: nk.serial(
+        nk.Conv(8, (3, 3), padding="SAME"), nk.FanOut(2),
+        nk.parallel(nk.serial(nk.Relu(), nk.Conv(8, (3, 3), padding="SAME")), nk.Identity()), nk.FanInSum(),
+        nk.LayerNorm(axis=(1, 2, 3)), nk.Erf(), nk.AvgPool((2, 2), (2, 2)),
+        nk.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.3), nk.FanOut(2), nk.parallel(nk.Relu(), nk.Gelu()),
+        nk.FanInProd(), nk.Conv(4, (2, 2)), nk.Relu(), nk.GlobalAvgPool(), nk.Dense(3)),
+    "concat+stride+flatten-after-pool": lambda: nk.serial(
+        nk.Conv(8, (3, 3), padding="SAME"), nk.FanOut(2), nk.parallel(nk.Relu(), nk.Erf()), nk.FanInConcat(),
+        nk.Conv(8, (3, 3), strides=2), nk.Relu(), nk.AvgPool((2, 2), (1, 1)), nk.Flatten(), nk.Dense(2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAPE_NETS))
+@pytest.mark.parametrize("tile", [1, 2])
+def test_tiles_with_tape_equal_one_block(name, tile, monkeypatch):
+    """Pair-only off-diagonal tiles that replay recorded variances give the one-block kernels (x2 None and
+    given), cov1/cov2 included; and the tape really is used (every off-diagonal tile replays)."""
+    net = TAPE_NETS[name]()
+    x, x2 = _img(5, c=3, size=(6, 6)), _img(9, c=3, size=(6, 6), seed=1)
+    calls = _tape_counts(monkeypatch)
+    for b in (None, x2):
+        ref = net.kernel_fn(x, b, tile_size=100)
+        assert calls == {"record": 0, "replay": 0}  # one block: no tiles, no tape
+        got = net.kernel_fn(x, b, tile_size=tile)
+        for g in ("nngp", "ntk", "cov1") + (("cov2",) if b is not None else ()):
+            assert rel_err(getattr(got, g), getattr(ref, g)) < 1e-14, (g, b is None)
+        assert calls["record"] > 0 and calls["replay"] > 0
+        calls.update(record=0, replay=0)
+
+
+def test_tape_1d_and_float32(monkeypatch):
+    net = nk.serial(nk.Conv(4, (3,), padding="SAME"), nk.Relu(), nk.AvgPool((2,), (2,)), nk.Conv(4, (3,)),
+                    nk.Relu(), nk.GlobalAvgPool(), nk.Dense(1))
+    x = torch.randn(6, 2, 10, generator=torch.Generator().manual_seed(3), dtype=F64)
+    calls = _tape_counts(monkeypatch)
+    assert rel_err(net.kernel_fn(x, x[:3] + 0.1, tile_size=1).ntk, net.kernel_fn(x, x[:3] + 0.1).ntk) < 1e-14
+    k32 = net.kernel_fn(x.float(), tile_size=2)
+    assert k32.ntk.dtype == torch.float32 and rel_err(k32.ntk, net.kernel_fn(x).ntk) < 1e-5
+    assert calls["replay"] > 0
+
+
+def test_tape_only_where_it_pays(monkeypatch):
+    """Diagonal-pixel nets (CNTK-V, FC) never tape; x2 given with few samples per side does not either."""
+    from ntkit.nets import _tape_pays
+    assert _tape_pays(10, None, 1) and not _tape_pays(4, None, 4)
+    assert _tape_pays(200, 200, 8) and not _tape_pays(50, 50, 8) and not _tape_pays(3, 3, 2)
+    calls = _tape_counts(monkeypatch)
+    x = _img(4, c=3, size=(5, 5))
+    cntk(2, pooling="flatten").kernel_fn(x, tile_size=1)
+    nk.serial(nk.Dense(4), nk.Relu()).kernel_fn(x.reshape(4, -1), tile_size=1)
+    assert calls == {"record": 0, "replay": 0}
+
+
+def test_pair_only_record():
+    x, x2 = _img(2, c=3, size=(4, 4)), _img(3, c=3, size=(4, 4), seed=2)
+    k = kernel_from_inputs(x, x2, diagonal_spatial=False, pair_only=True)
+    full = kernel_from_inputs(x, x2, diagonal_spatial=False)
+    assert k.pair_only and k.cov1 is None and k.cov2 is None and k.dtype == F64
+    for a, b in zip(k.variances(), full.variances()):
+        assert rel_err(a, b) < 1e-15
+    with pytest.raises(ValueError, match="needs x2"):
+        kernel_from_inputs(x, None, pair_only=True)

@@ -119,8 +119,9 @@ class FanInProd(Layer):
         if all(x.ntk is not None for x in ks):
             ntk = sum(ks[i].ntk * prod([ks[j].nngp for j in range(len(ks)) if j != i]) if len(ks) > 1
                       else ks[i].ntk for i in range(len(ks)))
+        cov1 = None if first.cov1 is None else prod([x.cov1 for x in ks])
         cov2 = None if first.cov2 is None else prod([x.cov2 for x in ks])
-        return first.replace(nngp=prod([x.nngp for x in ks]), ntk=ntk, cov1=prod([x.cov1 for x in ks]),
+        return first.replace(nngp=prod([x.nngp for x in ks]), ntk=ntk, cov1=cov1,
                              cov2=cov2, is_gaussian=False, is_input=False)
 
     def build(self, in_shape, width, generator, readout):

@@ -155,7 +155,7 @@ class ElementwiseLayer(Layer):
         nngp, dot = self.rule(k.nngp, q11, q22, k.ntk is not None)
         ntk = None if k.ntk is None else (dot.mul_(k.ntk) if dot.shape == nngp.shape and
                                           can_inplace(dot, k.ntk) else k.ntk * dot)
-        cov1 = self._self_rule(k, 1)
+        cov1 = None if k.cov1 is None else self._self_rule(k, 1)
         cov2 = None if k.cov2 is None else self._self_rule(k, 2)
         out = k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, is_input=False)
         return out.with_exact_diagonal(inplace=_owns(nngp, k))

@@ -116,7 +116,8 @@ class LayerNorm(Layer):
 
         out = k.replace(nngp=None if k.nngp is None else k.nngp / den,
                         ntk=None if k.ntk is None else k.ntk / den,
-                        cov1=self_cov(1), cov2=None if k.cov2 is None else self_cov(2), is_input=False)
+                        cov1=None if k.cov1 is None else self_cov(1), cov2=None if k.cov2 is None else self_cov(2),
+                        is_input=False)
         return out.with_exact_diagonal()
 
     def build(self, in_shape, width, generator, readout):
