@@ -244,10 +244,19 @@ def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence
                 # directly is ~4x slower
                 outs[g][c0:c1, a0:a1] = _swap_pair(t, k).contiguous()
 
+    stores: dict[int, list] = {}
+
     def record(x: Tensor, side: int, i: int, a0: int, a1: int, n: int) -> Kernel:
         tape = _Tape()
         k = _taped(lambda: run(x[a0:a1], None, False), tape)
-        tapes[side, i] = tape.steps
+        # one buffer per step for all samples of a side, allocated once: thousands of small tensors kept
+        # alive between the tiles' large temporaries would fragment the heap (RSS grew with n)
+        if side not in stores:
+            stores[side] = [tuple(t.new_empty((n,) + tuple(t.shape[1:])) for t in step) for step in tape.steps]
+        for dst, step in zip(stores[side], tape.steps):
+            for d, t in zip(dst, step):
+                d[a0:a1] = t
+        tapes[side, i] = [tuple(d[a0:a1] for d in dst) for dst in stores[side]]
         store_cov(side, a0, a1, n, k.cov1)
         return k
 

@@ -96,7 +96,7 @@ def as_kernel_matrix(a: Any, name: str, *, check_symmetric: bool = True) -> Tens
         finite = torch.isfinite(a)
         raise ValueError(f"{name} contains {int((~finite).sum())} NaN/Inf entries; the kernel must be finite "
                          f"(check the inputs and the kernel function).")
-    if check_symmetric:
+    if check_symmetric and not torch.equal(a, a.mT):  # one pass when exactly symmetric (kernel_fn's are)
         scale = float(a.abs().max())
         diff = a - a.T
         asym = float(diff.abs().max())
@@ -118,7 +118,9 @@ def add_diagonal_regularizer(a: Tensor, diag_reg: float, absolute: bool) -> Tens
     if diag_reg == 0:
         return a
     r = diag_reg if absolute else diag_reg * float(torch.diagonal(a).mean())
-    return a + r * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    out = a.clone()
+    torch.diagonal(out).add_(r)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
