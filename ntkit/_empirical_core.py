@@ -354,11 +354,9 @@ def probe(model: nn.Module, params: dict[str, Tensor], x1: Tensor, fixed: Option
                              f"its first output axis must be the batch axis.")
     if not out.is_floating_point():
         raise EmpiricalError(f"the model's output has dtype {out.dtype}; kernels need floating outputs.")
-    refine = None
-    if x1.shape[0] > 1:
-        def refine() -> int:
-            return max(0, run(x1[:2], False)[2] - saved1)
-    return Probe(tuple(out.shape[1:]), float(flops), saved1, refine)
+    def refine() -> int:
+        return max(0, run(x1[:2], False)[2] - saved1)
+    return Probe(tuple(out.shape[1:]), float(flops), saved1, refine if x1.shape[0] > 1 else None)
 
 
 # ---------------------------------------------------------------------------------------------------

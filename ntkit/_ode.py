@@ -143,7 +143,6 @@ class ODEPredictor:
             raise ValueError("t contains inf; gradient_descent integrates to finite times only.")
         check_memory(8 * ts.numel() * y0.size, "cpu", "the ODE solution at the requested times")
         uniq, inverse = torch.unique(ts, return_inverse=True)
-        n_tr = sizes[0]
 
         has_test = k_td is not None
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit._empirical_core import compute_mode, memory_budget
-from ntkit.empirical import IMPLEMENTATIONS, empirical_ntk
+from ntkit.empirical import IMPLEMENTATIONS
 from ntkit.kernel import Kernel, check_get
 
 __all__ = ["monte_carlo_kernel_fn", "MonteCarloKernelFn"]

@@ -1,7 +1,6 @@
 """ntkit.predict: NT parity, closed-form identities, trace_axes, the spectral view, input errors."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import load_reference, rel_err

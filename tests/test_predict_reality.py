@@ -7,7 +7,6 @@ residual) is far below the width effects / Monte-Carlo errors being measured.
 """
 import math
 
-import pytest
 import torch
 from torch.func import functional_call, stack_module_state
 

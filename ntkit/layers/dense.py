@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ntkit.kernel import Kernel, map_kernels
-from ntkit.layers.base import Layer, LayerError, Shape, single, single_shape
+from ntkit.layers.base import Layer, single, single_shape
 
 __all__ = ["Dense", "Identity", "DenseModule", "PARAMETERIZATIONS"]
 

@@ -23,7 +23,7 @@ works too (its derivative by autograd), with the same Monte-Carlo guarantee.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
