@@ -137,7 +137,7 @@ class Kernel:
 
     def same_pixel_variances(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(d1, d2)``: same-pixel variances ``(N, *s)`` of both sides (``d2`` is ``None`` for ``x1_is_x2``)."""
-        if self.cov1 is None:
+        if self.pair_only:
             return self.var1, self.var2
         return self._cov_diag(self.cov1), None if self.cov2 is None else self._cov_diag(self.cov2)
 
@@ -287,14 +287,9 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
     ``pair_only`` (needs ``x2``): a pair-only record with the same-pixel variances in ``var1``/``var2``.
     """
     diagonal_spatial = diagonal_spatial or x1.dim() == 2
-    if pair_only:
-        if x2 is None:
-            raise ValueError("kernel_from_inputs(pair_only=True) needs x2 (the tiler's off-diagonal tiles).")
-        g = _gram(x1, x2, diagonal_spatial)
-        return Kernel(nngp=g, ntk=torch.zeros_like(g) if compute_ntk else None, cov1=None, cov2=None,
-                      shape1=tuple(x1.shape), shape2=tuple(x2.shape), diagonal_spatial=diagonal_spatial,
-                      x1_is_x2=False, is_gaussian=False, is_input=True,
-                      var1=_self_cov(x1, True), var2=_self_cov(x2, True))
+    if pair_only and x2 is None:
+        raise ValueError("kernel_from_inputs(pair_only=True) needs x2 (the tiler's off-diagonal tiles).")
+    var1 = var2 = None
     if x2 is None:
         g = _gram(x1, x1, diagonal_spatial)
         if x1.dim() == 2:
@@ -304,12 +299,16 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
         cov2 = None
     else:
         g = _gram(x1, x2, diagonal_spatial)
-        cov1 = _self_cov(x1, diagonal_spatial)
-        cov2 = _self_cov(x2, diagonal_spatial)
+        if pair_only:
+            cov1 = cov2 = None
+            var1, var2 = _self_cov(x1, True), _self_cov(x2, True)
+        else:
+            cov1 = _self_cov(x1, diagonal_spatial)
+            cov2 = _self_cov(x2, diagonal_spatial)
     ntk = torch.zeros_like(g) if compute_ntk else None
     return Kernel(nngp=g, ntk=ntk, cov1=cov1, cov2=cov2, shape1=tuple(x1.shape),
                   shape2=tuple((x1 if x2 is None else x2).shape), diagonal_spatial=diagonal_spatial,
-                  x1_is_x2=x2 is None, is_gaussian=False, is_input=True)
+                  x1_is_x2=x2 is None, is_gaussian=False, is_input=True, var1=var1, var2=var2)
 
 
 def map_kernels(k: Kernel, fn, *, ntk_fn=None, **changes: Any) -> Kernel:

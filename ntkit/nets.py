@@ -213,14 +213,17 @@ def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence
     b1 = [(s, min(s + tile, n1)) for s in range(0, n1, tile)]
     b2 = b1 if sym else [(s, min(s + tile, n2)) for s in range(0, n2, tile)]
     outs: dict[str, Tensor] = {}
-    covs: dict[int, Tensor] = {}
+    rows_of: dict[tuple, Tensor] = {}
     tapes: dict[tuple[int, int], list] = {}
     first: Optional[Kernel] = None
 
-    def store_cov(side: int, a0: int, a1: int, n: int, t: Tensor) -> None:
-        if side not in covs:
-            covs[side] = t.new_empty((n,) + tuple(t.shape[1:]))
-        covs[side][a0:a1] = t
+    def rows(key: tuple, n: int, a0: int, a1: int, t: Tensor) -> Tensor:
+        """Copy ``t`` into rows ``a0:a1`` of the ``(n, ...)`` buffer ``key`` (allocated on first use) and
+        return those rows. Self-covariances and tapes live in such buffers: thousands of small tensors kept
+        alive between the tiles' large temporaries would fragment the heap (RSS grew with n)."""
+        if key not in rows_of:
+            rows_of[key] = t.new_empty((n,) + tuple(t.shape[1:]))
+        return rows_of[key][a0:a1].copy_(t)
 
     def put(k: Kernel, a0, a1, c0, c1, mirror: bool) -> None:
         nonlocal first
@@ -244,20 +247,12 @@ def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence
                 # directly is ~4x slower
                 outs[g][c0:c1, a0:a1] = _swap_pair(t, k).contiguous()
 
-    stores: dict[int, list] = {}
-
     def record(x: Tensor, side: int, i: int, a0: int, a1: int, n: int) -> Kernel:
         tape = _Tape()
         k = _taped(lambda: run(x[a0:a1], None, False), tape)
-        # one buffer per step for all samples of a side, allocated once: thousands of small tensors kept
-        # alive between the tiles' large temporaries would fragment the heap (RSS grew with n)
-        if side not in stores:
-            stores[side] = [tuple(t.new_empty((n,) + tuple(t.shape[1:])) for t in step) for step in tape.steps]
-        for dst, step in zip(stores[side], tape.steps):
-            for d, t in zip(dst, step):
-                d[a0:a1] = t
-        tapes[side, i] = [tuple(d[a0:a1] for d in dst) for dst in stores[side]]
-        store_cov(side, a0, a1, n, k.cov1)
+        tapes[side, i] = [tuple(rows(("tape", side, s, b), n, a0, a1, t) for b, t in enumerate(step))
+                          for s, step in enumerate(tape.steps)]
+        rows(("cov", side), n, a0, a1, k.cov1)
         return k
 
     if use_tape:
@@ -279,12 +274,12 @@ def _run_tiled(run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence
             else:
                 k = run(x1[a0:a1], other, False)
                 if j == (i if sym else 0):
-                    store_cov(1, a0, a1, n1, k.cov1)
+                    rows(("cov", 1), n1, a0, a1, k.cov1)
                 if not sym and i == 0:
-                    store_cov(2, c0, c1, n2, k.cov2)
+                    rows(("cov", 2), n2, c0, c1, k.cov2)
             put(k, a0, a1, c0, c1, sym and i != j)
     assert first is not None
-    return first.replace(nngp=outs.get("nngp"), ntk=outs.get("ntk"), cov1=covs[1], cov2=covs.get(2),
+    return first.replace(nngp=outs.get("nngp"), ntk=outs.get("ntk"), cov1=rows_of["cov", 1], cov2=rows_of.get(("cov", 2)),
                          shape1=(n1,) + tuple(first.shape1[1:]), shape2=(n2,) + tuple(first.shape2[1:]),
                          x1_is_x2=sym, var1=None, var2=None)
 
