@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import ntkit
-from ntkit.solvers.cg import cg, make_preconditioner
+from ntkit.linalg import cg, make_preconditioner
 from ntkit.tiling import kernel_matrix
 
 HERE = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import ntkit
-from ntkit.solvers.cg import cg
+from ntkit.linalg import cg
 from ntkit.tiling import kernel_matrix
 
 HERE = Path(__file__).resolve().parent

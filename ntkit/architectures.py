@@ -7,6 +7,7 @@
   of Arora et al. 2019 ("On exact computation with an infinitely wide neural net") at any depth.
 * :func:`wide_resnet` — a Wide-ResNet-style residual CNN (Zagoruyko & Komodakis 2016) in the pre-activation
   form used by Novak et al. 2019 / NT's examples.
+* :func:`fc_net` — the fully-connected ReLU network of the estimators and the CLI (``fc3``).
 
 Every function returns a :class:`~ntkit.nets.Net`: ``net.kernel_fn(x)`` for the kernels, ``net.module(...)``
 for the finite network (``channels`` / ``width`` only matter for the finite twin in the NTK
@@ -15,12 +16,15 @@ parameterisation). Inputs are channels-first ``(N, C, H, W)``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 from ntkit.layers import AvgPool, Conv, Dense, FanInSum, FanOut, Flatten, GlobalAvgPool, Identity, Relu
 from ntkit.nets import Net, parallel, serial
 
-__all__ = ["myrtle", "cntk", "wide_resnet", "MYRTLE_DEPTHS"]
+__all__ = ["myrtle", "cntk", "wide_resnet", "fc_net", "MYRTLE_DEPTHS"]
+
+SQRT2 = math.sqrt(2.0)
 
 # convolutions per group (3 groups) for each Myrtle depth; depth = convs + the Dense readout
 MYRTLE_DEPTHS = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
@@ -97,3 +101,18 @@ def wide_resnet(blocks_per_group: int = 1, k: int = 1, out_features: int = 10, W
         layers += [_wrn_block(ch, 1, False, W_std, b_std) for _ in range(blocks_per_group - 1)]
     layers += [GlobalAvgPool(), Dense(out_features, W_std, b_std)]
     return serial(*layers)
+
+
+def fc_net(depth: int = 3, W_std: float = SQRT2, b_std: Optional[float] = 0.05, width: int = 512,
+           out_features: int = 1) -> Net:
+    """``[Dense(width, W_std, b_std), Relu()] × depth`` then ``Dense(out_features, 1.0, b_std)``.
+
+    ``W_std = √2`` keeps the ReLU pre-activation variance constant with depth (He initialisation);
+    ``width`` matters only for the finite twin. This is the CLI's ``fc3`` (``depth=3``).
+    """
+    if isinstance(depth, bool) or not (isinstance(depth, numbers.Integral) and depth >= 0):
+        raise ValueError(f"depth={depth!r} must be an int >= 0 (number of hidden ReLU layers).")
+    layers: list = []
+    for _ in range(int(depth)):
+        layers += [Dense(width, W_std=W_std, b_std=b_std), Relu()]
+    return serial(*layers, Dense(out_features, W_std=1.0, b_std=b_std))

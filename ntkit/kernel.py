@@ -27,14 +27,18 @@ after every layer, so that no tile recomputes the full self-covariances of its s
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "as_tensor_input", "validate_inputs", "kernel_from_inputs", "check_get", "GETS"]
+from ntkit._inputs import all_finite, as_batch, kernel_inputs
+
+# former homes of the input checks (now ntkit._inputs), kept importable from here
+as_tensor_input = as_batch
+validate_inputs = kernel_inputs
+
+__all__ = ["Kernel", "kernel_from_inputs", "normalize_get", "check_get", "map_kernels", "GETS"]
 
 GETS = ("nngp", "ntk")
 
@@ -170,60 +174,35 @@ class Kernel:
 
 
 # ---------------------------------------------------------------------------------------------------
-# inputs -> Kernel
+# which kernels to return
 # ---------------------------------------------------------------------------------------------------
-def as_tensor_input(x: Any, name: str) -> Tensor:
-    """Validate one input batch and return it as a floating tensor (numpy accepted).
+def normalize_get(
+    get: Union[str, Sequence[str], None], allowed: Sequence[str] = GETS, default: Optional[Sequence[str]] = None
+) -> tuple[tuple[str, ...], bool]:
+    """The one normalisation of ``get`` arguments: ``(names, single)``.
 
-    Errors name the problem and the fix: wrong type, integer/bool dtype, fewer than two axes,
-    an empty batch, NaN or Inf.
+    ``None`` means ``default`` (else every name in ``allowed``); a string is one name and ``single`` asks for a
+    bare tensor back; a sequence is a tuple of distinct names. Names are case-insensitive (``"NTK"`` is
+    ``"ntk"``). One error lists the choices.
     """
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}.")
-    if not (x.is_floating_point()):
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; kernels need floating inputs. "
-            f"Convert with {name}.to(torch.float64) (recommended) or .float().")
-    if x.dim() < 2:
-        raise ValueError(
-            f"{name} has shape {tuple(x.shape)}; inputs need a batch axis and a feature axis "
-            f"(N, features) or (N, C, *spatial). For a single sample use {name}[None]; "
-            f"for N scalar features use {name}[:, None].")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one sample.")
-    if any(s == 0 for s in x.shape[1:]):
-        raise ValueError(f"{name} has a zero-sized feature axis (shape {tuple(x.shape)}).")
-    if not all_finite(x):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {bad} NaN/Inf entries; clean or impute them before computing kernels.")
-    return x
-
-
-def all_finite(x: Tensor) -> bool:
-    """True if ``x`` has no NaN/Inf. One reduction: a finite sum proves it (NaN and ±Inf propagate); only a
-    sum that overflowed falls back to the elementwise check (``torch.isfinite`` is ~20x slower)."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32 (arc-cosines lose all accuracy in fp16)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def check_get(get: Union[str, Sequence[str], None]) -> tuple[tuple[str, ...], bool]:
-    """Normalise ``get``; return (names, single) where single means return a bare tensor."""
     if get is None:
-        return GETS, False
+        return tuple(default if default is not None else allowed), False
     single = isinstance(get, str)
-    names = (get,) if single else tuple(get)
-    bad = [g for g in names if g not in GETS]
-    if bad or not names:
-        raise ValueError(f"get={get!r}: choose from {GETS} (a name or a tuple of names).")
+    raw = (get,) if single else tuple(get)
+    names = tuple(g.lower() if isinstance(g, str) else g for g in raw)
+    bad = [g for g in names if g not in allowed]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"get={get!r}: choose distinct names from {tuple(allowed)} (a name or a tuple of names).")
     return names, single
 
 
+#: former name of :func:`normalize_get`
+check_get = normalize_get
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs -> Kernel
+# ---------------------------------------------------------------------------------------------------
 def _gram(a: Tensor, b: Tensor, diagonal_spatial: bool) -> Tensor:
     """Channel-averaged products: ``sum_c a[i,c,..] b[j,c,..] / C`` in the Kernel layout."""
     c = a.shape[1]
@@ -252,30 +231,6 @@ def _self_cov(a: Tensor, diagonal_spatial: bool) -> Tensor:
     primes = "pqrstuvw"[:sp]
     pair = "".join(l + p for l, p in zip(letters, primes))
     return torch.einsum(f"iz{letters},iz{primes}->i{pair}", a, a) / c
-
-
-def validate_inputs(x1: Any, x2: Any = None) -> tuple[Tensor, Optional[Tensor], torch.dtype]:
-    """Check a pair of input batches; return them as tensors in the compute dtype, and the dtype to return.
-
-    Errors name the problem and the fix: mismatched devices, dtypes or per-sample shapes (and everything
-    :func:`as_tensor_input` checks).
-    """
-    x1 = as_tensor_input(x1, "x1")
-    out_dtype = x1.dtype
-    if x2 is not None:
-        x2 = as_tensor_input(x2, "x2")
-        if x2.device != x1.device:
-            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}; move both to one device "
-                             f"(e.g. x2 = x2.to(x1.device)).")
-        if x2.dtype != x1.dtype:
-            raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; cast both to one dtype "
-                            f"(float64 recommended).")
-        if x2.shape[1:] != x1.shape[1:]:
-            raise ValueError(
-                f"x1 has per-sample shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
-                f"both batches must have the same feature/channel/spatial shape.")
-    cdt = _compute_dtype(x1.dtype)
-    return x1.to(cdt), (None if x2 is None else x2.to(cdt)), out_dtype
 
 
 def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spatial: bool = True,
@@ -311,7 +266,9 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
                   x1_is_x2=x2 is None, is_gaussian=False, is_input=True, var1=var1, var2=var2)
 
 
-def map_kernels(k: Kernel, fn, *, ntk_fn=None, **changes: Any) -> Kernel:
+def map_kernels(
+    k: Kernel, fn: Callable[[Tensor], Tensor], *, ntk_fn: Optional[Callable[[Tensor], Tensor]] = None, **changes: Any
+) -> Kernel:
     """Apply ``fn`` to nngp, cov1 and cov2 (and ``ntk_fn`` to ntk, if given); a small helper for
     affine layers whose rule is the same map on every covariance."""
     nngp = None if k.nngp is None else fn(k.nngp)
@@ -321,8 +278,3 @@ def map_kernels(k: Kernel, fn, *, ntk_fn=None, **changes: Any) -> Kernel:
         out["ntk"] = ntk_fn(k.ntk)
     out.update(changes)
     return k.replace(**out)
-
-
-def bytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes a tensor of this shape and dtype occupies (for memory planning)."""
-    return int(math.prod(shape)) * torch.empty((), dtype=dtype).element_size()

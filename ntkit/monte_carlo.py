@@ -20,9 +20,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ntkit._empirical_core import compute_mode, memory_budget
-from ntkit.empirical import IMPLEMENTATIONS
-from ntkit.kernel import Kernel, check_get
+from ntkit._inputs import as_batch
+from ntkit._memory import memory_budget
+from ntkit.empirical import IMPLEMENTATIONS, compute_mode, feature_gram, ntk_implementation
+from ntkit.kernel import Kernel, normalize_get
+from ntkit.nets import Net
 
 __all__ = ["monte_carlo_kernel_fn", "MonteCarloKernelFn"]
 
@@ -35,8 +37,6 @@ class MonteCarloKernelFn:
 
     def __init__(self, net, n_samples: int, width: Optional[int], seed: int = 0,
                  get: Union[str, Sequence[str]] = ("nngp", "ntk"), implementation: str = "auto"):
-        from ntkit.nets import Net
-
         if not isinstance(net, Net):
             raise TypeError(f"net must be an ntkit network (ntkit.serial(...)), got {type(net).__name__}; for a "
                             f"torch module use ntkit.empirical.empirical_ntk on each sampled model.")
@@ -49,7 +49,7 @@ class MonteCarloKernelFn:
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}.")
         self.net, self.n_samples, self.width, self.seed = net, n_samples, width, seed
-        self.get = check_get(get)
+        self.get = normalize_get(get)
         self.implementation = implementation
 
     def _axes(self, out: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -70,18 +70,16 @@ class MonteCarloKernelFn:
         and the kernel computation is vmapped over them, so the per-network cost is a batched computation,
         not a Python loop. The chunk size keeps the work within the memory budget.
         """
-        from ntkit.kernel import as_tensor_input
-
-        names, _ = self.get if get is None else check_get(get)
-        x1 = as_tensor_input(x1, "x1")
-        x2 = None if x2 is None else as_tensor_input(x2, "x2")
+        names, _ = self.get if get is None else normalize_get(get)
+        x1 = as_batch(x1, "x1")
+        x2 = None if x2 is None else as_batch(x2, "x2")
         base = self.model(x1.shape[1:], 0, x1.dtype, x1.device)
         with torch.no_grad():
             out0 = base(x1[:1])
         trace, diag = self._axes(out0)
         impl, spec = None, None
         if "ntk" in names:
-            impl, spec = _ntk_impl(base, x1, x2, self.implementation, trace, diag)
+            impl, spec = ntk_implementation(base, x1, x2, self.implementation, trace, diag)
         n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
         per_model = sum(p.numel() * p.element_size() for p in base.parameters())
         if impl is not None:
@@ -114,7 +112,7 @@ class MonteCarloKernelFn:
         return {n: torch.cat(v) for n, v in out.items()}
 
     def __call__(self, x1: Any, x2: Any = None, get: Union[None, str, Sequence[str]] = None) -> Union[Kernel, Tensor]:
-        names, single = self.get if get is None else check_get(get)
+        names, single = self.get if get is None else normalize_get(get)
         s = self.samples(x1, x2, names)
         means = {n: v.mean(0) for n, v in s.items()}
         if single:
@@ -138,28 +136,11 @@ class MonteCarloKernelFn:
         return cov1, torch.diagonal(v2, 0, 0, 1).movedim(-1, 0).clone()
 
 
-def _ntk_impl(model: nn.Module, x1: Tensor, x2: Optional[Tensor], implementation: str, trace, diag):
-    """The empirical-NTK implementation (and output spec) analysed on the first sampled network."""
-    from ntkit._empirical_core import OutSpec, compute_mode, probe, resolve_params
-    from ntkit._empirical_impl import choose, make_impl
-
-    p = resolve_params(model, None)
-    pr = probe(model, p, x1)
-    spec = OutSpec(pr.out_shape, trace, diag)
-    n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    with compute_mode():
-        if implementation == "auto":
-            return choose(model, p, spec, pr, x1, n2, x2 is None), spec
-        return make_impl(implementation, model, p, spec, pr, x1), spec
-
-
 def _nngp(f1: Tensor, f2: Tensor, diag: tuple[int, ...]) -> Tensor:
     """Channel-averaged output products ``f1·f2 / C`` in the Kernel layout (spatial axes diagonal or paired)."""
     if f1.dim() == 2:
         return f1 @ f2.T / f1.shape[1]
-    from ntkit._empirical_core import OutSpec
-    spec = OutSpec(f1.shape[1:], (1,), diag)
-    return torch.einsum(f"{spec.s1},{spec.s2}->{spec.out}", f1, f2) / spec.trace_size
+    return feature_gram(f1, f2, (1,), diag)
 
 
 def monte_carlo_kernel_fn(net, n_samples: int, width: Optional[int], seed: int = 0,

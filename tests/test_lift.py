@@ -10,7 +10,7 @@ from torch.func import functional_call, jacrev
 
 import ntkit as nt
 from ntkit.lift import LiftError, lift
-from conftest import rel_err
+from helpers import rel_err
 
 
 def _x(n, d, seed=0):

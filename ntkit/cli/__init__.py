@@ -20,7 +20,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ntkit.cli.archs import ARCH_HELP
+from ntkit import datasets
+from ntkit._inputs import parse_dtype
+from ntkit.cli.archs import ARCH_HELP, ArchError, resolve_arch
+from ntkit.tiling import kernel_matrix
 
 try:  # typer >= 0.2x vendors click; older releases depend on it
     from typer._click.exceptions import ClickException
@@ -136,11 +139,6 @@ def kernel(store: Path = typer.Argument(..., help="Store directory (created, or 
            device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
            progress: bool = typer.Option(True, "--progress/--no-progress")):
     """Compute a kernel matrix into a resumable tiled store; re-run the same command to resume."""
-    from ntkit import datasets
-    from ntkit.cli.archs import ArchError, resolve_arch
-    from ntkit.sklearn import _dtype
-    from ntkit.tiling import kernel_matrix
-
     names = {"ntk": ("ntk",), "nngp": ("nngp",), "both": ("nngp", "ntk")}.get(get)
     if names is None or split not in ("train", "test") or against not in ("self", "train"):
         raise typer.BadParameter("--get ntk|nngp|both, --split train|test, --against self|train.")
@@ -156,7 +154,7 @@ def kernel(store: Path = typer.Argument(..., help="Store directory (created, or 
     if a.images:
         x = x.reshape(len(x), *ds.image_shape)
         xc = None if xc is None else xc.reshape(len(xc), *ds.image_shape)
-    dt = _dtype(dtype)
+    dt = parse_dtype(dtype)
     x = x.to(device, dt)
     xc = None if xc is None else xc.to(device, dt)
     t0 = time.perf_counter()

@@ -20,6 +20,8 @@ import runpy
 from dataclasses import dataclass
 from pathlib import Path
 
+from ntkit import architectures as A
+from ntkit.architectures import fc_net
 from ntkit.nets import Net
 
 __all__ = ["Arch", "ArchError", "resolve_arch", "ARCH_HELP"]
@@ -63,14 +65,10 @@ def resolve_arch(name: str, n_outputs: int) -> Arch:
         return _from_file(Path(name).expanduser(), n_outputs)
     m = re.fullmatch(r"fc(\d+)", key)
     if m:
-        from ntkit.sklearn import fc_net
-
         depth = int(m.group(1))
         if depth > 100:
             raise ArchError(f"fc{depth}: depth above 100 is not supported (the kernel degenerates).")
         return Arch(key, fc_net(depth, out_features=n_outputs), False)
-    from ntkit import architectures as A
-
     m = re.fullmatch(r"myrtle(\d+)", key)
     if m and int(m.group(1)) in A.MYRTLE_DEPTHS:
         return Arch(key, A.myrtle(int(m.group(1)), out_features=n_outputs), True)

@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from ntkit import datasets
+from ntkit import datasets, plots
 from ntkit.cli.archs import ArchError, resolve_arch
+from ntkit.integrations.estimators import compute_kernels
 from ntkit.predict import gp_inference, gradient_descent_mse, max_learning_rate
 
 __all__ = ["FitOptions", "run_fit", "split_dataset", "machine_info"]
@@ -136,8 +137,6 @@ def _prepare(opts: FitOptions, log):
 
 def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
     """Run the whole job; returns ``{"rows": [...], "details": {...}}`` and writes the report folder."""
-    from ntkit.sklearn import compute_kernels
-
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -203,8 +202,6 @@ def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
     details["rows"] = rows
 
     if opts.figures:
-        from ntkit import plots
-
         tick = step.start("figures", 4)
         title = f"{ds.name}, {arch.name}"
         figures["spectrum"] = plots.plot_spectrum(spectra, out / "spectrum.png", f"Kernel spectrum ({title})")

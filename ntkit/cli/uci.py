@@ -24,6 +24,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ntkit.architectures import fc_net
+from ntkit.datasets import KEEL_NAMES, load_keel
+
 __all__ = ["run_dataset", "run_benchmark", "summarize", "format_markdown", "CLASSIFIERS"]
 
 CLASSIFIERS = ("ntk-svm", "random-forest", "rbf-svm")
@@ -51,7 +54,6 @@ def _ntk_svm(xtr, ytr, xte, inner, seed) -> tuple[np.ndarray, dict[str, Any]]:
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
 
-    from ntkit.sklearn import fc_net
 
     x_all = torch.from_numpy(np.concatenate([xtr, xte]))
     n = len(xtr)
@@ -95,7 +97,6 @@ def run_dataset(name: str, max_n: int = 1000, folds: int = 4, inner_folds: int =
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
-    from ntkit.datasets import load_keel
 
     if threads:
         torch.set_num_threads(threads)
@@ -153,7 +154,6 @@ def run_benchmark(names: Optional[Sequence[str]] = None, max_n: int = 1000, fold
     """Run :func:`run_dataset` on every set (``jobs`` processes, results as they finish) and summarise."""
     from joblib import Parallel, delayed
 
-    from ntkit.datasets import KEEL_NAMES, load_keel
 
     names = list(KEEL_NAMES if names is None else names)
     for n in names:

@@ -33,11 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ntkit.layers.base import Layer, LayerError, single, single_shape
+from ntkit.kernel import Kernel
+from ntkit.layers.base import (
+    Layer,
+    LayerError,
+    LiftOptions,
+    LinearUse,
+    gaussian,
+    lift_rule,
+    single,
+    single_shape,
+    unsupported,
+)
 from ntkit.layers.dense import check_parameterization, check_std
 
-__all__ = ["Conv", "ConvModule", "AxisWindow", "plan_windows", "window_sum", "pad_spatial",
-           "PADDINGS"]
+__all__ = ["Conv", "ConvModule", "AxisWindow", "plan_windows", "window_sum", "pad_spatial", "patches",
+           "conv_cotangents", "PADDINGS"]
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 
@@ -322,6 +333,28 @@ def pad_spatial(x: Tensor, wins: Sequence[AxisWindow]) -> Tensor:
     return x
 
 
+def patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+            groups: int) -> Tensor:
+    """Patches of an already padded input ``x (n, Cin, *S)``: ``(n, L, groups, Cin/groups · prod(kernel))``,
+    ordered as a convolution weight ``(Cout, Cin/groups, *kernel)`` is (``L`` output pixels)."""
+    d = len(kernel_size)
+    for ax in range(d):
+        k, st, dil = kernel_size[ax], stride[ax], dilation[ax]
+        x = x.unfold(2 + ax, (k - 1) * dil + 1, st)
+        if dil > 1:
+            x = x[..., ::dil]
+    # (n, Cin, *Lout, *k) -> (n, *Lout, Cin, *k)
+    n, cin = x.shape[:2]
+    x = x.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    return x.reshape(n, -1, groups, (cin // groups) * math.prod(kernel_size))
+
+
+def conv_cotangents(G: Tensor, n: int, M: int, d: int, groups: int, cout: int) -> Tensor:
+    """Output cotangents ``(n, M, ..., Cout, *Lout)`` of a ``d``-D convolution as ``(n, M, L, groups, Cout/groups)``."""
+    g = G.reshape((n, M) + tuple(G.shape[-(d + 1):]))  # (n, M, Cout, *Lout)
+    return g.movedim(2, -1).reshape(n, M, -1, groups, cout // groups)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Conv
 # ---------------------------------------------------------------------------------------------------
@@ -341,8 +374,8 @@ class ConvModule(nn.Module):
         self.stride = tuple(w.stride for w in wins)
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
         fan_in = in_channels * math.prod(ks)
-        w = torch.randn((out_channels, in_channels) + ks, generator=generator)
-        b = None if b_std is None else torch.randn(out_channels, generator=generator)
+        w = gaussian((out_channels, in_channels) + ks, generator)
+        b = None if b_std is None else gaussian((out_channels,), generator)
         self.scale = W_std / math.sqrt(fan_in)
         if parameterization == "standard":
             w = w * self.scale
@@ -359,6 +392,24 @@ class ConvModule(nn.Module):
                 y = y + (self.b_std * self.bias).reshape((-1,) + (1,) * len(self.wins))
             return y
         return conv(x, self.weight, self.bias, self.stride)
+
+    def structured_uses(self, x: Tensor, G: Tensor, names: set[str]) -> dict:
+        """Structured-derivative hook (:mod:`ntkit.empirical`): given this module's input ``x``
+        ``(n, 1, C, *S)`` and output cotangents ``G`` ``(n, M, 1, Cout, *S')``, the weight is used on every
+        padded input patch (positions ``t`` = output pixels), scaled by ``W_std/sqrt(C·|F|)`` under the NTK
+        parameterisation; the bias cotangents are summed over pixels (times ``b_std``)."""
+        n, M = G.shape[:2]
+        d = len(self.kernel_size)
+        ntk = self.parameterization == "ntk"
+        Gt = conv_cotangents(G, n, M, d, 1, self.out_channels)
+        out: dict = {}
+        if "weight" in names:
+            xp = pad_spatial(x.reshape((n,) + tuple(x.shape[-(d + 1):])), self.wins)
+            X = patches(xp, self.kernel_size, self.stride, (1,) * d, 1)
+            out["weight"] = LinearUse(X * self.scale if ntk else X, Gt)
+        if "bias" in names:
+            out["bias"] = Gt.sum(2).reshape(n, M, self.out_channels) * (self.b_std if ntk else 1.0)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -440,8 +491,8 @@ class Conv(Layer):
         self._check_channels(k.width)
         full = not k.diagonal_spatial
         f_size = math.prod(w.size for w in wins)
-        w2 = self.W_std ** 2
-        b2 = 0.0 if self.b_std is None else self.b_std ** 2
+        w2 = self.W_std**2
+        b2 = 0.0 if self.b_std is None else self.b_std**2
         # strided axes first: they shrink the tensor for the passes after them
         order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
 
@@ -456,6 +507,18 @@ class Conv(Layer):
                                base if i == len(order) - 1 else None)
             return x
 
+        if isinstance(w2, Tensor) or isinstance(b2, Tensor):
+            nngp, ntk, cov1, cov2 = self._tensor_rule(k, T, w2, b2, f_size)
+        else:
+            nngp, ntk, cov1, cov2 = self._rule(k, T, w2, b2, f_size)
+        spatial = tuple(w.n_out for w in wins)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
+                         shape1=(k.shape1[0], self.out_channels) + spatial,
+                         shape2=(k.shape2[0], self.out_channels) + spatial,
+                         is_gaussian=True, is_input=False)
+
+    def _rule(self, k: Kernel, T, w2: float, b2: float, f_size: int):
+        """The rule with float hyper-parameters: scale factors and ``+ nngp'`` folded into the window passes."""
         def affine(x: Optional[Tensor], batch_ndim: int) -> Optional[Tensor]:
             x = T(x, batch_ndim, w2 / f_size)
             return x.add_(b2) if (x is not None and b2) else x
@@ -477,11 +540,28 @@ class Conv(Layer):
                 ntk = mean.mul_(fan_in) if k.is_input else T(k.ntk, 2, w2 / f_size).add_(mean, alpha=fan_in)
                 if self.b_std is not None:
                     ntk.add_(1.0)
-        spatial = tuple(w.n_out for w in wins)
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
-                         shape1=(k.shape1[0], self.out_channels) + spatial,
-                         shape2=(k.shape2[0], self.out_channels) + spatial,
-                         is_gaussian=True, is_input=False)
+        return nngp, ntk, cov1, cov2
+
+    def _tensor_rule(self, k: Kernel, T, w2, b2, f_size: int):
+        """The same rule with tensor hyper-parameters (:meth:`with_tunables`): out-of-place, differentiable."""
+        def affine(x: Optional[Tensor], batch_ndim: int) -> Optional[Tensor]:
+            return None if x is None else T(x, batch_ndim, 1.0 / f_size) * w2 + b2
+
+        cov1, cov2 = affine(k.cov1, 1), affine(k.cov2, 1)
+        ntk = None
+        if self.parameterization == "ntk":
+            nngp = affine(k.nngp, 2)
+            if k.ntk is not None:
+                ntk = nngp.clone() if k.is_input else nngp + w2 * T(k.ntk, 2, 1.0 / f_size)
+        else:
+            mean = T(k.nngp, 2, 1.0 / f_size)
+            nngp = mean * w2 + b2
+            if k.ntk is not None:
+                fan_in = float(k.width * f_size)
+                ntk = mean * fan_in if k.is_input else w2 * T(k.ntk, 2, 1.0 / f_size) + mean * fan_in
+                if self.b_std is not None:
+                    ntk = ntk + 1.0
+        return nngp, ntk, cov1, cov2
 
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)
@@ -498,3 +578,27 @@ class Conv(Layer):
         return (f"Conv({self.out_channels}, {self.kernel_size if not self._int_kernel else self.kernel_size[0]}, "
                 f"strides={self.strides}, padding={self.padding!r}, W_std={self.W_std}, b_std={self.b_std}, "
                 f"parameterization={self.parameterization!r}{mode}{extra})")
+
+    def tunables(self) -> dict:
+        return {"W_std": self.W_std} if self.b_std is None else {"W_std": self.W_std, "b_std": self.b_std}
+
+
+@lift_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _lift_conv(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.Conv{1,2,3}d`` -> ``Conv`` (standard parameterisation; fan-in = in_channels × Π kernel_size)."""
+    assert isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if m.groups != 1 or any(d != 1 for d in m.dilation):
+        raise unsupported(m, "grouped or dilated convolutions have no kernel rule in ntkit; use groups=1, dilation=1.")
+    if m.padding_mode not in ("zeros", "circular"):
+        raise unsupported(m, f"padding_mode={m.padding_mode!r} is not supported; use 'zeros' or 'circular'.")
+    padding: PaddingArg
+    if isinstance(m.padding, str):
+        padding = m.padding.upper()  # torch's 'same'/'valid' are lax's SAME/VALID (extra pixel at the end)
+        if m.padding_mode == "circular" and padding == "SAME":
+            padding = "CIRCULAR"
+    else:
+        padding = tuple(int(p) for p in m.padding)
+    fan_in = m.in_channels * math.prod(m.kernel_size)
+    return Conv(m.out_channels, tuple(m.kernel_size), strides=tuple(m.stride), padding=padding,
+                W_std=opts.weight_std(m.weight, fan_in), b_std=opts.bias_std(m.bias, fan_in),
+                parameterization=opts.parameterization, padding_mode=m.padding_mode, in_channels=m.in_channels)

@@ -16,14 +16,26 @@ channel dimension would be.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ntkit.kernel import Kernel, map_kernels
-from ntkit.layers.base import Layer, single, single_shape
+from ntkit.layers.base import (
+    Features,
+    FeatureSpec,
+    Layer,
+    LayerError,
+    LiftOptions,
+    LinearUse,
+    gaussian,
+    lift_rule,
+    single,
+    single_shape,
+)
 
 __all__ = ["Dense", "Identity", "DenseModule", "PARAMETERIZATIONS"]
 
@@ -88,15 +100,15 @@ class DenseModule(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
-        w = torch.randn(out_features, in_features, generator=generator)
-        b = None if b_std is None else torch.randn(out_features, generator=generator)
+        w = gaussian((out_features, in_features), generator)
+        b = None if b_std is None else gaussian((out_features,), generator)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(in_features))
             b = None if b is None else b * b_std
         self.weight = nn.Parameter(w)
         self.bias = None if b is None else nn.Parameter(b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         xc = x.movedim(1, -1) if x.dim() > 2 else x
         if self.parameterization == "ntk":
             y = (xc @ self.weight.T) * (self.W_std / math.sqrt(self.in_features))
@@ -107,6 +119,25 @@ class DenseModule(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.movedim(-1, 1) if x.dim() > 2 else y
+
+    def structured_uses(self, x: Tensor, G: Tensor, names: set[str]) -> dict[str, Any]:
+        """Structured-derivative hook (:mod:`ntkit.empirical`): the uses of ``weight`` and ``bias`` given this
+        module's input ``x`` ``(n, 1, in_features, *spatial)`` and output cotangents ``G``
+        ``(n, M, 1, out_features, *spatial)``. Every pixel is a position ``t``; under the NTK parameterisation
+        the inputs carry the factor ``W_std/sqrt(in_features)`` and the bias cotangents ``b_std``."""
+        n, M = G.shape[:2]
+        fin, fout = self.in_features, self.out_features
+        ntk = self.parameterization == "ntk"
+        g = G[:, :, 0]
+        Gt = (g.movedim(2, -1) if g.dim() > 3 else g).reshape(n, M, -1, 1, fout)
+        out: dict[str, Any] = {}
+        if "weight" in names:
+            xi = x[:, 0]
+            X = (xi.movedim(1, -1) if xi.dim() > 2 else xi).reshape(n, -1, 1, fin)
+            out["weight"] = LinearUse(X * (self.W_std / math.sqrt(fin)) if ntk else X, Gt)
+        if "bias" in names:
+            out["bias"] = Gt.sum(2).reshape(n, M, fout) * (self.b_std if ntk else 1.0)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, W_std={self.W_std}, b_std={self.b_std}, "
@@ -143,6 +174,32 @@ class Dense(Layer):
         mod = DenseModule(s[0], out, self.W_std, self.b_std, self.parameterization, generator)
         return mod, (out,) + tuple(s[1:])
 
+    def tunables(self) -> dict[str, Any]:
+        return {"W_std": self.W_std} if self.b_std is None else {"W_std": self.W_std, "b_std": self.b_std}
+
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator):
+        """``g = [W_std·f, b_std]`` (``g·g' = W_std² K + b_std²``) and for the NTK ``θ ← [W_std·θ, g]``
+        (``Θ' = K' + W_std² Θ``); see :mod:`ntkit.random_features`."""
+        if spec.get == "ntk" and self.parameterization != "ntk":
+            raise LayerError("NTK random features need Dense(..., parameterization='ntk').")
+        W, b = self.W_std, self.b_std
+        dim_g = spec.dim + (0 if b is None else 1)
+        ntk = spec.get == "ntk"
+
+        def fmap(feats: Features) -> Features:
+            f = feats.f
+            parts = [W * f]
+            if b is not None:
+                parts.append(torch.full((f.shape[0], 1), b, dtype=f.dtype, device=f.device))
+            g = torch.cat(parts, 1)
+            theta = None
+            if ntk:
+                theta = g if feats.theta is None else torch.cat([W * feats.theta, g], 1)
+            return Features(g, theta)
+
+        ntk_dim = (spec.ntk_dim + dim_g if spec.ntk_dim else dim_g) if ntk else 0
+        return fmap, dataclasses.replace(spec, dim=dim_g, ntk_dim=ntk_dim, gaussian=True)
+
 
 class Identity(Layer):
     """The identity: kernel and function unchanged."""
@@ -152,3 +209,24 @@ class Identity(Layer):
 
     def build(self, in_shape, width, generator, readout):
         return nn.Identity(), in_shape
+
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator):
+        return (lambda feats: feats), spec
+
+
+@lift_rule(nn.Linear)
+def _lift_linear(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.Linear`` -> ``Dense`` (standard parameterisation; fan-in = in_features)."""
+    assert isinstance(m, nn.Linear)
+    fan_in = m.in_features
+    return Dense(
+        m.out_features,
+        W_std=opts.weight_std(m.weight, fan_in),
+        b_std=opts.bias_std(m.bias, fan_in),
+        parameterization=opts.parameterization,
+    )
+
+
+@lift_rule(nn.Identity)
+def _lift_identity(m: nn.Module, opts: LiftOptions) -> Layer:
+    return Identity()

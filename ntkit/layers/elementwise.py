@@ -44,15 +44,25 @@ inputs into errors of order ``√eps``); a zero variance gives ``ρ = 0`` instea
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Lambda, Layer, LayerError, single
+from ntkit.layers.base import (
+    Features,
+    FeatureSpec,
+    Lambda,
+    Layer,
+    LayerError,
+    LiftOptions,
+    lift_rule,
+    single,
+)
 
 __all__ = [
     "ElementwiseLayer", "Elementwise", "ABRelu", "Relu", "LeakyRelu", "Abs", "Sign", "Erf", "Sigmoid_like",
@@ -118,14 +128,22 @@ def _horner(coefs, x: Tensor) -> Tensor:
 
 
 class ElementwiseLayer(Layer):
-    """Base class for nonlinearities. Subclasses define ``fn`` and ``nngp_fn``; ``d_nngp_fn`` and
-    ``var_fn`` have generic defaults. ``rule`` may be overridden to share work between K' and K̇."""
+    """Base class for nonlinearities. Subclasses define ``fn`` and ``nngp_fn``; ``d_nngp_fn``, ``var_fn`` and
+    :meth:`derivative` have generic defaults. ``rule`` may be overridden to share work between K' and K̇
+    (:class:`RuleLayer` subclasses write ``rule`` alone)."""
 
-    def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def fn(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define fn(x), its elementwise function.")
 
-    def nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define nngp_fn(q12, q11, q22) = E[φ(u)φ(v)].")
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """``φ'(x)`` elementwise, by autograd (``d/dx Σ φ(x)`` is ``φ'(x)``); closed forms override it."""
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.fn(xx).sum(), xx)
+        return g
 
     def d_nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:
         """∂ nngp_fn / ∂ q12, by automatic differentiation (Price's theorem)."""
@@ -170,10 +188,41 @@ class ElementwiseLayer(Layer):
     def build(self, in_shape, width, generator, readout):
         return Lambda(self.fn, repr(self)), in_shape
 
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator):
+        """``f = φ(G g)/√m`` with ``G`` an ``m x dim`` standard Gaussian matrix (``E[f·f'] = E[φ(u)φ(v)]``),
+        and for the NTK the Gaussian tensor sketch ``θ' = (A θ) ∘ (B ḟ)/√m`` of ``Θ·K̇`` with
+        ``ḟ = φ'(G g)/√m`` (Zandieh et al. 2021); see :mod:`ntkit.random_features`."""
+        if not spec.gaussian:
+            raise LayerError(f"{type(self).__name__} needs Gaussian pre-activations; put a Dense layer before it.")
+        m, ntk = spec.num_features, spec.get == "ntk"
+        def draw(*shape: int) -> Tensor:
+            return torch.randn(shape, generator=generator, dtype=spec.dtype)
+
+        gm = draw(m, spec.dim)
+        sketch = (draw(m, spec.ntk_dim), draw(m, m)) if ntk else None
+        root = math.sqrt(m)
+
+        def fmap(feats: Features) -> Features:
+            u = feats.f @ gm.T
+            f = self.fn(u) / root
+            theta = None
+            if sketch is not None:
+                a, b = sketch
+                assert feats.theta is not None
+                theta = (feats.theta @ a.T) * ((self.derivative(u) / root) @ b.T) / root
+            return Features(f, theta)
+
+        return fmap, dataclasses.replace(spec, dim=m, ntk_dim=m if ntk else spec.ntk_dim, gaussian=False)
+
 
 class RuleLayer(ElementwiseLayer):
     """An :class:`ElementwiseLayer` whose subclasses write one ``rule(q12, q11, q22, need_dot) ->
     (K', K̇ or None)`` that shares work between the two; ``nngp_fn``/``d_nngp_fn`` are read off it."""
+
+    def rule(self, q12: Tensor, q11: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError(
+            f"{type(self).__name__} is a RuleLayer and must define rule(q12, q11, q22, need_dot) -> (K', K̇)."
+        )
 
     def nngp_fn(self, q12, q11, q22):
         return self.rule(q12, q11, q22, False)[0]
@@ -202,6 +251,9 @@ class ABRelu(RuleLayer):
 
     def fn(self, x):
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
+
+    def derivative(self, x):
+        return torch.where(x > 0, torch.as_tensor(self.b, dtype=x.dtype), torch.as_tensor(self.a, dtype=x.dtype))
 
     def rule(self, q12, q11, q22, need_dot):
         a, b = self.a, self.b
@@ -388,18 +440,6 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], q12: Tensor, q11: T
     return out.reshape(shape)
 
 
-def _derivative(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Elementwise derivative of an elementwise ``f`` by autograd (``d/dx Σ f(x)`` is ``f'(x)``)."""
-
-    def df(x: Tensor) -> Tensor:
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(f(xx).sum(), xx)
-        return g
-
-    return df
-
-
 class Elementwise(ElementwiseLayer):
     """Any elementwise torch function ``fn``.
 
@@ -419,7 +459,6 @@ class Elementwise(ElementwiseLayer):
             raise ValueError(f"deg={deg!r}: the quadrature needs an int >= 2 nodes per axis.")
         self._fn, self._nngp, self._d_nngp, self.deg = fn, nngp_fn, d_nngp_fn, deg
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        self._dfn = _derivative(fn)
 
     def fn(self, x):
         return self._fn(x)
@@ -434,7 +473,7 @@ class Elementwise(ElementwiseLayer):
             return self._d_nngp(q12, q11, q22)
         if self._nngp is not None:
             return super().d_nngp_fn(q12, q11, q22)
-        return gauss_hermite_expectation(self._dfn, q12, q11, q22, self.deg)
+        return gauss_hermite_expectation(self.derivative, q12, q11, q22, self.deg)
 
     def var_fn(self, q):
         if self._nngp is not None:
@@ -444,3 +483,32 @@ class Elementwise(ElementwiseLayer):
 
     def __repr__(self):
         return f"Elementwise({self.name}, deg={self.deg})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# lift: torch activation modules
+# ---------------------------------------------------------------------------------------------------
+@lift_rule(nn.ReLU)
+def _lift_relu(m: nn.Module, opts: LiftOptions) -> Layer:
+    return Relu()
+
+
+@lift_rule(nn.LeakyReLU)
+def _lift_leaky_relu(m: nn.Module, opts: LiftOptions) -> Layer:
+    assert isinstance(m, nn.LeakyReLU)
+    return LeakyRelu(m.negative_slope)
+
+
+@lift_rule(nn.Tanh)
+def _lift_tanh(m: nn.Module, opts: LiftOptions) -> Layer:
+    return Elementwise(torch.tanh, name="tanh", deg=opts.deg)
+
+
+@lift_rule(nn.Sigmoid)
+def _lift_sigmoid(m: nn.Module, opts: LiftOptions) -> Layer:
+    return Elementwise(torch.sigmoid, name="sigmoid", deg=opts.deg)
+
+
+@lift_rule(nn.SiLU)
+def _lift_silu(m: nn.Module, opts: LiftOptions) -> Layer:
+    return Elementwise(nn.functional.silu, name="silu", deg=opts.deg)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ntkit.layers.base import LayerError
+from ntkit.layers.base import Layer, LayerError, LiftOptions, lift_rule
 from ntkit.layers.elementwise import RuleLayer, _safe_rho
 
 __all__ = ["Gelu", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "ExpNormalized"]
@@ -255,3 +255,9 @@ class ExpNormalized(RuleLayer):
 
     def var_fn(self, q):
         return q * math.exp(self.gamma * (1 + self.shift))
+
+
+@lift_rule(nn.GELU)
+def _lift_gelu(m: nn.Module, opts: LiftOptions) -> Layer:
+    assert isinstance(m, nn.GELU)
+    return Gelu(approximate=(m.approximate == "tanh"))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Lambda, Layer, LayerError, single, single_shape
+from ntkit.layers.base import Lambda, Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
 from ntkit.layers.conv import (AxisWindow, IntOrTuple, PaddingArg, _as_tuple, check_padding, pad_spatial,
                                plan_windows, spatial_axes, window_sum)
 
@@ -223,3 +223,40 @@ class Flatten(Layer):
 
     def __repr__(self):
         return "Flatten()"
+
+
+# ---------------------------------------------------------------------------------------------------
+# lift: torch pooling modules
+# ---------------------------------------------------------------------------------------------------
+@lift_rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+def _lift_avg_pool(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.AvgPool{1,2,3}d`` -> ``AvgPool`` (torch's default stride is the window, as ``m.stride`` holds)."""
+    rank = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
+
+    def tup(v) -> tuple:
+        return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * rank
+
+    if getattr(m, "ceil_mode", False) or getattr(m, "divisor_override", None) is not None:
+        raise unsupported(m, "ceil_mode=True and divisor_override have no kernel rule; use the defaults.")
+    pad = tup(getattr(m, "padding"))
+    return AvgPool(tup(getattr(m, "kernel_size")), strides=tup(getattr(m, "stride") or getattr(m, "kernel_size")),
+                   padding=pad if any(pad) else "VALID",
+                   normalize_edges=not getattr(m, "count_include_pad") and any(pad))
+
+
+@lift_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+def _lift_adaptive_avg_pool(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.AdaptiveAvgPool{1,2,3}d(1)`` -> ``GlobalAvgPool`` (other output sizes are not supported)."""
+    out = getattr(m, "output_size")
+    size = out if isinstance(out, (tuple, list)) else (out,)
+    if any(s != 1 for s in size):
+        raise unsupported(m, "only output_size=1 (global average pooling) is supported.")
+    return GlobalAvgPool()
+
+
+@lift_rule(nn.Flatten)
+def _lift_flatten(m: nn.Module, opts: LiftOptions) -> Layer:
+    assert isinstance(m, nn.Flatten)
+    if m.start_dim != 1 or m.end_dim != -1:
+        raise unsupported(m, "only nn.Flatten(start_dim=1, end_dim=-1) is supported.")
+    return Flatten()

@@ -1,85 +1,28 @@
 """Tile plans, memory budgets and the identity of a kernel job.
 
-A kernel matrix ``K(X1, X2)`` of ``n1 x n2`` entries is cut into tiles of ``tile_size x tile_size`` samples;
-the last row/column of tiles is ragged when ``tile_size`` does not divide ``n`` (no divisibility constraint).
-With ``x2=None`` the matrix is symmetric and only tiles on or above the block diagonal are computed.
+A kernel matrix ``K(X1, X2)`` of ``n1 x n2`` entries is cut into tiles of ``tile_size x tile_size`` samples
+(:class:`~ntkit._tiles.TilePlan`, re-exported here); with ``x2=None`` only tiles on or above the block diagonal
+are computed. Tile sizes come from the one planner, :func:`ntkit._memory.plan_tile`.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ntkit.memory import WORK_FACTOR, default_budget, format_bytes
+from ntkit._memory import WORK_FACTOR, memory_budget, plan_tile
+from ntkit._tiles import Tile, TilePlan
+from ntkit.layers.base import Layer
 
 __all__ = ["Tile", "TilePlan", "choose_tile_size", "entries_per_pair", "describe_kernel_fn", "input_digest",
            "compute_tile", "extract_kernels"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    """Block ``(bi, bj)`` of the tile grid: rows ``r0:r1`` of x1, columns ``c0:c1`` of x2."""
-
-    bi: int
-    bj: int
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.bi}_{self.bj}"
-
-    @property
-    def diagonal(self) -> bool:
-        return self.bi == self.bj
-
-
-@dataclasses.dataclass(frozen=True)
-class TilePlan:
-    """All tiles of an ``n1 x n2`` matrix; ``symmetric`` keeps the upper block triangle only."""
-
-    n1: int
-    n2: int
-    tile_size: int
-    symmetric: bool
-
-    def __post_init__(self):
-        if self.tile_size < 1:
-            raise ValueError(f"tile_size={self.tile_size} must be a positive number of samples.")
-        if self.symmetric and self.n1 != self.n2:
-            raise ValueError("a symmetric plan needs n1 == n2.")
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return math.ceil(self.n1 / self.tile_size), math.ceil(self.n2 / self.tile_size)
-
-    def bounds(self, b: int, n: int) -> tuple[int, int]:
-        return b * self.tile_size, min((b + 1) * self.tile_size, n)
-
-    def tile(self, bi: int, bj: int) -> Tile:
-        r0, r1 = self.bounds(bi, self.n1)
-        c0, c1 = self.bounds(bj, self.n2)
-        return Tile(bi, bj, r0, r1, c0, c1)
-
-    def __iter__(self) -> Iterator[Tile]:
-        g1, g2 = self.grid
-        for bi in range(g1):
-            for bj in range(bi if self.symmetric else 0, g2):
-                yield self.tile(bi, bj)
-
-    def __len__(self) -> int:
-        g1, g2 = self.grid
-        return g1 * (g1 + 1) // 2 if self.symmetric else g1 * g2
-
-
 # ---------------------------------------------------------------------------------------------------
-# memory (the estimates of ntkit.memory, shared with Net.kernel_fn's own tiling)
+# memory (the estimates of ntkit._memory, shared with Net.kernel_fn's own tiling)
 # ---------------------------------------------------------------------------------------------------
 def entries_per_pair(kernel_fn: Callable, x: Tensor) -> int:
     """Covariance entries one (x1, x2) pair carries inside the kernel: 1 for FC inputs, one per pixel
@@ -93,19 +36,15 @@ def entries_per_pair(kernel_fn: Callable, x: Tensor) -> int:
 
 
 def choose_tile_size(kernel_fn: Callable, x: Tensor, n1: int, n2: int, n_get: int,
-                     memory_budget: Optional[int] = None, device: Optional[torch.device] = None,
+                     budget: Optional[int] = None, device: Optional[torch.device] = None,
                      cap: int = 4096) -> int:
     """Largest square tile whose working set ``t² · entries · itemsize · WORK_FACTOR · n_get`` fits the
-    budget (default: ``ntkit.memory.default_budget``), at most ``cap`` and ``max(n1, n2)``. Large tiles
+    budget (default: :func:`ntkit._memory.memory_budget`), at most ``cap`` and ``max(n1, n2)``. Large tiles
     suit stores (fewer chunk files); an ntkit net still runs each tile in cache-sized pieces itself."""
-    budget = default_budget(device or x.device) if memory_budget is None else int(memory_budget)
+    budget = memory_budget(device or x.device, budget)
     item = max(torch.empty((), dtype=x.dtype).element_size(), 4)
     per_pair = entries_per_pair(kernel_fn, x) * item * WORK_FACTOR * max(1, n_get)
-    if per_pair > budget:
-        raise MemoryError(
-            f"one pair of inputs needs about {format_bytes(per_pair)} of working memory, more than the budget "
-            f"of {format_bytes(budget)}; raise memory_budget or use smaller inputs.")
-    return max(1, min(int(math.isqrt(budget // per_pair)), cap, max(n1, n2)))
+    return plan_tile(n1, n2, pair_bytes=per_pair, budget=budget, cap=cap)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,12 +56,10 @@ def describe_kernel_fn(kernel_fn: Callable, description: Optional[str] = None) -
     qualified name (for closures and lambdas, pass ``description=`` naming their hyperparameters)."""
     if description is not None:
         return str(description)
-    from ntkit.nets import Net
-
     owner = getattr(kernel_fn, "__self__", None)
-    if isinstance(kernel_fn, Net):
+    if isinstance(kernel_fn, Layer):
         return f"ntkit:{kernel_fn!r}"
-    if isinstance(owner, Net):
+    if isinstance(owner, Layer):
         return f"ntkit:{owner!r}"
     mod = getattr(kernel_fn, "__module__", None) or type(kernel_fn).__module__
     name = getattr(kernel_fn, "__qualname__", None) or type(kernel_fn).__qualname__

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkit.tiling.operator import TiledOperator
-from ntkit.tiling.plan import Tile, TilePlan
+from ntkit._tiles import Tile, TilePlan
+from ntkit.linalg.operators import TiledOperator
 
 __all__ = ["KernelStore", "StoredMatrix", "StoreMismatchError", "CorruptTileError", "FORMAT"]
 

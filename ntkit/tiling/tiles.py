@@ -8,7 +8,6 @@ exclusive-create file before it is computed, so no tile is computed twice within
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
@@ -16,12 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 
-from ntkit.kernel import as_tensor_input, check_get
-from ntkit.tiling.distributed import DistContext, all_reduce_, barrier, broadcast_object, context
-from ntkit.memory import available_bytes, format_bytes
-from ntkit.tiling.plan import Tile, TilePlan, choose_tile_size, compute_tile, describe_kernel_fn, input_digest
+from ntkit._inputs import as_batch, check_pair
+from ntkit._tiles import Assembler, Tile, TilePlan
+from ntkit.distributed import DistContext, all_reduce_, barrier, broadcast_object, context
+from ntkit.kernel import normalize_get
+from ntkit.tiling.plan import choose_tile_size, compute_tile, describe_kernel_fn, input_digest
 from ntkit.tiling.store import FORMAT, KernelStore
 
 __all__ = ["kernel_matrix"]
@@ -59,12 +58,11 @@ def kernel_matrix(kernel_fn: Callable, x1: Any, x2: Any = None, get: Union[str, 
       without ``store``: a tensor for a single ``get``, else a dict ``{name: tensor}``, on ``x1``'s device;
       with ``store``: the complete :class:`KernelStore` (``.to_tensor()``, ``.matrix()`` for solvers).
     """
-    names, single = check_get(get)
-    x1 = as_tensor_input(x1, "x1")
+    names, single = normalize_get(get)
+    x1 = as_batch(x1, "x1")
     if x2 is not None:
-        x2 = as_tensor_input(x2, "x2")
-        if x2.shape[1:] != x1.shape[1:]:
-            raise ValueError(f"x1 has per-sample shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}.")
+        x2 = as_batch(x2, "x2")
+        check_pair(x1, x2)
     if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
         raise ValueError(f"tile_size={tile_size!r} must be a positive int (any value: no divisibility needed).")
     ctx = context(device)
@@ -110,35 +108,20 @@ def _probe(kernel_fn, x1, x2, names, device) -> tuple[tuple[int, ...], torch.dty
 
 def _in_memory(kernel_fn, x1, x2, names, plan: TilePlan, ctx: DistContext, dtype, show, on_tile):
     trailing, kdtype = _probe(kernel_fn, x1, x2, names, ctx.device)
-    dtype = dtype or kdtype
-    item = torch.empty((), dtype=dtype).element_size()
-    need = plan.n1 * plan.n2 * math.prod(trailing) * item * len(names)
-    free = available_bytes(x1.device)
-    if need > 0.8 * free:
-        raise MemoryError(
-            f"the kernel matrix needs {format_bytes(need)} but about {format_bytes(free)} is free; pass "
-            f"store='some/dir' to compute it out of core (solvers read it lazily), or use float32.")
-    outs = {n: torch.zeros((plan.n1, plan.n2) + trailing, dtype=dtype, device=x1.device) for n in names}
+    out = Assembler(plan, names, lambda t: t.transpose(0, 1), device=x1.device, dtype=dtype or kdtype,
+                    zeros=ctx.active, what="the kernel matrix",
+                    fix="pass store='some/dir' to compute it out of core (solvers read it lazily), or use float32.")
+    out.allocate({n: trailing for n in names}, dtype or kdtype, x1.device)
     tiles = [t for i, t in enumerate(plan) if i % ctx.world_size == ctx.rank]
     with _Progress(show, len(plan), 0) as bar:
         for t in tiles:
-            vals = compute_tile(kernel_fn, x1, x2, t, names, ctx.device)
-            for n in names:
-                outs[n][t.r0:t.r1, t.c0:t.c1] = vals[n].to(device=x1.device, dtype=dtype)
+            out.put(t, compute_tile(kernel_fn, x1, x2, t, names, ctx.device))
             if on_tile is not None:
                 on_tile(t)
             bar.advance(ctx.world_size)
     for n in names:
-        all_reduce_(outs[n])  # every entry written by exactly one rank: the sum is exact
-        if plan.symmetric:
-            _mirror(outs[n], plan)
-    return outs
-
-
-def _mirror(k: Tensor, plan: TilePlan) -> None:
-    for t in plan:
-        if not t.diagonal:
-            k[t.c0:t.c1, t.r0:t.r1] = k[t.r0:t.r1, t.c0:t.c1].transpose(0, 1)
+        all_reduce_(out.outputs[n])  # every entry written by exactly one rank: the sum is exact
+    return out.outputs
 
 
 def _manifest(kdesc, x1, x2, names, tile_size, trailing, dtype) -> dict:

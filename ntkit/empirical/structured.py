@@ -1,0 +1,485 @@
+"""Structured derivatives: NTK contributions of parameters that enter a module linearly in a known way.
+
+For a use ``y[t] = W x[t]`` of a weight ``W`` (positions ``t``: tokens, pixels, patches) and output cotangents
+``G[a, t] = ∂f_a/∂y[t]``, the Jacobian is ``∂f_a/∂W = Σ_t G[a, t] ⊗ x[t]``, so (Novak et al. 2022)::
+
+    Θ_W(x1, x2)[a, b] = Σ_{t, s} (x1[t] · x2[s]) (G1[a, t] · G2[b, s])
+
+which needs neither Jacobian when positions are few (``"pairwise"``), and otherwise is contracted from the
+cheaply built ``Σ_t G ⊗ x`` (``"materialised"``); each parameter takes the cheaper by a FLOP estimate.
+Convolutions are this rule on input patches; ``nn.Embedding`` on one-hot inputs (``x1[t]·x2[s]`` is
+``[id1[t] = id2[s]]``); biases and norm-layer affine parameters (``y = x̂ γ + β``) have per-sample
+Jacobians ``Σ_t G ⊙ x̂`` that are built directly.
+
+The cotangents of every structured use come from one ``jacrev`` of ``f`` with respect to zero
+perturbations ``δ`` added to the uses' outputs (``∂f/∂δ = ∂f/∂y``); the structured parameters are constants
+in it. While a kernel is computed, a forward hook on each structured module records what its rule needs from
+the module's input and adds the perturbation to its output; the hooks are removed when the computation ends
+(also on errors), so the user's modules are never modified. A parameter is only treated this way when a probe
+pass shows that no torch function reads it outside its own module's forward; any other use (a weight read by
+a parent module, ``nn.MultiheadAttention``'s projections) makes it an ordinary parameter, differentiated by
+Jacobian contraction. So results are exact for any model.
+
+Rules: torch's own modules (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, norm layers) are listed here; an
+ntkit finite twin brings its own (``structured_uses`` beside its ``forward``, in its layer's file).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ntkit.empirical._model import compute_mode, single_fn
+from ntkit.empirical._spec import OutSpec
+from ntkit.empirical.protocol import EmpiricalError, Implementation
+from ntkit.layers.base import LinearUse
+from ntkit.layers.conv import conv_cotangents, patches
+
+__all__ = ["Structured"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-module rules: record(module, input) -> what uses() needs; uses(module, rec, G, n, M, names)
+# ---------------------------------------------------------------------------------------------------
+class _Outer:
+    """A use ``y[t, g·fout + d] = Σ_c W[g, d, c] X[t, g, c]`` of a weight (groups ``g``), or of an embedding
+    table on token ids (``ids``: ``x1[t]·x2[s]`` is ``[id1[t] = id2[s]]``)."""
+
+    def __init__(self, X: Optional[Tensor], G: Tensor, ids: Optional[Tensor] = None, vocab: int = 0):
+        self.X, self.G, self.ids, self.vocab = X, G, ids, vocab  # X (n,T,g,fin), G (n,M,T,g,fout), ids (n,T)
+
+    def key(self):
+        if self.ids is not None:
+            return ("ids", self.vocab, self.G.shape[-1])
+        assert self.X is not None
+        return ("x", self.X.shape[2], self.X.shape[3], self.G.shape[-1])
+
+    def materialise(self) -> Tensor:
+        """``Σ_t G ⊗ x`` flattened as the parameter: ``(n, M, numel)``."""
+        n, M = self.G.shape[:2]
+        if self.ids is not None:  # weight (V, D): J[v, d] = Σ_t [id_t = v] G[t, d]
+            onehot = F.one_hot(self.ids, self.vocab).to(self.G.dtype)
+            return torch.einsum("itv,iatgd->iavd", onehot, self.G).reshape(n, M, -1)
+        return torch.einsum("itgc,iatgd->iagdc", self.X, self.G).reshape(n, M, -1)
+
+
+def _outer(u: Any) -> Any:
+    """A twin's :class:`~ntkit.layers.base.LinearUse` as an :class:`_Outer`; other uses pass through."""
+    return _Outer(u.X, u.G) if isinstance(u, LinearUse) else u
+
+
+def _input(m, x):
+    return x
+
+
+def _linear_uses(m, rec, G, n, M, names):
+    fin, fout = m.in_features, m.out_features
+    Gt = G.reshape(n, M, -1, 1, fout)
+    out = {"weight": _Outer(rec.reshape(n, -1, 1, fin), Gt)} if "weight" in names else {}
+    if "bias" in names:
+        out["bias"] = Gt.sum(2).reshape(n, M, fout)
+    return out
+
+
+def _conv_uses(m, rec, G, n, M, names):
+    d = len(m.kernel_size)
+    Gt = conv_cotangents(G, n, M, d, m.groups, m.out_channels)
+    out = {}
+    if "weight" in names:
+        x = rec.reshape((n,) + tuple(rec.shape[-(d + 1):]))  # (n, Cin, *S)
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        out["weight"] = _Outer(patches(x, m.kernel_size, m.stride, m.dilation, m.groups), Gt)
+    if "bias" in names:
+        out["bias"] = Gt.sum(2).reshape(n, M, m.out_channels)
+    return out
+
+
+def _emb_uses(m, rec, G, n, M, names):
+    ids = rec.reshape(n, -1)
+    Gt = G.reshape(n, M, -1, 1, m.embedding_dim)
+    if m.padding_idx is not None:  # autograd gives no gradient to the padding row; neither do we
+        Gt = Gt * (ids != m.padding_idx).to(Gt.dtype)[:, None, :, None, None]
+    return {"weight": _Outer(None, Gt, ids=ids, vocab=m.num_embeddings)}
+
+
+def _layernorm_rec(m, x):  # x̂: what the affine parameters multiply
+    return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
+def _rmsnorm_rec(m, x):
+    return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+
+def _trailing_uses(m, rec, G, n, M, names):
+    k = math.prod(m.normalized_shape)
+    out = {}
+    if "weight" in names:
+        out["weight"] = (G * rec.unsqueeze(1)).reshape(n, M, -1, k).sum(2)
+    if "bias" in names:
+        out["bias"] = G.reshape(n, M, -1, k).sum(2)
+    return out
+
+
+def _groupnorm_rec(m, x):
+    return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+
+def _batchnorm_rec(m, x):
+    return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+
+
+def _channel_uses(m, rec, G, n, M, names):
+    c = rec.shape[2]  # rec (n, 1, C, *S)
+    out = {}
+    if "weight" in names:
+        out["weight"] = (G * rec.unsqueeze(1)).movedim(3, -1).reshape(n, M, -1, c).sum(2)
+    if "bias" in names:
+        out["bias"] = G.movedim(3, -1).reshape(n, M, -1, c).sum(2)
+    return out
+
+
+def _twin_uses(m, rec, G, n, M, names):
+    return {k: _outer(u) for k, u in m.structured_uses(rec, G, names).items()}
+
+
+Rule = tuple[Callable[[nn.Module, Tensor], Tensor], Callable[..., dict]]
+
+
+def _own_forward(m: nn.Module, base: type) -> bool:
+    """``m`` runs ``base``'s own forward (a subclass that overrides it may compute anything)."""
+    return isinstance(m, base) and type(m).forward is base.forward
+
+
+def _twin_class(m: nn.Module) -> Optional[type]:
+    """The class that defines ``structured_uses`` for ``m`` (an ntkit finite twin), if any."""
+    for cls in type(m).__mro__:
+        if "structured_uses" in cls.__dict__:
+            return cls
+    return None
+
+
+def _rule(m: nn.Module) -> Optional[Rule]:
+    """(record, uses) for modules whose ``forward`` is the stock one, else None."""
+    twin = _twin_class(m)
+    if twin is not None:
+        return (_input, _twin_uses) if _own_forward(m, twin) else None
+    if _own_forward(m, nn.Linear):
+        return _input, _linear_uses
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if _own_forward(m, base) and isinstance(getattr(m, "padding"), (tuple, str)):
+            return _input, _conv_uses
+    if _own_forward(m, nn.Embedding) and getattr(m, "max_norm") is None \
+            and not getattr(m, "scale_grad_by_freq") and not getattr(m, "sparse"):
+        return _input, _emb_uses
+    if _own_forward(m, nn.LayerNorm):
+        return _layernorm_rec, _trailing_uses
+    if hasattr(nn, "RMSNorm") and _own_forward(m, nn.RMSNorm):
+        return _rmsnorm_rec, _trailing_uses
+    if _own_forward(m, nn.GroupNorm):
+        return _groupnorm_rec, _channel_uses
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.modules.batchnorm._BatchNorm.forward \
+            and not m.training and m.running_mean is not None:
+        return _batchnorm_rec, _channel_uses
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------------------------------
+class _Ctx:
+    def __init__(self):
+        self.mode = "off"
+        self.deltas: list = []
+        self.records: list = []
+        self.calls: list = []
+        self.stack: list = []      # modules whose forward is running (probe mode)
+        self.outside: set = set()  # ids of structured leaves read outside their own module (probe mode)
+
+
+def _hooks(m: nn.Module, record, structured: set, ctx: _Ctx):
+    """Forward pre-hook and hook of one structured module: in probe mode they record the call, in run mode
+    they record what its rule needs and add the perturbation to its output."""
+
+    def pre(mod, args):
+        if ctx.mode == "probe":
+            ctx.stack.append(mod)
+
+    def post(mod, args, y):
+        if ctx.mode == "probe":
+            ctx.stack.pop()
+            if structured and len(args) == 1 and isinstance(y, Tensor):
+                ctx.calls.append((mod, tuple(y.shape), record(mod, args[0]).detach()))
+            return None
+        if ctx.mode == "off" or not structured:
+            return None
+        if len(args) != 1 or not isinstance(y, Tensor):
+            raise EmpiricalError(f"{type(mod).__name__} was called with {len(args)} inputs; structured "
+                                 f"derivatives need one. Use implementation='jacobian'.")
+        k = len(ctx.records)
+        if k >= len(ctx.deltas) or tuple(ctx.deltas[k].shape) != tuple(y.shape):
+            raise EmpiricalError("the model's forward calls its layers differently from sample to sample; "
+                                 "use implementation='jacobian' for data-dependent control flow.")
+        ctx.records.append(record(mod, args[0]))
+        return y + ctx.deltas[k]
+
+    return pre, post
+
+
+class _Owners:
+    """The structured modules that own one parameter (tied weights have several)."""
+
+    def __init__(self, mods: set):
+        self.ids = {id(m) for m in mods}
+
+    def own(self, m: Optional[nn.Module]) -> bool:
+        return m is not None and id(m) in self.ids
+
+
+class _ReadsOutside(torch.overrides.TorchFunctionMode):
+    """Probe mode: every torch function that reads a structured parameter while none of its own modules is the
+    innermost running structured module marks the parameter as used elsewhere (then it is differentiated as an
+    ordinary parameter)."""
+
+    def __init__(self, ctx: _Ctx, owners: dict[int, _Owners]):
+        super().__init__()
+        self.ctx, self.owners = ctx, owners
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        top = self.ctx.stack[-1] if self.ctx.stack else None
+        for a in tree_flatten((args, kwargs))[0]:
+            o = self.owners.get(id(a)) if isinstance(a, Tensor) else None
+            if o is not None and not o.own(top):
+                self.ctx.outside.add(id(a))
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the implementation
+# ---------------------------------------------------------------------------------------------------
+class Structured(Implementation):
+    """``implementation="structured"``: see the module docstring."""
+
+    name = "structured"
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor], spec: OutSpec, pr, x1: Tensor,
+                 fixed: Optional[dict] = None):
+        self.model, self.params, self.spec, self.pr = model, params, spec, pr
+        self.fixed = fixed or {}
+        self.M = math.prod(spec.O)
+        self.itemsize = next(iter(params.values())).element_size()
+        self.ctx = _Ctx()
+        # local parameter name -> canonical name, per candidate module
+        canon: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            canon.setdefault(id(p), name)
+        self.mods: list[tuple[nn.Module, Any, Any, dict]] = []
+        for m in model.modules():
+            r = _rule(m)
+            if r is None:
+                continue
+            local = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False)
+                     if canon.get(id(p)) in params}
+            if local:
+                self.mods.append((m, r[0], r[1], local))
+        self.structured: set[str] = {c for *_, loc in self.mods for c in loc.values()}
+        self.generic = [n for n in self.params if n not in self.structured]
+        self.mode: dict[str, str] = {}
+        self.calls: list = []
+        self._pair_cost = self._mat_cost = self._feat_elems = self._pair_elems = 0.0
+        if self.structured:
+            self._probe(x1)
+
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator["Structured"]:
+        """Forward hooks on the structured modules for the duration of the block (removed in ``finally``)."""
+        handles = []
+        try:
+            for m, record, _, local in self.mods:
+                names = {ln for ln, c in local.items() if c in self.structured}
+                pre, post = _hooks(m, record, names, self.ctx)
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.ctx.mode = "off"
+            self.ctx.stack.clear()
+
+    def active(self):
+        return self._hooked() if self.structured else contextlib.nullcontext(self)
+
+    # -- analysis ----------------------------------------------------------------------------------
+    def has_structure(self) -> bool:
+        return bool(self.structured)
+
+    def _probe(self, x1: Tensor) -> None:
+        """Which structured parameters are used only by their module's forward; call shapes; geometry."""
+        leaves = {n: v.detach() for n, v in self.params.items()}
+        owner: dict[int, set] = {}
+        for m, _, _, local in self.mods:
+            for c in local.values():
+                owner.setdefault(id(leaves[c]), set()).add(m)
+        reads = _ReadsOutside(self.ctx, {k: _Owners(v) for k, v in owner.items()})
+        with self.active(), compute_mode():
+            self.ctx.mode, self.ctx.calls, self.ctx.outside = "probe", [], set()
+            with reads:
+                out = torch.func.functional_call(self.model, {**self.fixed, **leaves}, (x1[:1],),
+                                                 tie_weights=True)
+            self.ctx.mode = "off"
+        self.structured -= {n for n, v in leaves.items() if id(v) in self.ctx.outside}
+        self.generic = [n for n in self.params if n not in self.structured]
+        rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
+        self.calls = []  # (module, y shape) of calls that get a perturbation, in call order
+        geo: dict[str, list] = {}
+        for m, yshape, rec in self.ctx.calls:
+            uses, local = rules[id(m)]
+            if not any(c in self.structured for c in local.values()):
+                continue
+            self.calls.append((m, yshape))
+            G = torch.zeros((1, 1) + yshape, dtype=rec.dtype if rec.is_floating_point() else out.dtype)
+            names = {ln for ln, c in local.items() if c in self.structured}
+            for ln, u in uses(m, rec.unsqueeze(0), G, 1, 1, names).items():
+                geo.setdefault(local[ln], []).append(u)
+        self.ctx.calls = []
+        self.structured &= set(geo)  # structured parameters the forward never uses contribute 0
+        self.generic = [n for n in self.params if n not in self.structured]
+        self._plan(geo, x1.shape[0])
+
+    def _plan(self, geo: dict[str, list], n: int) -> None:
+        """Per structured parameter: 'pairwise' or 'materialise', the fewer FLOPs for ``n`` samples a side."""
+        self.mode = {}
+        self._pair_cost, self._mat_cost, self._feat_elems, self._pair_elems = 0.0, 0.0, 0.0, 0.0
+        q, per_pair, M = self.spec.q, self.spec.per_pair, self.M
+        for name, uses in geo.items():
+            P = self.params[name].numel()
+            outer = [u for u in uses if isinstance(u, _Outer)]
+            if len(outer) == len(uses) and len({u.key() for u in outer}) == 1:
+                u0 = outer[0]
+                T = sum(u.G.shape[2] for u in outer)
+                g, fout = u0.G.shape[3], u0.G.shape[4]
+                fin = 1 if u0.ids is not None else u0.X.shape[3]
+                pair = T * T * g * (fin + q * fout + per_pair)  # per (i, j)
+                mat_pair, mat_sample = q * P, M * T * g * fout * fin
+                # ~n²/2 pairs against n samples (n: the x1 batch)
+                self.mode[name] = "pairwise" if n * pair < 2 * mat_sample + n * mat_pair else "materialise"
+                if self.mode[name] == "pairwise":
+                    self._pair_cost += 2 * pair
+                    self._feat_elems += T * g * (fin + M * fout)
+                    self._pair_elems += T * T * g * (1 + per_pair)
+                    continue
+                self._mat_cost += 2 * mat_sample
+            else:
+                self.mode[name] = "materialise"
+            self._pair_cost += 2 * q * P
+            self._feat_elems += M * P
+
+    # -- estimates for auto and block sizes ----------------------------------------------------------
+    def feature_flops(self) -> float:
+        """Per sample: forward, a backward pass per output entry (input cotangents; weight gradients only
+        for generic parameters), local Jacobians of materialised parameters."""
+        P = sum(p.numel() for p in self.params.values())
+        fwd = max(self.pr.flops, 2.0 * P)
+        frac = sum(self.params[n].numel() for n in self.generic) / max(P, 1)
+        return (1 + self.M * (1 + frac)) * fwd + self._mat_cost
+
+    def pair_flops(self) -> float:  # per (i, j)
+        Pg = sum(self.params[n].numel() for n in self.generic)
+        return self._pair_cost + 2 * self.spec.q * Pg
+
+    def feature_bytes(self) -> float:
+        Pg = sum(self.params[n].numel() for n in self.generic)
+        return self.itemsize * (self._feat_elems + self.M * (Pg + self.pr.saved_bytes / self.itemsize + 1))
+
+    def pair_bytes(self) -> float:
+        return self.itemsize * (self.spec.per_pair + self._pair_elems)
+
+    # -- features and pairs ---------------------------------------------------------------------------
+    def features(self, x: Tensor, params: Optional[dict] = None):
+        """Per-sample features of a block: materialised Jacobians and pairwise (X, G) factors. ``params``
+        (default: the analysed values) may hold other values, with extra entries such as buffers."""
+        params = self.params if params is None else params
+        n, M, O = x.shape[0], self.M, self.spec.O
+        f = single_fn(self.model)
+        ctx = self.ctx
+        gparams = {k: params[k] for k in self.generic}
+        svals = {**self.fixed, **{k: v for k, v in params.items() if k not in gparams}}
+        dtype = next(iter(self.params.values())).dtype
+        deltas = [torch.zeros(s, dtype=dtype, device=x.device) for _, s in self.calls]
+
+        def fs(deltas, gp, xi):
+            ctx.mode, ctx.deltas, ctx.records = "run", deltas, []
+            try:
+                out = f({**gp, **svals}, xi)
+            finally:
+                ctx.mode = "off"
+            recs = tuple(ctx.records)
+            ctx.records, ctx.deltas = [], []
+            return out, recs
+
+        jac = torch.func.jacrev(fs, argnums=(0, 1), has_aux=True)
+        (dG, dJ), recs = torch.func.vmap(jac, in_dims=(None, None, 0))(deltas, gparams, x)
+        direct: dict[str, Tensor] = {k: v.reshape(n, M, -1) for k, v in dJ.items()}
+        outer: dict[str, list] = {}
+        rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
+        for (m, yshape), G, rec in zip(self.calls, dG, recs):
+            uses, local = rules[id(m)]
+            names = {ln for ln, c in local.items() if c in self.structured}
+            for ln, u in uses(m, rec, G.reshape((n, M) + yshape), n, M, names).items():
+                name = local[ln]
+                if isinstance(u, _Outer) and self.mode[name] == "pairwise":
+                    outer.setdefault(name, []).append(u)
+                else:
+                    j = u.materialise() if isinstance(u, _Outer) else u
+                    direct[name] = direct[name] + j if name in direct else j
+        pw = []
+        def cat(ts, dim):
+            return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+        for name, us in outer.items():
+            G = cat([u.G for u in us], 2)
+            if us[0].ids is not None:
+                pw.append((None, cat([u.ids for u in us], 1), G))
+            else:
+                pw.append((cat([u.X for u in us], 1), None, G))
+        return [v.reshape((n,) + O + (-1,)) for v in direct.values()], pw
+
+    def pair(self, f1, f2) -> Tensor:
+        """Kernel block (traced axes summed, not yet averaged): materialised Jacobians contracted, plus
+        ``Σ_{t,s} (X1 X2ᵀ)[t, s] (G1 G2ᵀ)[t, s]`` for each pairwise parameter."""
+        (d1, p1), (d2, p2) = f1, f2
+        spec = self.spec
+        out = None
+        for a, b in zip(d1, d2):
+            c = spec.contract(a, b)
+            out = c if out is None else out.add_(c)
+        bd = spec.batch_diag
+        xx_out = "itsg" if bd else "ijtsg"
+        for (X1, i1, G1), (X2, i2, G2) in zip(p1, p2):
+            if X1 is not None:
+                xx = torch.einsum(f"itgc,{'i' if bd else 'j'}sgc->{xx_out}", X1, X2)
+            else:
+                eq = i1[:, :, None] == i2[:, None, :] if bd else i1[:, None, :, None] == i2[None, :, None, :]
+                xx = eq.to(G1.dtype).unsqueeze(-1)
+            n1, n2 = G1.shape[0], G2.shape[0]
+            g1 = G1.reshape((n1,) + spec.O + tuple(G1.shape[2:]))
+            g2 = G2.reshape((n2,) + spec.O + tuple(G2.shape[2:]))
+            if xx.shape[-3] == 1 and xx.shape[-2] == 1 and xx.shape[-1] == 1:
+                # one position and one group (dense layers): (x1·x2) times (G1 G2ᵀ), accumulated in place
+                gg = torch.einsum(f"{spec.s1}d,{spec.s2}d->{spec.out}", g1[..., 0, 0, :], g2[..., 0, 0, :])
+                w = xx.reshape(xx.shape[:-3] + (1,) * (gg.dim() - xx.dim() + 3))
+                gg.mul_(w)  # (in-place ops with batching rules: this also runs under vmap over models)
+                out = gg if out is None else out.add_(gg)
+                continue
+            gg = torch.einsum(f"{spec.s1}tgd,{spec.s2}sgd->{spec.out}tsg", g1, g2)
+            c = torch.einsum(f"{spec.out}tsg,{xx_out}->{spec.out}", gg, xx)
+            out = c if out is None else out.add_(c)
+        return out

@@ -1,0 +1,177 @@
+"""The tiler of a network's ``kernel_fn``, and the self-covariance tape.
+
+``Net.kernel_fn`` runs the whole layer stack tile by tile over blocks of samples (:class:`~ntkit._tiles.TilePlan`,
+sized by :func:`~ntkit._memory.plan_tile`), so that the working memory is bounded whatever ``N1, N2``; the tiles
+are placed into the output by the one :class:`~ntkit._tiles.Assembler`. With ``x2=None`` only the upper tiles
+run.
+
+Nets that pool carry each pair's full pixel-pixel covariance, and a tile then also needs every sample's own
+(self) covariance, as large as a pair's. Rather than recomputing those in every tile, the diagonal tiles (or,
+for ``x2`` given, each block against itself) record the only thing the other tiles need from them — the
+same-pixel variances after every leaf layer, a few KB per image (:class:`Tape`) — and the off-diagonal tiles
+run on cross-covariances alone (*pair-only* records, see :mod:`ntkit.layers.base`), replaying them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+
+from ntkit._tiles import Assembler, Tile, TilePlan
+from ntkit.kernel import Kernel
+from ntkit.layers.base import Kernels, Layer
+
+__all__ = ["Tape", "apply_layer", "run_tiled", "tape_pays", "tape_bytes", "swap_pair"]
+
+
+def swap_pair(t: Tensor, k: Kernel) -> Tensor:
+    """The kernel block of (x2, x1) from that of (x1, x2): swap the batch axes, and each (s, s') pair of a
+    full spatial layout."""
+    perm = [1, 0]
+    if not k.diagonal_spatial and k.spatial_ndim:
+        for a in range(k.spatial_ndim):
+            perm += [3 + 2 * a, 2 + 2 * a]
+    else:
+        perm += list(range(2, t.dim()))
+    return t.permute(perm)
+
+
+class Tape:
+    """Same-pixel variances after every leaf layer: recorded while a block of samples runs against itself
+    (a diagonal tile), replayed into the pair-only records of the off-diagonal tiles (see
+    :mod:`ntkit.kernel`). A nonlinearity needs from the self-covariances only these variances, so with a tape
+    an off-diagonal tile propagates its cross-covariances alone — at 32×32 images, where a tile is one pair
+    of images, that is a third of the work of propagating both images' full self-covariances as well."""
+
+    def __init__(self, replay: Optional[tuple[list, list]] = None):
+        self.steps: list = []
+        self.replay = replay
+        self.i = 0
+
+    def step(self, out: Kernels) -> Kernels:
+        outs = out if isinstance(out, list) else [out]
+        if self.replay is None:
+            self.steps.append(tuple(x.same_pixel_variances()[0].clone() for x in outs))
+            return out
+        a, b = self.replay[0][self.i], self.replay[1][self.i]
+        self.i += 1
+        new = [x.replace(var1=va, var2=vb) for x, va, vb in zip(outs, a, b)]
+        return new if isinstance(out, list) else new[0]
+
+
+_TAPE: contextvars.ContextVar[Optional[Tape]] = contextvars.ContextVar("ntkit_tape", default=None)
+
+
+def apply_layer(layer: Layer, k: Kernels) -> Kernels:
+    """``layer.kernel(k)``, recorded on / replayed from the active tape for leaf (non-combinator) layers."""
+    out = layer.kernel(k)
+    tape = _TAPE.get()
+    return tape.step(out) if tape is not None and not layer.is_combinator else out
+
+
+def _taped(fn: Callable[[], Kernel], tape: Tape) -> Kernel:
+    token = _TAPE.set(tape)
+    try:
+        return fn()
+    finally:
+        _TAPE.reset(token)
+
+
+Run = Callable[[Tensor, Optional[Tensor], bool], Kernel]
+
+
+def run_tiled(run: Run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequence[str], use_tape: bool) -> Kernel:
+    """Run ``run(a, b, pair_only)`` on tiles of samples and assemble the kernels (upper tiles only when
+    ``x2`` is None).
+
+    With ``use_tape`` the self-covariances are propagated once per block: on the diagonal tiles (``x2`` is
+    None) or on each block of ``x1`` and of ``x2`` against itself, recording their same-pixel variances
+    (:class:`Tape`); every other tile is pair-only and replays them."""
+    sym = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    plan = TilePlan(n1, n2, tile, symmetric=sym)
+    rows_of: dict[tuple, Tensor] = {}
+    tapes: dict[tuple[int, int], list] = {}
+    first: list[Kernel] = []
+    out = Assembler(plan, names, lambda t: swap_pair(t, first[0]), device=x1.device)
+
+    def rows(key: tuple, n: int, a0: int, a1: int, t: Tensor) -> Tensor:
+        """Copy ``t`` into rows ``a0:a1`` of the ``(n, ...)`` buffer ``key`` (allocated on first use) and
+        return those rows. Self-covariances and tapes live in such buffers: thousands of small tensors kept
+        alive between the tiles' large temporaries would fragment the heap (RSS grew with n)."""
+        if key not in rows_of:
+            rows_of[key] = t.new_empty((n,) + tuple(t.shape[1:]))
+        return rows_of[key][a0:a1].copy_(t)
+
+    def put(t: Tile, k: Kernel) -> None:
+        if not first:
+            first.append(k)
+        out.put(t, {g: getattr(k, g) for g in names})
+
+    def record(x: Tensor, side: int, i: int, a0: int, a1: int, n: int) -> Kernel:
+        tape = Tape()
+        k = _taped(lambda: run(x[a0:a1], None, False), tape)
+        tapes[side, i] = [
+            tuple(rows(("tape", side, s, b), n, a0, a1, t) for b, t in enumerate(step))
+            for s, step in enumerate(tape.steps)
+        ]
+        rows(("cov", side), n, a0, a1, k.cov1)
+        return k
+
+    if use_tape:
+        for i, (a0, a1) in enumerate(plan.row_blocks()):
+            k = record(x1, 1, i, a0, a1, n1)
+            if sym:
+                put(plan.tile(i, i), k)
+        if x2 is not None:
+            for j, (c0, c1) in enumerate(plan.col_blocks()):
+                record(x2, 2, j, c0, c1, n2)
+    for t in plan:
+        i, j = t.bi, t.bj
+        if use_tape and sym and t.diagonal:
+            continue
+        other = None if (sym and t.diagonal) else (x1 if x2 is None else x2)[t.c0 : t.c1]
+        if use_tape:
+            tape = Tape((tapes[1, i], tapes[1 if sym else 2, j]))
+            k = _taped(lambda: run(x1[t.r0 : t.r1], other, True), tape)
+        else:
+            k = run(x1[t.r0 : t.r1], other, False)
+            if j == (i if sym else 0):
+                rows(("cov", 1), n1, t.r0, t.r1, k.cov1)
+            if not sym and i == 0:
+                rows(("cov", 2), n2, t.c0, t.c1, k.cov2)
+        put(t, k)
+    k0 = first[0]
+    return k0.replace(
+        nngp=out.outputs.get("nngp"),
+        ntk=out.outputs.get("ntk"),
+        cov1=rows_of["cov", 1],
+        cov2=rows_of.get(("cov", 2)),
+        shape1=(n1,) + tuple(k0.shape1[1:]),
+        shape2=(n2,) + tuple(k0.shape2[1:]),
+        x1_is_x2=sym,
+        var1=None,
+        var2=None,
+    )
+
+
+def tape_bytes(net: Layer, pixels: int, x: Tensor, n: int) -> int:
+    """Upper bound on the tapes of ``n`` samples: one same-pixel variance map per leaf layer (twice the
+    input's pixels, for paddings that grow the image)."""
+
+    def leaves(layer: Layer) -> int:
+        return sum(leaves(s) for s in layer.sublayers()) if layer.is_combinator else 1
+
+    return 2 * leaves(net) * pixels * x.element_size() * n
+
+
+def tape_pays(n1: int, n2: Optional[int], tile: int) -> bool:
+    """Whether recording the self-covariances once per block beats recomputing them in every tile, in units
+    of one pair's covariance: a tile recomputes ``2·tile`` self-covariances; a block run against itself
+    (needed anyway on the diagonal when ``x2`` is None) costs ``tile² + tile``."""
+    if n2 is None:
+        return n1 > tile
+    return (n1 + n2) * (tile + 1) < 2 * n1 * n2 / tile

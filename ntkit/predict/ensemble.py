@@ -1,0 +1,165 @@
+"""The infinite ensemble of infinitely wide networks trained on MSE, at any time ``t`` (Lee et al. 2019,
+section 2.3): Gaussian predictions from the NNGP (only the readout trained) and the NTK (all layers)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ntkit.kernel import normalize_get
+from ntkit.linalg.dense import check_memory
+from ntkit.predict._layout import (F64, Axes, as_times, bytes64, decay, expm1_factor, get_attr, inv_expm1_factor,
+                                   package)
+from ntkit.predict.gp import GPInference
+from ntkit.predict.types import Gaussian
+
+__all__ = ["EnsemblePredictor", "gradient_descent_mse_ensemble"]
+
+
+class EnsemblePredictor:
+    """Predictor returned by :func:`gradient_descent_mse_ensemble`;
+    ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``."""
+
+    def __init__(self, kernel_fn, x_train, y_train, learning_rate, diag_reg, diag_reg_absolute_scale,
+                 trace_axes, kernel_fn_kwargs):
+        if not callable(kernel_fn):
+            raise TypeError("kernel_fn must be callable as kernel_fn(x1, x2, get), e.g. net.kernel_fn.")
+        self.kernel_fn, self.kwargs = kernel_fn, kernel_fn_kwargs
+        self.x_train = x_train
+        as_times(0.0, learning_rate, F64, "cpu")
+        self.learning_rate = float(learning_rate)
+        self._k_dd: dict[str, Tensor] = {}
+        self._spec: dict[str, dict] = {}
+        device = x_train.device if isinstance(x_train, Tensor) else torch.device("cpu")
+        dtype = x_train.dtype if isinstance(x_train, Tensor) else (
+            torch.from_numpy(x_train).dtype if isinstance(x_train, np.ndarray) else torch.get_default_dtype())
+        self.gp = GPInference.from_kernel_source(self._train_kernel, y_train, diag_reg, diag_reg_absolute_scale,
+                                                 trace_axes, dtype, device)
+        self.layout, self.n = self.gp.layout, self.gp.n
+        self.norm = float(self.gp.y.numel())
+
+    # -- kernels (train-train cached) ------------------------------------------------------------------
+    def _call(self, x1, x2, names: tuple[str, ...]) -> dict[str, Tensor]:
+        k = self.kernel_fn(x1, x2, names, **self.kwargs)
+        return {g: get_attr(k, g, "kernel_fn's output") for g in names}
+
+    def _train_kernel(self, g: str) -> Tensor:
+        if g not in self._k_dd:
+            self._k_dd.update(self._call(self.x_train, None, (g,)))
+        return self._k_dd[g]
+
+    def _prefetch(self, names: tuple[str, ...]) -> None:
+        missing = tuple(g for g in names if g not in self._k_dd)
+        if missing:
+            self._k_dd.update(self._call(self.x_train, None, missing))
+
+    def __call__(self, t: Any = None, x_test: Any = None, get: Union[None, str, Sequence[str]] = None,
+                 compute_cov: bool = False):
+        """Mean (and covariance) over random initialisations of infinitely wide networks trained for time ``t``.
+
+        Args:
+          t: ``None`` (infinite time: :func:`gp_inference`), a number or an array of times of any shape ``S``.
+          x_test: test inputs; ``None`` predicts on the training inputs (unregularised, NT's convention).
+          get: ``"nngp"`` (only the last layer trained), ``"ntk"`` (all layers), or a tuple; ``None``: both.
+          compute_cov: also return the covariance over the ensemble.
+
+        Returns: per name the mean ``S + (n_test, *outputs)``, or :class:`Gaussian` with the covariance
+        ``S + (n_test, n_test, ...)``; a string ``get`` returns the bare value, a tuple a namedtuple.
+        """
+        names, single = normalize_get(get, ("nngp", "ntk"))
+        needed = tuple(g for g in ("nngp", "ntk") if g in names or (g == "nngp" and compute_cov))
+        self._prefetch(needed)
+        k_td = nngp_tt = None
+        if x_test is not None:
+            k_td = SimpleNamespace(**self._call(x_test, self.x_train, needed))
+            if compute_cov:
+                nngp_tt = self._call(x_test, None, ("nngp",))["nngp"]
+        if t is None:
+            return self.gp(names if not single else names[0], k_test_train=k_td,
+                           k_test_test=nngp_tt if x_test is not None else (True if compute_cov else None))
+        ts, t_shape = as_times(t, self.learning_rate, F64, self.gp.device)
+        out = {g: self._finite(g, ts, t_shape, k_td, nngp_tt, compute_cov) for g in names}
+        return package(out, single)
+
+    def _spectral(self, g: str, with_nngp: bool) -> dict:
+        """Cached per kernel: eigenpairs, ``c = Vᵀ y`` and (for NTK covariances) ``S = Vᵀ K_nngp V``."""
+        sp = self._spec.setdefault(g, {})
+        if "lam" not in sp:
+            factor = self.gp.factor(g)
+            sp["lam"], sp["vec"] = factor.eigh()
+            sp["cutoff"] = factor.rank_cutoff
+            sp["c"] = sp["vec"].T @ self.gp.y_flat
+        if with_nngp and "s" not in sp:
+            sp["s"] = sp["vec"].T @ self.gp.k_dd("nngp") @ sp["vec"]
+        return sp
+
+    def _finite(self, g, ts, t_shape, k_td, nngp_tt, compute_cov):
+        sp = self._spectral(g, compute_cov and g == "ntk" and k_td is not None)
+        lam, vec, c, cutoff = sp["lam"], sp["vec"], sp["c"], sp["cutoff"]
+        norm, y, lay = self.norm, self.gp.y_flat, self.layout
+        T = ts.numel()
+        if k_td is None:
+            m, M = self.n, y.shape[0]
+            check_memory(bytes64(T, M, M) * (3 if compute_cov else 0) + bytes64(T, *y.shape), self.gp.device,
+                         "ensemble predictions on the training set")
+            mean = vec @ (-expm1_factor(lam, ts, norm)[:, :, None] * c)
+            cov = None
+            if compute_cov:
+                if g == "nngp":
+                    w = lam[None, :] * decay(lam, ts, norm) ** 2
+                    cov = (vec[None] * w[:, None, :]) @ vec.T
+                else:
+                    e = (vec[None] * decay(lam, ts, norm)[:, None, :]) @ vec.T  # (T, M, M)
+                    cov = e @ self.gp.k_dd("nngp") @ e
+        else:
+            ktd = self.gp.test_kernel(k_td, g, "k_test_train")
+            m = ktd.shape[0] // max(1, math.prod(lay.rest_shape))
+            mt = ktd.shape[0]
+            check_memory(bytes64(T, mt, mt) * (3 if compute_cov else 0) + bytes64(T, mt, y.shape[1]),
+                         self.gp.device, "ensemble test predictions")
+            p = ktd @ vec  # (m, M)
+            neg = -inv_expm1_factor(lam, ts, norm, cutoff)  # (T, M)
+            mean = p @ (neg[:, :, None] * c)
+            cov = None
+            if compute_cov:
+                k_tt = self.gp.test_test_kernel(nngp_tt, "nngp", m)
+                if g == "nngp":
+                    h = -inv_expm1_factor(lam, 2 * ts, norm, cutoff)
+                    cov = k_tt - (p[None] * h[:, None, :]) @ p.T
+                else:
+                    q = self.gp.test_kernel(k_td, "nngp", "k_test_train") @ vec  # (m, M)
+                    a = p[None] * neg[:, None, :]  # (T, m, M)
+                    term2 = a @ q.T
+                    cov = a @ sp["s"] @ a.transpose(1, 2) - term2 - term2.transpose(1, 2) + k_tt
+        mean = lay.unflatten(mean, m)
+        mean = (mean.reshape(t_shape + tuple(mean.shape[1:])) if t_shape else mean[0]).to(self.gp.dtype)
+        if cov is None:
+            return mean
+        cov = lay.zip_cov(cov, m)
+        cov = (cov.reshape(t_shape + tuple(cov.shape[1:])) if t_shape else cov[0]).to(self.gp.dtype)
+        return Gaussian(mean, cov)
+
+
+def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train: Any, y_train: Any, learning_rate: float = 1.0,
+                                  diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
+                                  trace_axes: Axes = (-1,), **kernel_fn_train_train_kwargs) -> EnsemblePredictor:
+    """Gaussian over an infinite ensemble of infinitely wide networks trained on MSE for time ``t``
+    (Lee et al. 2019, section 2.3): NNGP (only the readout trained) and NTK (all layers).
+
+    With ``Θ = V diag(λ) Vᵀ`` the regularised train kernel (NNGP for ``"nngp"``, NTK for ``"ntk"``), ``K`` the
+    NNGP, ``g(t) = V [(1 - exp(-λ t/N))/λ] Vᵀ`` and ``N = y_train.numel()``::
+
+        mean(t)       = Θ_td g(t) y
+        cov_nngp(t)   = K_tt - K_td g(2t) K_dt
+        cov_ntk(t)    = K_tt + Θ_td g K_dd g Θ_dt - (Θ_td g K_dt + transpose)
+
+    ``kernel_fn(x1, x2, get)`` (e.g. ``net.kernel_fn``) is called once on ``(x_train, None)`` per kernel; the
+    train kernels and their factorisations are cached across calls of the returned predictor.
+    """
+    return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg, diag_reg_absolute_scale,
+                             trace_axes, kernel_fn_train_train_kwargs)

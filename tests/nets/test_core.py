@@ -1,0 +1,229 @@
+"""The kernel core: Dense/branching rules, tiling, symmetry, dtype/device conventions, errors, finite twins."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ntkit as nt
+from helpers import load_reference, rel_err
+
+torch.manual_seed(0)
+
+
+def _x(n, d=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype)
+
+
+# ------------------------------------------------------------------ closed forms
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+def test_linear_net_closed_form(param):
+    """Dense-Dense with no nonlinearity: K = W2²(W1² x·x'/d + b1²) + b2², and the NTK by the layer rule."""
+    x1, x2 = _x(6), _x(4, seed=1)
+    w1, b1, w2, b2, width = 1.3, 0.2, 0.7, 0.4, 16
+    net = nt.serial(nt.Dense(width, w1, b1, param), nt.Dense(3, w2, b2, param))
+    k = net.kernel_fn(x1, x2)
+    k0 = x1 @ x2.T / x1.shape[1]
+    k1 = w1 ** 2 * k0 + b1 ** 2
+    k2 = w2 ** 2 * k1 + b2 ** 2
+    if param == "ntk":
+        ntk = k2 + w2 ** 2 * k1
+    else:  # Θ1 = d·K0 + 1; Θ2 = width·K1 + w2²Θ1 + 1
+        ntk = width * k1 + w2 ** 2 * (x1.shape[1] * k0 + 1) + 1
+    assert rel_err(k.nngp, k2) < 1e-14
+    assert rel_err(k.ntk, ntk) < 1e-14
+
+
+def test_relu_closed_form_one_layer():
+    """Arc-cosine kernel (Cho & Saul 2009) written out independently of the implementation."""
+    x1, x2 = _x(5), _x(7, seed=2)
+    k = nt.serial(nt.Dense(8), nt.Relu()).kernel_fn(x1, x2)
+    q = x1 @ x2.T / 5
+    n1, n2 = (x1 * x1).sum(1) / 5, (x2 * x2).sum(1) / 5
+    c = (q / torch.sqrt(n1[:, None] * n2[None, :])).clamp(-1, 1)
+    th = torch.arccos(c)
+    nngp = torch.sqrt(n1[:, None] * n2[None, :]) * (torch.sin(th) + (math.pi - th) * c) / (2 * math.pi)
+    ntk = q * (math.pi - th) / (2 * math.pi)  # Θ' = Θ·K̇ with Θ = K = q after the first Dense
+    assert rel_err(k.nngp, nngp) < 1e-13
+    assert rel_err(k.ntk, ntk) < 1e-13
+
+
+# ------------------------------------------------------------------ NT parity: branching
+def _branch_net(name):
+    block = nt.serial(nt.Dense(64, 1.3, 0.1), nt.Relu(), nt.Dense(64, 1.3, 0.1))
+    return {
+        "branch_residual_sum": nt.serial(nt.Dense(64), nt.FanOut(2), nt.parallel(block, nt.Identity()),
+                                         nt.FanInSum(), nt.Relu(), nt.Dense(1)),
+        "branch_concat": nt.serial(nt.FanOut(2), nt.parallel(nt.serial(nt.Dense(32), nt.Relu()),
+                                                             nt.serial(nt.Dense(32), nt.Erf())),
+                                   nt.FanInConcat(), nt.Dense(1)),
+        "branch_prod": nt.serial(nt.FanOut(2), nt.parallel(nt.serial(nt.Dense(32), nt.Relu()), nt.Dense(32)),
+                                 nt.FanInProd(), nt.Dense(1)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["branch_residual_sum", "branch_concat", "branch_prod"])
+def test_branch_parity_with_nt(name):
+    ref = load_reference(name)
+    k = _branch_net(name).kernel_fn(ref["x1"], ref["x2"])
+    assert rel_err(k.nngp, ref["nngp_12"]) < 1e-5
+    assert rel_err(k.ntk, ref["ntk_12"]) < 1e-5
+
+
+@pytest.mark.parametrize("act", ["relu", "erf"])
+def test_fc_parity_diagonal_is_exact(act):
+    """x2=None: our diagonal correlations are exactly 1, so the NTK diagonal of a ReLU net equals its
+    closed form to round-off; NT's own diagonal carries ~1e-9 arccos error, well inside the 1e-5 bar."""
+    ref = load_reference(f"fc_{act}_ntk_bNone")
+    a = nt.Relu() if act == "relu" else nt.Erf()
+    net = nt.serial(nt.Dense(64, 1.5), a, nt.Dense(64, 1.2), a, nt.Dense(3))
+    k = net.kernel_fn(ref["x1"])
+    assert rel_err(k.nngp, ref["nngp_11"]) < 1e-5 and rel_err(k.ntk, ref["ntk_11"]) < 1e-5
+    if act == "relu":
+        x = torch.from_numpy(ref["x1"])
+        q = (x * x).sum(1) / x.shape[1] * 1.5 ** 2      # Dense 1
+        n1, t1 = q / 2, q / 2                             # ReLU on the diagonal: K' = q/2, K̇ = 1/2
+        q2, th2 = 1.44 * n1, 1.44 * n1 + 1.44 * t1        # Dense 2
+        diag = q2 / 2 + th2 / 2                           # ReLU, then Dense(3): Θ = K + Θ
+        assert rel_err(torch.diagonal(k.ntk), diag) < 1e-15
+
+
+# ------------------------------------------------------------------ symmetry, PSD, tiling
+ACTS = [nt.Relu(), nt.LeakyRelu(0.2), nt.Abs(), nt.Erf(), nt.Elementwise(torch.tanh)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=repr)
+def test_self_kernel_symmetric_psd(act):
+    x = _x(40, 6)
+    x[3] = x[7]  # duplicated point
+    x[5] = 0.0   # zero input
+    net = nt.serial(nt.Dense(32, 1.4, 0.1), act, nt.Dense(32, 1.4, 0.1), act, nt.Dense(1))
+    k = net.kernel_fn(x)
+    for m in (k.nngp, k.ntk):
+        assert torch.equal(m, m.T)
+        ev = torch.linalg.eigvalsh(m)
+        assert ev.min() >= -1e-10 * torch.trace(m)
+        assert torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("tile", [13, 100, 512])
+def test_tiled_equals_untiled(tile):
+    x1, x2 = _x(237, 9, 3), _x(101, 9, 4)
+    net = nt.serial(nt.Dense(64, 1.5, 0.2), nt.Relu(), nt.FanOut(2),
+                    nt.parallel(nt.serial(nt.Dense(64), nt.Erf()), nt.Identity()), nt.FanInSum(), nt.Dense(2))
+    whole = net.kernel_fn(x1, x2, tile_size=10_000)
+    part = net.kernel_fn(x1, x2, tile_size=tile)
+    assert rel_err(part.nngp, whole.nngp) < 1e-14 and rel_err(part.ntk, whole.ntk) < 1e-14
+    assert torch.equal(part.cov1, whole.cov1) and torch.equal(part.cov2, whole.cov2)
+    sym_whole = net.kernel_fn(x1, tile_size=10_000)
+    sym = net.kernel_fn(x1, tile_size=tile)
+    assert torch.equal(sym.ntk, sym.ntk.T)
+    assert rel_err(sym.ntk, sym_whole.ntk) < 1e-14
+    assert sym.cov2 is None and sym.x1_is_x2
+
+
+def test_self_kernel_matches_cross_kernel():
+    x = _x(30)
+    net = nt.serial(nt.Dense(16, 1.2, 0.3), nt.Relu(), nt.Dense(1))
+    a, b = net.kernel_fn(x), net.kernel_fn(x, x)
+    assert rel_err(a.ntk, b.ntk) < 1e-13 and rel_err(a.nngp, b.nngp) < 1e-13
+
+
+def test_memory_budget_too_small_is_a_clear_error():
+    net = nt.serial(nt.Dense(4), nt.Relu(), nt.Dense(1))
+    with pytest.raises(MemoryError, match="budget"):
+        net.kernel_fn(_x(10), memory_budget=10)
+
+
+# ------------------------------------------------------------------ conventions
+def test_dtype_and_numpy_and_get():
+    net = nt.serial(nt.Dense(8), nt.Relu(), nt.Dense(1))
+    x32 = _x(9, dtype=torch.float32)
+    k32 = net.kernel_fn(x32)
+    assert k32.nngp.dtype == torch.float32 and k32.ntk.dtype == torch.float32
+    k64 = net.kernel_fn(x32.double())
+    assert rel_err(k32.ntk, k64.ntk) < 1e-5
+    kn = net.kernel_fn(x32.double().numpy())
+    assert kn.ntk.dtype == torch.float64 and torch.equal(kn.ntk, k64.ntk)
+    t = net.kernel_fn(x32, get="ntk")
+    assert isinstance(t, torch.Tensor) and torch.equal(t, k32.ntk)
+    only = net.kernel_fn(x32, get=("nngp",))
+    assert only.ntk is None and only.nngp is not None
+    half = net.kernel_fn(x32.half())
+    assert half.ntk.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: (torch.ones(3, 4), torch.ones(2, 5)), "per-sample shape"),
+    (lambda: (torch.tensor([[1.0, float("nan")]]), None), "NaN"),
+    (lambda: (torch.ones(3, 4, dtype=torch.int64), None), "dtype"),
+    (lambda: (torch.ones(4), None), "batch axis"),
+    (lambda: (torch.ones(0, 4), None), "empty"),
+    (lambda: (torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)), "per-sample"),
+    (lambda: (torch.ones(3, 4), torch.ones(3, 4, dtype=torch.float64)), "dtype"),
+    (lambda: ("abc", None), "torch.Tensor"),
+])
+def test_bad_inputs(bad, match):
+    net = nt.serial(nt.Dense(4), nt.Relu(), nt.Dense(1))
+    x1, x2 = bad()
+    with pytest.raises((ValueError, TypeError), match=match):
+        net.kernel_fn(x1, x2)
+
+
+def test_layer_misuse_errors():
+    x = _x(3)
+    with pytest.raises(nt.LayerError, match="Gaussian"):
+        nt.serial(nt.Relu(), nt.Dense(1)).kernel_fn(x)
+    with pytest.raises(nt.LayerError, match="Gaussian"):
+        nt.serial(nt.Dense(4), nt.Relu(), nt.Relu()).kernel_fn(x)
+    with pytest.raises(nt.LayerError, match="branches"):
+        nt.serial(nt.FanOut(2), nt.Dense(3)).kernel_fn(x)
+    with pytest.raises(nt.LayerError, match="FanOut"):
+        nt.serial(nt.Dense(3), nt.FanInSum()).kernel_fn(x)
+    with pytest.raises(nt.LayerError, match="merge"):
+        nt.serial(nt.FanOut(2)).kernel_fn(x)
+    with pytest.raises(ValueError, match="parameterization"):
+        nt.Dense(3, parameterization="mup")
+    with pytest.raises(ValueError, match="get="):
+        nt.serial(nt.Dense(1)).kernel_fn(x, get="cov")
+
+
+# ------------------------------------------------------------------ finite twins
+def test_module_twin_structure_and_init():
+    net = nt.serial(nt.Dense(64, 1.5, 0.3), nt.Relu(), nt.Dense(64, 1.2, 0.3), nt.Erf(), nt.Dense(3))
+    m = net.module(7, seed=0)
+    assert m(torch.zeros(2, 7)).shape == (2, 3)
+    wide = net.module(7, width=1000, seed=1)
+    ws = [p for n, p in wide.named_parameters() if n.endswith("weight")]
+    assert [tuple(w.shape) for w in ws] == [(1000, 7), (1000, 1000), (3, 1000)]  # readout keeps its size
+    # NTK parameterisation: N(0, 1) parameters
+    big = ws[1].detach().flatten()
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    same = net.module(7, width=1000, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(wide.parameters(), same.parameters()))
+
+
+def test_module_twin_standard_parameterisation_scales():
+    net = nt.serial(nt.Dense(2000, W_std=2.0, b_std=0.5, parameterization="standard"))
+    m = net.module(400, seed=0)
+    w, b = m[0].weight.detach(), m[0].bias.detach()
+    assert abs(w.std() * math.sqrt(400) - 2.0) < 0.02
+    assert abs(b.std() - 0.5) < 0.05
+
+
+def test_module_twin_nngp_matches_kernel_roughly():
+    """A cheap sanity check (the full Monte-Carlo convergence study lives in test_monte_carlo.py)."""
+    net = nt.serial(nt.Dense(384, 1.5, 0.2), nt.Relu(), nt.Dense(384, 1.5, 0.2), nt.Relu(), nt.Dense(256))
+    x = _x(4, 5, 8)
+    k = net.kernel_fn(x, get="nngp")
+    outs = torch.stack([net.module(5, seed=s, dtype=torch.float64)(x) for s in range(24)])  # (S, N, 256)
+    emp = torch.einsum("sio,sjo->ij", outs, outs) / (24 * 256)
+    assert rel_err(emp, k) < 0.05
+
+
+def test_residual_twin_runs():
+    net = _branch_net("branch_residual_sum")
+    m = net.module(7, seed=0, dtype=torch.float64)
+    assert m(_x(5, 7)).shape == (5, 1)
