@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import load_reference
 
 # Each pytest-xdist worker gets one intra-op thread: with `-n 2` on two cores, two workers of two threads each

@@ -80,8 +80,12 @@ def _imports() -> dict[str, list[tuple[str, bool, int]]]:
                         # `from ntkit import predict` imports the submodule ntkit.predict (a package's
                         # __init__ runs before any of its submodules anyway: it is not counted as a use)
                         subs = [f"{target}.{a.name}" for a in child.names]
-                        subs = [s for s in subs if (PKG.parent / (s.replace(".", "/") + ".py")).exists()
-                                or (PKG.parent / s.replace(".", "/")).is_dir()]
+                        subs = [
+                            s
+                            for s in subs
+                            if (PKG.parent / (s.replace(".", "/") + ".py")).exists()
+                            or (PKG.parent / s.replace(".", "/")).is_dir()
+                        ]
                         found.extend((s, local, child.lineno) for s in subs)
                         if len(subs) < len(child.names):
                             found.append((target, local, child.lineno))
@@ -101,8 +105,9 @@ def _unit(mod: str) -> str:
         return "<shim>"
     best = max((u for u in RANK if mod == u or mod.startswith(u + ".")), key=len, default=None)
     if best is None:
-        raise AssertionError(f"module {mod} is in no layer of tests/test_architecture.py (add it, and to "
-                             f"ARCHITECTURE.md)")
+        raise AssertionError(
+            f"module {mod} is in no layer of tests/test_architecture.py (add it, and to ARCHITECTURE.md)"
+        )
     return best
 
 
@@ -127,9 +132,13 @@ def test_no_upward_or_sideways_import():
 
 
 def test_no_function_local_ntkit_import_outside_the_documented_list():
-    bad = [f"{mod}:{line} imports {target} inside a function"
-           for mod, imps in IMPORTS.items() if _unit(mod) != "<shim>"
-           for target, local, line in imps if local and (mod, target) not in LAZY]
+    bad = [
+        f"{mod}:{line} imports {target} inside a function"
+        for mod, imps in IMPORTS.items()
+        if _unit(mod) != "<shim>"
+        for target, local, line in imps
+        if local and (mod, target) not in LAZY
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -146,7 +155,7 @@ def test_no_import_cycle():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cyc = stack[stack.index(t):] + [t]
+                cyc = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cyc))
             if t not in state:
                 dfs(t)

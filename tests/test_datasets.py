@@ -1,4 +1,5 @@
 """ntkit.datasets: packaged sources (skipped when the package is absent), file formats, and safety."""
+
 from __future__ import annotations
 
 import gzip
@@ -164,9 +165,12 @@ def test_load_npz(tmp_path):
 def _cifar_folder(tmp_path, n=4):
     rs = np.random.RandomState(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"labels": list(rs.randint(0, 10, n)),
-                 b"data": rs.randint(0, 256, size=(n, 3072)).astype(np.uint8),
-                 b"filenames": [b"f.png"] * n}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": list(rs.randint(0, 10, n)),
+            b"data": rs.randint(0, 256, size=(n, 3072)).astype(np.uint8),
+            b"filenames": [b"f.png"] * n,
+        }
         (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
     return tmp_path
 

@@ -21,13 +21,13 @@ def _net_tile(n1, n2, entries, item, budget):
 
 def test_tiles_hold_about_cache_tile_entries_on_every_layout():
     big = 1 << 40
-    assert _net_tile(5000, 5000, 1, 8, big) == 512                      # FC: 512 x 512 pairs
-    assert _net_tile(500, 500, 64 * 64, 8, big) == 8                    # 8x8 images, full covariance
-    assert _net_tile(50, 50, 1024 ** 2, 8, big) == 1                    # 32x32: one pair per tile
-    t = _net_tile(500, 500, 32 * 32, 8, big)                            # 32x32 diagonal covariance
+    assert _net_tile(5000, 5000, 1, 8, big) == 512  # FC: 512 x 512 pairs
+    assert _net_tile(500, 500, 64 * 64, 8, big) == 8  # 8x8 images, full covariance
+    assert _net_tile(50, 50, 1024**2, 8, big) == 1  # 32x32: one pair per tile
+    t = _net_tile(500, 500, 32 * 32, 8, big)  # 32x32 diagonal covariance
     assert t * t * 32 * 32 <= CACHE_TILE_ENTRIES < (t + 1) ** 2 * 32 * 32
-    assert _net_tile(5000, 5000, 1, 8, 12 * 8 * 100 ** 2) == 100        # the budget binds first
-    assert _net_tile(3, 3, 1, 8, big) == 3                              # never larger than the batch
+    assert _net_tile(5000, 5000, 1, 8, 12 * 8 * 100**2) == 100  # the budget binds first
+    assert _net_tile(3, 3, 1, 8, big) == 3  # never larger than the batch
 
 
 def test_plan_tile_with_per_sample_memory_and_its_errors():
@@ -70,7 +70,7 @@ def test_the_budget_variable_is_honoured_by_kernel_fn(monkeypatch):
 def test_all_finite_fast_path_and_overflow_fallback():
     x = torch.randn(100, 10, dtype=torch.float64)
     assert all_finite(x)
-    huge = torch.full((4,), 1e308, dtype=torch.float64)                 # finite, but its sum overflows
+    huge = torch.full((4,), 1e308, dtype=torch.float64)  # finite, but its sum overflows
     assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
@@ -85,23 +85,26 @@ def test_empty_output_shape_dtype_device_and_large_buffers():
     like = torch.zeros(2, dtype=torch.float32)
     small = empty_output((3, 4), like)
     assert small.shape == (3, 4) and small.dtype == torch.float32 and small.device == like.device
-    large = empty_output((2048, 2048), like.double())                   # 32 MiB: marked for huge pages if tuned
+    large = empty_output((2048, 2048), like.double())  # 32 MiB: marked for huge pages if tuned
     large.fill_(1.5)
-    assert large.dtype == torch.float64 and float(large.sum()) == 1.5 * 2048 ** 2
+    assert large.dtype == torch.float64 and float(large.sum()) == 1.5 * 2048**2
 
 
 def _run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
 
 def test_no_process_wide_tuning_unless_asked():
     """A kernel call leaves the allocator alone; tune_allocator() is the explicit opt-in."""
-    untouched = _run("import ntkit as nt, torch, ntkit._memory as m; "
-                     "nt.serial(nt.Dense(4), nt.Relu(), nt.Dense(1)).kernel_fn(torch.randn(3, 2).double()); "
-                     "print(m._Tuning.malloc, m._Tuning.huge_pages)")
+    untouched = _run(
+        "import ntkit as nt, torch, ntkit._memory as m; "
+        "nt.serial(nt.Dense(4), nt.Relu(), nt.Dense(1)).kernel_fn(torch.randn(3, 2).double()); "
+        "print(m._Tuning.malloc, m._Tuning.huge_pages)"
+    )
     assert untouched == "False False"
     tuned = _run("import ntkit.memory as m; print(m.tune_allocator())")
     if sys.platform.startswith("linux"):

@@ -8,6 +8,7 @@ mean that is exact for one hidden layer (``O(1/width)`` off with normalisations)
 like ``1/√width`` and its mean lie within a few standard errors of the analytic NTK. Seeds are fixed: the
 tests are deterministic, and every bound is one a wrong rule would break.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ import torch
 import ntkit
 from ntkit.monte_carlo import monte_carlo_kernel_fn
 
-Z_MAX = 5.0          # standard errors allowed (max over the 15 distinct entries of a 5×5 kernel)
+Z_MAX = 5.0  # standard errors allowed (max over the 15 distinct entries of a 5×5 kernel)
 S_NNGP, W_NNGP = 256, 64
 S_NTK, W_SMALL, W_LARGE = 16, 32, 512
 
@@ -72,7 +73,7 @@ def _check_nngp(net, x):
     s = monte_carlo_kernel_fn(net, S_NNGP, W_NNGP, seed=1, get="nngp").samples(x)["nngp"]
     assert _z(s, ana) <= Z_MAX
     # error shrinks as samples grow (16x more samples: 4x smaller expected error)
-    err_few = torch.linalg.norm(s[:S_NNGP // 16].mean(0) - ana)
+    err_few = torch.linalg.norm(s[: S_NNGP // 16].mean(0) - ana)
     err_all = torch.linalg.norm(s.mean(0) - ana)
     assert err_all < err_few
 
@@ -99,8 +100,14 @@ def test_monte_carlo_converges_for_every_activation(name):
 
 def test_monte_carlo_residual_branches():
     block = ntkit.serial(ntkit.Dense(8, W_std=1.2), ntkit.Erf())
-    net = ntkit.serial(ntkit.Dense(8, W_std=1.5, b_std=0.1), ntkit.Relu(), ntkit.FanOut(2),
-                       ntkit.parallel(block, ntkit.Identity()), ntkit.FanInSum(), ntkit.Dense(3))
+    net = ntkit.serial(
+        ntkit.Dense(8, W_std=1.5, b_std=0.1),
+        ntkit.Relu(),
+        ntkit.FanOut(2),
+        ntkit.parallel(block, ntkit.Identity()),
+        ntkit.FanInSum(),
+        ntkit.Dense(3),
+    )
     x = _x(seed=3)
     ana = net.kernel_fn(x)
     # two hidden layers: the NNGP is no longer unbiased at finite width (O(1/width)), so compare at 512
@@ -111,8 +118,11 @@ def test_monte_carlo_residual_branches():
 
 def test_monte_carlo_standard_parameterisation():
     width = 256
-    net = ntkit.serial(ntkit.Dense(width, W_std=1.4, b_std=0.3, parameterization="standard"), ntkit.Erf(),
-                       ntkit.Dense(3, W_std=1.1, b_std=0.2, parameterization="standard"))
+    net = ntkit.serial(
+        ntkit.Dense(width, W_std=1.4, b_std=0.3, parameterization="standard"),
+        ntkit.Erf(),
+        ntkit.Dense(3, W_std=1.1, b_std=0.2, parameterization="standard"),
+    )
     x = _x(seed=5)
     ana = net.kernel_fn(x)  # depends on the width under the standard parameterisation
     mc = monte_carlo_kernel_fn(net, 64, None, seed=6).samples(x)

@@ -1,5 +1,6 @@
 """The ``ntkit`` command line: the main job end to end on a small digits split, one-line errors, the kernel
 store command and the UCI benchmark's bookkeeping."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,8 +21,22 @@ from ntkit.cli import main
 def test_fit_end_to_end_small(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
-    code = main(["fit", "--n-train", "300", "--n-test", "200", "--steps", "40", "--width", "512",
-                 "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "fit",
+            "--n-train",
+            "300",
+            "--n-test",
+            "200",
+            "--steps",
+            "40",
+            "--width",
+            "512",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in rows] == ["ntk-krr", "nngp-krr", "ntk-svm", "finite-sgd"]
@@ -51,11 +66,14 @@ def _error_line(capsys) -> str:
     return last
 
 
-@pytest.mark.parametrize("args, message", [
-    (["fit", "--data", "imagenet"], "unknown data source 'imagenet'"),
-    (["fit", "--arch", "transformer"], "unknown architecture 'transformer'"),
-    (["fit", "--data", "keel:irsi"], "Did you mean iris"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--data", "imagenet"], "unknown data source 'imagenet'"),
+        (["fit", "--arch", "transformer"], "unknown architecture 'transformer'"),
+        (["fit", "--data", "keel:irsi"], "Did you mean iris"),
+    ],
+)
 def test_user_errors_are_one_line(args, message, capsys):
     assert main(args + ["--no-progress", "--no-figures", "--no-finite"]) == 1
     assert message in _error_line(capsys)
@@ -90,11 +108,27 @@ def test_bad_file_format_and_debug(tmp_path, capsys):
 
 def test_arch_spec_file(tmp_path, capsys):
     spec = tmp_path / "mynet.py"
-    spec.write_text("import ntkit as nt\n"
-                    "def make_net(n_outputs):\n"
-                    "    return nt.serial(nt.Dense(256, W_std=1.5, b_std=0.1), nt.Erf(), nt.Dense(n_outputs))\n")
-    code = main(["fit", "--arch", str(spec), "--n-train", "200", "--n-test", "100", "--no-finite",
-                 "--no-figures", "--no-progress", "--out", str(tmp_path / "o")])
+    spec.write_text(
+        "import ntkit as nt\n"
+        "def make_net(n_outputs):\n"
+        "    return nt.serial(nt.Dense(256, W_std=1.5, b_std=0.1), nt.Erf(), nt.Dense(n_outputs))\n"
+    )
+    code = main(
+        [
+            "fit",
+            "--arch",
+            str(spec),
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+            "--no-finite",
+            "--no-figures",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [r["model"] for r in rows] == ["ntk-krr", "nngp-krr", "ntk-svm"] and rows[0]["accuracy"] > 0.85
@@ -105,8 +139,8 @@ def test_arch_spec_file(tmp_path, capsys):
 
 def test_kernel_command_writes_and_resumes_a_store(tmp_path):
     pytest.importorskip("zarr")
-    from ntkit.datasets import load_digits
     from ntkit.architectures import fc_net
+    from ntkit.datasets import load_digits
     from ntkit.tiling import KernelStore
 
     store = tmp_path / "k"
@@ -155,8 +189,9 @@ def test_bench_uci_runs_on_one_set(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(U, "NTK_DEPTHS", (1, 2))
     monkeypatch.setattr(U, "RF_TREES", 10)
-    code = main(["bench-uci", "--datasets", "iris", "--folds", "2", "--inner-folds", "2", "--jobs", "1",
-                 "--out", str(tmp_path)])
+    code = main(
+        ["bench-uci", "--datasets", "iris", "--folds", "2", "--inner-folds", "2", "--jobs", "1", "--out", str(tmp_path)]
+    )
     assert code == 0
     res = json.loads((tmp_path / "results.json").read_text())
     (row,) = res["rows"]

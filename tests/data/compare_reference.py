@@ -1,13 +1,13 @@
 """Compare two folders of NT reference cases (``<case>.npz`` + ``cases.json``), array by array.
 
-    python tests/data/compare_reference.py NEW_DIR REF_DIR [--tol 1e-12] [--verbose]
+    python tests/data/compare_reference.py NEW_DIR REF_DIR [--tol 1e-12] [--verbose] [--partial]
 
 Needs only NumPy (runs in the project's venv or in the NT one). For every case present in either folder it checks
 that both have it, with the same array names, shapes and dtypes; inputs (``x*``, ``y_train``, ``fx_*_0``,
 ``param_*``) must be bit-identical, outputs must have the same NaN pattern and agree to ``--tol`` relative error,
 measured as in the tests: max |new - ref| / max |ref| over the finite entries. It also checks that the two
-``cases.json`` list the same arrays and shapes (the descriptions may be worded differently). Prints the largest
-differences per family and exits non-zero on any mismatch.
+``cases.json`` (in the folder or next to it) list the same arrays and shapes (descriptions may be worded
+differently). Prints the largest differences per family and exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ import numpy as np
 
 INPUT_ARRAYS = {"x1", "x2", "x1_nhwc", "x2_nhwc", "x1_nwc", "x_train", "x_test", "y_train", "fx_train_0", "fx_test_0"}
 #: name prefix -> family (first match wins)
-FAMILIES = (("fc_hermite_", "hermite"), ("fc_", "fc"), ("branch_", "branch"), ("conv", "conv"),
-            ("predict_", "predict"), ("empirical_", "empirical"))
+FAMILIES = (
+    ("fc_hermite_", "hermite"),
+    ("fc_", "fc"),
+    ("branch_", "branch"),
+    ("conv", "conv"),
+    ("predict_", "predict"),
+    ("empirical_", "empirical"),
+)
 
 
 def is_input(array_name: str) -> bool:
@@ -56,8 +62,7 @@ def diff(new: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return abs_err, abs_err / scale if scale else abs_err
 
 
-def compare_case(name: str, new_dir: Path, ref_dir: Path, tol: float, stats: FamilyStats,
-                 verbose: bool) -> list[str]:
+def compare_case(name: str, new_dir: Path, ref_dir: Path, tol: float, stats: FamilyStats, verbose: bool) -> list[str]:
     """Problems found in one case (empty if it matches); updates ``stats``."""
     paths = new_dir / f"{name}.npz", ref_dir / f"{name}.npz"
     missing = [str(p) for p in paths if not p.exists()]
@@ -66,8 +71,10 @@ def compare_case(name: str, new_dir: Path, ref_dir: Path, tol: float, stats: Fam
     problems = []
     with np.load(paths[0]) as zn, np.load(paths[1]) as zr:
         if set(zn.files) != set(zr.files):
-            problems.append(f"{name}: arrays differ: only new {sorted(set(zn.files) - set(zr.files))}, "
-                            f"only ref {sorted(set(zr.files) - set(zn.files))}")
+            problems.append(
+                f"{name}: arrays differ: only new {sorted(set(zn.files) - set(zr.files))}, "
+                f"only ref {sorted(set(zr.files) - set(zn.files))}"
+            )
         stats.cases += 1
         for key in sorted(set(zn.files) & set(zr.files)):
             new, ref = zn[key], zr[key]
@@ -97,10 +104,16 @@ def compare_case(name: str, new_dir: Path, ref_dir: Path, tol: float, stats: Fam
     return problems
 
 
+def find_index(folder: Path) -> Path | None:
+    """``cases.json`` in the folder, else next to it (the shared copy keeps it beside ``cases/``)."""
+    return next((p for p in (folder / "cases.json", folder.parent / "cases.json") if p.exists()), None)
+
+
 def compare_index(new_dir: Path, ref_dir: Path, names: Iterable[str]) -> list[str]:
-    paths = new_dir / "cases.json", ref_dir / "cases.json"
-    if not all(p.exists() for p in paths):
-        return [f"cases.json missing in {', '.join(str(p.parent) for p in paths if not p.exists())}"]
+    paths = find_index(new_dir), find_index(ref_dir)
+    missing = [str(d) for d, p in zip((new_dir, ref_dir), paths, strict=True) if p is None]
+    if missing:
+        return [f"no cases.json in or next to {', '.join(missing)}"]
     new, ref = (json.loads(p.read_text()) for p in paths)
     problems = []
     for name in names:
@@ -112,21 +125,27 @@ def compare_index(new_dir: Path, ref_dir: Path, names: Iterable[str]) -> list[st
     return problems
 
 
-def compare(new_dir: Path, ref_dir: Path, names: Iterable[str] | None = None, tol: float = 1e-12,
-            verbose: bool = False) -> int:
-    """Compare the cases ``names`` (default: every case in either folder); 0 if all match, else 1."""
+def compare(
+    new_dir: Path,
+    ref_dir: Path,
+    names: Iterable[str] | None = None,
+    tol: float = 1e-12,
+    verbose: bool = False,
+    partial: bool = False,
+) -> int:
+    """Compare the cases ``names`` (default: every case in either folder, or only those in ``new_dir`` if
+    ``partial``); 0 if all match, else 1."""
     new_dir, ref_dir = Path(new_dir), Path(ref_dir)
     if names is None:
-        names = {p.stem for d in (new_dir, ref_dir) for p in d.glob("*.npz")}
+        names = {p.stem for d in ((new_dir,) if partial else (new_dir, ref_dir)) for p in d.glob("*.npz")}
     names = sorted(names)
     stats: dict[str, FamilyStats] = {}
     problems: list[str] = []
     for name in names:
-        problems += compare_case(name, new_dir, ref_dir, tol, stats.setdefault(family_of(name), FamilyStats()),
-                                 verbose)
+        problems += compare_case(name, new_dir, ref_dir, tol, stats.setdefault(family_of(name), FamilyStats()), verbose)
     problems += compare_index(new_dir, ref_dir, names)
 
-    print(f"\n{new_dir}  vs  {ref_dir}: {len(names)} case(s)")
+    print(f"\n{new_dir}  vs  {ref_dir}: {len(names)} case(s); index {find_index(new_dir)} vs {find_index(ref_dir)}")
     print(f"{'family':10s} {'cases':>5s} {'arrays':>6s} {'identical':>9s} {'max abs':>10s} {'max rel':>10s}  worst")
     for fam, s in sorted(stats.items()):
         print(f"{fam:10s} {s.cases:5d} {s.arrays:6d} {s.identical:9d} {s.max_abs:10.3e} {s.max_rel:10.3e}  {s.worst}")
@@ -150,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ref_dir", type=Path)
     parser.add_argument("--tol", type=float, default=1e-12, help="relative tolerance for outputs (default 1e-12)")
     parser.add_argument("--verbose", action="store_true", help="print every array that is not bit-identical")
+    parser.add_argument("--partial", action="store_true", help="compare only the cases present in NEW_DIR")
     args = parser.parse_args(argv)
-    return compare(args.new_dir, args.ref_dir, tol=args.tol, verbose=args.verbose)
+    return compare(args.new_dir, args.ref_dir, tol=args.tol, verbose=args.verbose, partial=args.partial)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ Conventions (what a PyTorch implementation has to keep in mind when it reads the
   NT stores Dense weights as (in, out) and biases as (1, out).
 * ``diag_reg`` of ``nt.predict`` is relative to the mean of the train kernel's diagonal (NT's default).
 
+Reproducibility
+---------------
+Inputs are bit-identical on every machine. Outputs are too, except for XLA's JIT-compiled dot products (the tanh
+quadrature, the empirical NTK), which XLA compiles for the host CPU's vector width: on another CPU they may differ by
+a few ulp (measured up to 9e-16 relative against the archived copy made on a different machine).
+``compare_reference.py`` checks a run against another copy.
+
 Adding a case
 -------------
 Write a function that returns a :class:`Result` and register it with ``@case("<family>")`` (the function name is
@@ -49,12 +56,18 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# OpenBLAS (behind jaxlib's LAPACK calls in nt.predict) picks its kernels by CPU, and its AVX-512 and AVX2 kernels
+# round differently (~1e-14). Pin the AVX2 ("Haswell") ones, with which the predict cases match the archived
+# reference bit for bit, so that reruns on other x86 machines give the same bits. Set before NumPy/SciPy load.
+os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # NT imports TensorFlow (via tf2jax): silence its CUDA noise
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +76,15 @@ import numpy as np
 from neural_tangents import stax
 
 jax.config.update("jax_enable_x64", True)
+# NT's advisory warnings, each known to hold for the cases here: every FanIn branch has its own Dense/Conv, the
+# Hermite inputs are LayerNorm-ed, and the tanh quadrature (deg=25, derivative by autodiff) is the case itself.
+for _message in (
+    "`FanIn` layers assume independent inputs",
+    "Inputs to this layer are assumed to have unit norm",
+    "Numerical Activation Layer",
+    "Using JAX autodiff to compute the `fn` derivative",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "nt"
@@ -206,8 +228,13 @@ def regression_inputs() -> dict[str, np.ndarray]:
     y_train = np.sin(x_train.sum(1, keepdims=True)) + 0.1 * rs.randn(40, 1)
     fx_train_0 = 0.1 * rs.randn(40, 1)
     fx_test_0 = 0.1 * rs.randn(15, 1)
-    arrays = {"x_train": x_train, "x_test": x_test, "y_train": y_train, "fx_train_0": fx_train_0,
-              "fx_test_0": fx_test_0}
+    arrays = {
+        "x_train": x_train,
+        "x_test": x_test,
+        "y_train": y_train,
+        "fx_train_0": fx_train_0,
+        "fx_test_0": fx_test_0,
+    }
     _frozen(*arrays.values())
     return arrays
 
@@ -279,7 +306,7 @@ def hermite_case(degree: int) -> Result:
     net = L.serial(L.Dense(64), L.LayerNorm(), L.Hermite(degree), L.Dense(2))
     x1, x2 = (row_normalized(x) for x in vector_inputs())
     arrays = {"x1": x1, "x2": x2, **kernels(net.kernel_fn(), x1, x2, "12")}
-    return Result(f"{net}; x1, x2 rows rescaled to norm sqrt(7); *_12 = kernel_fn(x1, x2)", arrays)
+    return Result(f"{net}; x1, x2 rows rescaled to norm sqrt(d) = sqrt(7); *_12 = kernel_fn(x1, x2)", arrays)
 
 
 for _degree in (1, 2, 3):
@@ -297,21 +324,28 @@ def branch_result(net: Spec) -> Result:
 @case("branch")
 def branch_residual_sum() -> Result:
     block = L.serial(L.Dense(64, W_std=1.3, b_std=0.1), L.Relu(), L.Dense(64, W_std=1.3, b_std=0.1))
-    return branch_result(L.serial(L.Dense(64), L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(),
-                                  L.Relu(), L.Dense(1)))
+    return branch_result(
+        L.serial(L.Dense(64), L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(), L.Relu(), L.Dense(1))
+    )
 
 
 @case("branch")
 def branch_concat() -> Result:
-    return branch_result(L.serial(L.FanOut(2), L.parallel(L.serial(L.Dense(32), L.Relu()),
-                                                          L.serial(L.Dense(32), L.Erf())),
-                                  L.FanInConcat(), L.Dense(1)))
+    return branch_result(
+        L.serial(
+            L.FanOut(2),
+            L.parallel(L.serial(L.Dense(32), L.Relu()), L.serial(L.Dense(32), L.Erf())),
+            L.FanInConcat(),
+            L.Dense(1),
+        )
+    )
 
 
 @case("branch")
 def branch_prod() -> Result:
-    return branch_result(L.serial(L.FanOut(2), L.parallel(L.serial(L.Dense(32), L.Relu()), L.Dense(32)),
-                                  L.FanInProd(), L.Dense(1)))
+    return branch_result(
+        L.serial(L.FanOut(2), L.parallel(L.serial(L.Dense(32), L.Relu()), L.Dense(32)), L.FanInProd(), L.Dense(1))
+    )
 
 
 # =====================================================================================================================
@@ -320,43 +354,85 @@ def branch_prod() -> Result:
 def image_result(net: Spec) -> Result:
     kernel_fn = net.kernel_fn()
     im1, im2 = conv_inputs()["im1"], conv_inputs()["im2"]
-    arrays = {"x1_nhwc": im1, "x2_nhwc": im2, **kernels(kernel_fn, im1, im2, "12"),
-              **kernels(kernel_fn, im1, None, "11")}
+    arrays = {
+        "x1_nhwc": im1,
+        "x2_nhwc": im2,
+        **kernels(kernel_fn, im1, im2, "12"),
+        **kernels(kernel_fn, im1, None, "11"),
+    }
     return Result(f"{net}; inputs NHWC; *_12 = kernel_fn(x1, x2), *_11 = kernel_fn(x1, None)", arrays)
 
 
 @case("conv")
 def conv_same_flatten() -> Result:
-    return image_result(L.serial(L.Conv(16, (3, 3), padding="SAME", b_std=0.1), L.Relu(),
-                                 L.Conv(16, (3, 3), padding="SAME", b_std=0.1), L.Relu(), L.Flatten(), L.Dense(1)))
+    return image_result(
+        L.serial(
+            L.Conv(16, (3, 3), padding="SAME", b_std=0.1),
+            L.Relu(),
+            L.Conv(16, (3, 3), padding="SAME", b_std=0.1),
+            L.Relu(),
+            L.Flatten(),
+            L.Dense(1),
+        )
+    )
 
 
 @case("conv")
 def conv_valid_stride2_gap() -> Result:
-    return image_result(L.serial(L.Conv(16, (3, 3), strides=(2, 2), padding="VALID", W_std=1.4), L.Relu(),
-                                 L.Conv(16, (2, 2), padding="SAME"), L.Erf(), L.GlobalAvgPool(), L.Dense(1)))
+    return image_result(
+        L.serial(
+            L.Conv(16, (3, 3), strides=(2, 2), padding="VALID", W_std=1.4),
+            L.Relu(),
+            L.Conv(16, (2, 2), padding="SAME"),
+            L.Erf(),
+            L.GlobalAvgPool(),
+            L.Dense(1),
+        )
+    )
 
 
 @case("conv")
 def conv_circular_avgpool() -> Result:
-    return image_result(L.serial(L.Conv(16, (3, 3), padding="CIRCULAR"), L.Relu(), L.AvgPool((2, 2), strides=(2, 2)),
-                                 L.Conv(16, (3, 3), padding="SAME"), L.Relu(), L.Flatten(), L.Dense(1)))
+    return image_result(
+        L.serial(
+            L.Conv(16, (3, 3), padding="CIRCULAR"),
+            L.Relu(),
+            L.AvgPool((2, 2), strides=(2, 2)),
+            L.Conv(16, (3, 3), padding="SAME"),
+            L.Relu(),
+            L.Flatten(),
+            L.Dense(1),
+        )
+    )
 
 
 @case("conv")
 def conv_standard_param_sumpool() -> Result:
-    return image_result(L.serial(L.Conv(16, (3, 3), padding="SAME", parameterization="standard"), L.Gelu(),
-                                 L.SumPool((2, 2), strides=(1, 1), padding="SAME"), L.GlobalAvgPool(),
-                                 L.Dense(1, parameterization="standard")))
+    return image_result(
+        L.serial(
+            L.Conv(16, (3, 3), padding="SAME", parameterization="standard"),
+            L.Gelu(),
+            L.SumPool((2, 2), strides=(1, 1), padding="SAME"),
+            L.GlobalAvgPool(),
+            L.Dense(1, parameterization="standard"),
+        )
+    )
 
 
 @case("conv")
 def conv1d_gap() -> Result:
-    net = L.serial(L.Conv(8, (3,), padding="SAME"), L.Relu(), L.Conv(8, (3,), strides=(2,), padding="VALID"),
-                   L.Relu(), L.GlobalAvgPool(), L.Dense(1))
+    net = L.serial(
+        L.Conv(8, (3,), padding="SAME"),
+        L.Relu(),
+        L.Conv(8, (3,), strides=(2,), padding="VALID"),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
     seq = conv_inputs()["seq"]
-    return Result(f"{net}; inputs NWC; *_11 = kernel_fn(x1, None)",
-                  {"x1_nwc": seq, **kernels(net.kernel_fn(), seq, None, "11")})
+    return Result(
+        f"{net}; inputs NWC; *_11 = kernel_fn(x1, None)", {"x1_nwc": seq, **kernels(net.kernel_fn(), seq, None, "11")}
+    )
 
 
 # =====================================================================================================================
@@ -369,8 +445,9 @@ PREDICT_NET = L.serial(L.Dense(128, b_std=0.2), L.Relu(), L.Dense(128, b_std=0.2
 def predict_ensemble() -> Result:
     data = regression_inputs()
     x_train, x_test, y_train = data["x_train"], data["x_test"], data["y_train"]
-    predict_fn = nt.predict.gradient_descent_mse_ensemble(PREDICT_NET.kernel_fn(), x_train, y_train,
-                                                          learning_rate=1.0, diag_reg=1e-3)
+    predict_fn = nt.predict.gradient_descent_mse_ensemble(
+        PREDICT_NET.kernel_fn(), x_train, y_train, learning_rate=1.0, diag_reg=1e-3
+    )
     arrays = {"x_train": x_train, "x_test": x_test, "y_train": y_train}
     for t, tag in ((None, "inf"), (0.5, "0.5"), (5.0, "5.0")):
         out = predict_fn(x_test=x_test, get=BOTH, t=t, compute_cov=True)
@@ -378,10 +455,13 @@ def predict_ensemble() -> Result:
             gaussian = getattr(out, get)
             arrays[f"{get}_mean_t{tag}"] = np.asarray(gaussian.mean)
             arrays[f"{get}_cov_t{tag}"] = np.asarray(gaussian.covariance)
-    return Result(f"nt.predict.gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, learning_rate=1.0, "
-                  f"diag_reg=1e-3)(x_test=x_test, get=('nngp', 'ntk'), t=t, compute_cov=True) with kernel_fn of "
-                  f"{PREDICT_NET}; <get>_mean_t<tag> / <get>_cov_t<tag> for t = None (tag inf), 0.5, 5.0; "
-                  f"diag_reg relative to the mean train-kernel diagonal", arrays)
+    return Result(
+        f"nt.predict.gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, learning_rate=1.0, "
+        f"diag_reg=1e-3)(x_test=x_test, get=('nngp', 'ntk'), t=t, compute_cov=True) with kernel_fn of "
+        f"{PREDICT_NET}; <get>_mean_t<tag> / <get>_cov_t<tag> for t = None (tag inf), 0.5, 5.0; "
+        f"diag_reg relative to the mean train-kernel diagonal",
+        arrays,
+    )
 
 
 @case("predict")
@@ -391,16 +471,24 @@ def predict_gd_mse() -> Result:
     k_train_train = np.asarray(kernel_fn(data["x_train"], None, "ntk"))
     k_test_train = np.asarray(kernel_fn(data["x_test"], data["x_train"], "ntk"))
     predict_fn = nt.predict.gradient_descent_mse(k_train_train, data["y_train"], learning_rate=0.5, diag_reg=0.0)
-    arrays = {"k_train_train": k_train_train, "k_test_train": k_test_train, "y_train": data["y_train"],
-              "fx_train_0": data["fx_train_0"], "fx_test_0": data["fx_test_0"]}
+    arrays = {
+        "k_train_train": k_train_train,
+        "k_test_train": k_test_train,
+        "y_train": data["y_train"],
+        "fx_train_0": data["fx_train_0"],
+        "fx_test_0": data["fx_test_0"],
+    }
     for t in (0.0, 1.0, 10.0, 1e6):
         fx_train, fx_test = predict_fn(t, data["fx_train_0"], data["fx_test_0"], k_test_train)
         arrays[f"fx_train_t{t}"] = np.asarray(fx_train)
         arrays[f"fx_test_t{t}"] = np.asarray(fx_test)
-    return Result(f"k_train_train = kernel_fn(x_train, None, 'ntk'), k_test_train = kernel_fn(x_test, x_train, 'ntk') "
-                  f"with kernel_fn of {PREDICT_NET}; nt.predict.gradient_descent_mse(k_train_train, y_train, "
-                  f"learning_rate=0.5, diag_reg=0.0)(t, fx_train_0, fx_test_0, k_test_train) -> fx_train_t<t>, "
-                  f"fx_test_t<t> for t = 0.0, 1.0, 10.0, 1000000.0", arrays)
+    return Result(
+        f"k_train_train = kernel_fn(x_train, None, 'ntk'), k_test_train = kernel_fn(x_test, x_train, 'ntk') "
+        f"with kernel_fn of {PREDICT_NET}; nt.predict.gradient_descent_mse(k_train_train, y_train, "
+        f"learning_rate=0.5, diag_reg=0.0)(t, fx_train_0, fx_test_0, k_test_train) -> fx_train_t<t>, "
+        f"fx_test_t<t> for t = 0.0, 1.0, 10.0, 1000000.0",
+        arrays,
+    )
 
 
 @case("predict")
@@ -411,12 +499,22 @@ def predict_gp_inference() -> Result:
     k_test_train = np.asarray(kernel_fn(data["x_test"], data["x_train"], "nngp"))
     k_test_test = np.asarray(kernel_fn(data["x_test"], None, "nngp"))
     out = nt.predict.gp_inference(k_train_train, data["y_train"], diag_reg=1e-2)(
-        get="nngp", k_test_train=k_test_train, k_test_test=k_test_test)
-    arrays = {"k_train_train": k_train_train, "k_test_train": k_test_train, "k_test_test": k_test_test,
-              "y_train": data["y_train"], "mean": np.asarray(out.mean), "covariance": np.asarray(out.covariance)}
-    return Result(f"NNGP kernels k_train_train, k_test_train, k_test_test of {PREDICT_NET}; "
-                  f"nt.predict.gp_inference(k_train_train, y_train, diag_reg=1e-2)(get='nngp', "
-                  f"k_test_train=k_test_train, k_test_test=k_test_test) -> mean, covariance", arrays)
+        get="nngp", k_test_train=k_test_train, k_test_test=k_test_test
+    )
+    arrays = {
+        "k_train_train": k_train_train,
+        "k_test_train": k_test_train,
+        "k_test_test": k_test_test,
+        "y_train": data["y_train"],
+        "mean": np.asarray(out.mean),
+        "covariance": np.asarray(out.covariance),
+    }
+    return Result(
+        f"NNGP kernels k_train_train, k_test_train, k_test_test of {PREDICT_NET}; "
+        f"nt.predict.gp_inference(k_train_train, y_train, diag_reg=1e-2)(get='nngp', "
+        f"k_test_train=k_test_train, k_test_test=k_test_test) -> mean, covariance",
+        arrays,
+    )
 
 
 # =====================================================================================================================
@@ -436,14 +534,22 @@ def empirical_mlp() -> Result:
     contraction = nt.NtkImplementation.JACOBIAN_CONTRACTION
     ntk_traced = nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,), implementation=contraction)(x1, x2, params)
     ntk_full = nt.empirical_ntk_fn(apply_fn, trace_axes=(), implementation=contraction)(x1, x2, params)
-    arrays = {"x1": x1, "x2": x2, "ntk_traced": np.asarray(ntk_traced), "ntk_full": np.asarray(ntk_full),
-              **{f"param_{i}": leaf for i, leaf in enumerate(leaves)}}
-    return Result(f"apply_fn of {net} (input dim 6) with params param_0..param_5 in jax tree order "
-                  f"W1 (6, 32), b1 (1, 32), W2 (32, 32), b2 (1, 32), W3 (32, 4), b3 (1, 4), i.e. "
-                  f"f(x) = relu(relu(x W1 / sqrt(6) + 0.1 b1) W2 / sqrt(32) + 0.1 b2) W3 / sqrt(32) + 0.1 b3; "
-                  f"nt.empirical_ntk_fn(apply_fn, trace_axes=..., implementation=JACOBIAN_CONTRACTION)(x1, x2, "
-                  f"params): ntk_traced with trace_axes=(-1,) (mean over the 4 outputs), ntk_full with "
-                  f"trace_axes=() (8, 5, 4, 4)", arrays)
+    arrays = {
+        "x1": x1,
+        "x2": x2,
+        "ntk_traced": np.asarray(ntk_traced),
+        "ntk_full": np.asarray(ntk_full),
+        **{f"param_{i}": leaf for i, leaf in enumerate(leaves)},
+    }
+    return Result(
+        f"apply_fn of {net} (input dim 6) with params param_0..param_5 in jax tree order "
+        f"W1 (6, 32), b1 (1, 32), W2 (32, 32), b2 (1, 32), W3 (32, 4), b3 (1, 4), i.e. "
+        f"f(x) = relu(relu(x W1 / sqrt(6) + 0.1 b1) W2 / sqrt(32) + 0.1 b2) W3 / sqrt(32) + 0.1 b3; "
+        f"nt.empirical_ntk_fn(apply_fn, trace_axes=..., implementation=JACOBIAN_CONTRACTION)(x1, x2, "
+        f"params): ntk_traced with trace_axes=(-1,) (mean over the 4 outputs), ntk_full with "
+        f"trace_axes=() (8, 5, 4, 4)",
+        arrays,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,8 +559,11 @@ def select(patterns: Iterable[str] | None) -> list[Case]:
     if not patterns:
         return list(CASES.values())
     families = {c.family for c in CASES.values()}
-    chosen = [c for c in CASES.values()
-              if any(c.family == p if p in families else fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    chosen = [
+        c
+        for c in CASES.values()
+        if any(c.family == p if p in families else fnmatch.fnmatchcase(c.name, p) for p in patterns)
+    ]
     if not chosen:
         raise SystemExit(f"no case matches {list(patterns)}; see --list")
     return chosen
@@ -470,11 +579,19 @@ def write_case(c: Case, out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--only", action="append", metavar="PATTERN",
-                        help="case-name glob or family name; repeatable (default: every case)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="case-name glob or family name; repeatable (default: every case)",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    parser.add_argument("--compare", type=Path, metavar="REF_DIR",
-                        help="afterwards, compare the written cases with those in REF_DIR (compare_reference.py)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="REF_DIR",
+        help="afterwards, compare the written cases with those in REF_DIR (compare_reference.py)",
+    )
     args = parser.parse_args(argv)
 
     chosen = select(args.only)

@@ -1,5 +1,6 @@
 """Empirical kernels: NT parity, convergence to the analytic NTK with width, NNGP/kernel_fn, linearize and
 taylor_expand, and the errors bad input gets."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,7 @@ from helpers import load_reference, rel_err
 from torch import nn
 
 import ntkit
-from ntkit.empirical import (EmpiricalError, empirical_kernel_fn, empirical_nngp, empirical_ntk, linearize,
-                             taylor_expand)
+from ntkit.empirical import EmpiricalError, empirical_kernel_fn, empirical_nngp, empirical_ntk, linearize, taylor_expand
 
 IMPLS = ("jacobian", "ntk_vp", "structured", "auto")
 
@@ -29,8 +29,9 @@ def _x(n, d=5, seed=1):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_parity_with_nt_empirical_mlp(impl):
     ref = load_reference("empirical_mlp")
-    net = ntkit.serial(ntkit.Dense(32, b_std=0.1), ntkit.Relu(), ntkit.Dense(32, b_std=0.1), ntkit.Relu(),
-                       ntkit.Dense(4, b_std=0.1))
+    net = ntkit.serial(
+        ntkit.Dense(32, b_std=0.1), ntkit.Relu(), ntkit.Dense(32, b_std=0.1), ntkit.Relu(), ntkit.Dense(4, b_std=0.1)
+    )
     model = net.module(6, seed=0).double()
     dense = [m for m in model.modules() if hasattr(m, "parameterization")]
     with torch.no_grad():  # NT keeps Dense weights as (in, out) and biases as (1, out)
@@ -44,14 +45,16 @@ def test_parity_with_nt_empirical_mlp(impl):
 
 def test_wide_twin_approaches_analytic_ntk():
     """One network per width: the relative error falls like 1/sqrt(width) (16x wider: ~4x smaller)."""
-    net = ntkit.serial(ntkit.Dense(8, W_std=1.4, b_std=0.2), ntkit.Erf(), ntkit.Dense(8, W_std=1.2),
-                       ntkit.Relu(), ntkit.Dense(2))
+    net = ntkit.serial(
+        ntkit.Dense(8, W_std=1.4, b_std=0.2), ntkit.Erf(), ntkit.Dense(8, W_std=1.2), ntkit.Relu(), ntkit.Dense(2)
+    )
     x = _x(4, 3, seed=4)
     ana = net.kernel_fn(x, get="ntk")
     errs = []
     for w in (16, 256, 4096):
-        errs.append(sum(rel_err(empirical_ntk(net.module(3, width=w, seed=s).double(), x), ana.numpy())
-                        for s in range(2)) / 2)
+        errs.append(
+            sum(rel_err(empirical_ntk(net.module(3, width=w, seed=s).double(), x), ana.numpy()) for s in range(2)) / 2
+        )
     assert errs[2] < errs[1] / 2 < errs[0] / 4
     assert errs[2] < 0.08
 
@@ -66,8 +69,9 @@ def test_empirical_nngp_of_a_layer_and_of_the_output():
         h1, h2 = model[:2](x1), model[:2](x2)
         o1, o2 = model(x1), model(x2)
     torch.testing.assert_close(empirical_nngp(model, x1, x2, layer="1"), h1 @ h2.T / 12)
-    torch.testing.assert_close(empirical_nngp(model, x1, x2, layer=model[1], trace_axes=()),
-                               torch.einsum("ia,jb->ijab", h1, h2))
+    torch.testing.assert_close(
+        empirical_nngp(model, x1, x2, layer=model[1], trace_axes=()), torch.einsum("ia,jb->ijab", h1, h2)
+    )
     torch.testing.assert_close(empirical_nngp(model, x1, x2), o1 @ o2.T / 3)
     torch.testing.assert_close(empirical_nngp(model, x1, diagonal_axes=(0,)), (o1 * o1).mean(1))
 
@@ -92,8 +96,9 @@ def test_empirical_kernel_fn_is_like_kernel_fn():
 def _flat_jacobian(model, x):
     ps = list(model.parameters())
     out = model(x).reshape(-1)
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, ps, retain_graph=True)])
-                        for o in out]).reshape(x.shape[0], -1, sum(p.numel() for p in ps))
+    return torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, ps, retain_graph=True)]) for o in out]
+    ).reshape(x.shape[0], -1, sum(p.numel() for p in ps))
 
 
 def test_linearize_matches_model_at_theta0_and_moves_by_j_dtheta():

@@ -2,8 +2,8 @@
 (one ``torch.autograd.grad`` per output entry, independent of ``torch.func``), on MLPs, CNNs with pooling,
 a Transformer block, weight sharing and BatchNorm in eval mode; traced and untraced; ``x2=None`` and given.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -109,16 +109,32 @@ def make(name):
         m = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
         x1, x2 = _floats(4, 5, seed=1), _floats(3, 5, seed=2)
     elif name == "cnn_pool_bn":
-        m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
-                          nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="circular", bias=False),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3))
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="circular", bias=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
         _randomise_bn(m)
         x1, x2 = _floats(3, 2, 8, 8, seed=1), _floats(2, 2, 8, 8, seed=2)
     elif name == "cnn1d_3d":
-        m = nn.Sequential(nn.Unflatten(1, (4, 9)),
-                          nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="reflect"),
-                          nn.GELU(), nn.Conv1d(6, 4, 2, stride=2), nn.GroupNorm(2, 4), nn.Unflatten(1, (1, 2, 2)),
-                          nn.Conv3d(1, 2, (2, 2, 2)), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+        m = nn.Sequential(
+            nn.Unflatten(1, (4, 9)),
+            nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="reflect"),
+            nn.GELU(),
+            nn.Conv1d(6, 4, 2, stride=2),
+            nn.GroupNorm(2, 4),
+            nn.Unflatten(1, (1, 2, 2)),
+            nn.Conv3d(1, 2, (2, 2, 2)),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.LazyLinear(2),
+        )
         x1, x2 = _floats(3, 36, seed=1), _floats(2, 36, seed=2)
         m(x1.float())  # materialise the lazy layer
     elif name == "transformer":
@@ -130,16 +146,21 @@ def make(name):
         g = torch.Generator().manual_seed(1)
         x1, x2 = torch.randint(0, 10, (3, 4), generator=g), torch.randint(0, 10, (2, 4), generator=g)
     elif name == "bn_mlp":
-        m = _randomise_bn(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.LayerNorm(8),
-                                        nn.Linear(8, 3)))
+        m = _randomise_bn(
+            nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 3))
+        )
         x1, x2 = _floats(4, 5, seed=1), _floats(3, 5, seed=2)
     elif name == "reads_weight":
         m = ReadsWeight()
         x1, x2 = _floats(4, 5, seed=1), _floats(3, 5, seed=2)
     elif name == "ntkit_twins":  # ntkit's own finite networks: DenseModule and ConvModule
-        net = ntkit.serial(ntkit.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.2), ntkit.Relu(),
-                           ntkit.Conv(3, (2, 2), strides=(2, 2), parameterization="standard", b_std=0.1),
-                           ntkit.Flatten(), ntkit.Dense(3, b_std=0.3))
+        net = ntkit.serial(
+            ntkit.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.2),
+            ntkit.Relu(),
+            ntkit.Conv(3, (2, 2), strides=(2, 2), parameterization="standard", b_std=0.1),
+            ntkit.Flatten(),
+            ntkit.Dense(3, b_std=0.3),
+        )
         m = net.module((2, 6, 6), seed=0)
         x1, x2 = _floats(3, 2, 6, 6, seed=1), _floats(2, 2, 6, 6, seed=2)
     else:  # pragma: no cover
@@ -180,8 +201,7 @@ def test_structure_is_used_where_it_is_valid_and_only_there():
         model, x1, _ = make(name)
         p = resolve_params(model, None)
         f = fixed_params(model, p)
-        return Structured(model, p, OutSpec(probe(model, p, x1, f).out_shape, (-1,), ()), probe(model, p, x1, f),
-                          x1, f)
+        return Structured(model, p, OutSpec(probe(model, p, x1, f).out_shape, (-1,), ()), probe(model, p, x1, f), x1, f)
 
     st = analyse("transformer")
     assert {"emb.weight", "layer.linear1.weight", "layer.norm1.weight", "head.weight"} <= st.structured

@@ -1,5 +1,6 @@
 """ntkit.sklearn: estimator contract (check_estimator), closed forms, and agreement with scikit-learn's own
 kernel machines fed the same kernels."""
+
 from __future__ import annotations
 
 import pickle
@@ -21,7 +22,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import ntkit as nt
 from ntkit.architectures import fc_net
-from ntkit.integrations.estimators import NNGPRegressor, NTKClassifier, NTKRegressor, NTKSVC, kernel
+from ntkit.integrations.estimators import NTKSVC, NNGPRegressor, NTKClassifier, NTKRegressor, kernel
 
 # Every check passes; none is excluded. depth=1 keeps them fast.
 ESTIMATORS = [NTKRegressor(depth=1), NTKClassifier(depth=1), NNGPRegressor(depth=1), NTKSVC(depth=1)]
@@ -43,8 +44,13 @@ def _k(net, a, b=None, get="ntk"):
     return net.kernel_fn(torch.from_numpy(a), None if b is None else torch.from_numpy(b), get).numpy()
 
 
-NET = nt.serial(nt.Dense(64, W_std=1.5, b_std=0.1), nt.Erf(), nt.Dense(64, W_std=1.5, b_std=0.1), nt.Relu(),
-                nt.Dense(1, W_std=1.0, b_std=0.1))
+NET = nt.serial(
+    nt.Dense(64, W_std=1.5, b_std=0.1),
+    nt.Erf(),
+    nt.Dense(64, W_std=1.5, b_std=0.1),
+    nt.Relu(),
+    nt.Dense(1, W_std=1.0, b_std=0.1),
+)
 
 
 def test_ntk_regressor_is_kernel_ridge_regression():

@@ -1,4 +1,5 @@
 """ntkit.gpytorch: analytic kernels with learnable W_std / b_std (skipped when gpytorch is absent)."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,13 @@ gpytorch = pytest.importorskip("gpytorch")
 import ntkit as nt
 from ntkit.integrations.gp_kernels import NNGPKernel, NTKKernel
 
-NET = nt.serial(nt.Dense(64, W_std=1.5, b_std=0.2), nt.Relu(), nt.Dense(64, W_std=1.3, b_std=0.3), nt.Erf(),
-                nt.Dense(1, W_std=0.9, b_std=0.1))
+NET = nt.serial(
+    nt.Dense(64, W_std=1.5, b_std=0.2),
+    nt.Relu(),
+    nt.Dense(64, W_std=1.3, b_std=0.3),
+    nt.Erf(),
+    nt.Dense(1, W_std=0.9, b_std=0.1),
+)
 
 
 def _x(n, d=3, seed=0):
@@ -28,8 +34,7 @@ def test_values_equal_kernel_fn(cls):
     get = "nngp" if cls is NNGPKernel else "ntk"
     torch.testing.assert_close(k(x).to_dense(), NET.kernel_fn(x, None, get), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(k(x, z).to_dense(), NET.kernel_fn(x, z, get), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(k(x, diag=True), torch.diagonal(NET.kernel_fn(x, None, get)), rtol=1e-12,
-                               atol=1e-14)
+    torch.testing.assert_close(k(x, diag=True), torch.diagonal(NET.kernel_fn(x, None, get)), rtol=1e-12, atol=1e-14)
     assert k.W_std.detach().tolist() == pytest.approx([1.5, 1.3, 0.9], rel=1e-14)
 
 
@@ -61,8 +66,7 @@ def test_marginal_likelihood_tuning_beats_the_true_hyperparameters():
     x = _x(60, d=2, seed=3)
     noise = 1e-2
     cov = truth.kernel_fn(x, None, "nngp") + noise * torch.eye(60, dtype=torch.float64)
-    y = torch.linalg.cholesky(cov) @ torch.randn(60, generator=torch.Generator().manual_seed(4),
-                                                  dtype=torch.float64)
+    y = torch.linalg.cholesky(cov) @ torch.randn(60, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     class GP(gpytorch.models.ExactGP):
         def __init__(self, net, lik):

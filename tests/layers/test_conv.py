@@ -5,6 +5,7 @@ for nets ending in Flatten, where NT's own NTK carries round-off amplified by ``
 (measured 4e-10 and 1.8e-9): 1e-5 there, the project's parity bar. Brute-force loops and layout
 equivalences: 1e-12.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -12,9 +13,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import load_reference, rel_err
+from nt_nets import CONV_CASES, conv_net, nchw
 
 import ntkit as nk
-from helpers import load_reference, rel_err
 from ntkit.architectures import cntk, myrtle, wide_resnet
 from ntkit.kernel import Kernel, kernel_from_inputs
 from ntkit.layers import LayerError
@@ -28,51 +30,18 @@ def _img(n, c=2, size=(6, 6), seed=0, dtype=F64):
     return torch.randn((n, c) + tuple(size), generator=g, dtype=dtype)
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# NT parity on the reference cases (inputs stored NHWC / NWC)
-# ---------------------------------------------------------------------------------------------------
-def _reference_net(name):
-    C = nk.Conv
-    return {
-        "conv1d_gap": lambda: nk.serial(
-            C(8, (3,), padding="SAME"), nk.Relu(), C(8, (3,), strides=(2,), padding="VALID"), nk.Relu(),
-            nk.GlobalAvgPool(), nk.Dense(1)),
-        "conv_circular_avgpool": lambda: nk.serial(
-            C(16, (3, 3), padding="CIRCULAR"), nk.Relu(), nk.AvgPool((2, 2), strides=(2, 2)),
-            C(16, (3, 3), padding="SAME"), nk.Relu(), nk.Flatten(), nk.Dense(1)),
-        "conv_same_flatten": lambda: nk.serial(
-            C(16, (3, 3), padding="SAME", b_std=0.1), nk.Relu(), C(16, (3, 3), padding="SAME", b_std=0.1), nk.Relu(),
-            nk.Flatten(), nk.Dense(1)),
-        "conv_standard_param_sumpool": lambda: nk.serial(
-            C(16, (3, 3), padding="SAME", parameterization="standard"), nk.Gelu(),
-            nk.SumPool((2, 2), strides=(1, 1), padding="SAME"), nk.GlobalAvgPool(),
-            nk.Dense(1, parameterization="standard")),
-        "conv_valid_stride2_gap": lambda: nk.serial(
-            C(16, (3, 3), strides=(2, 2), padding="VALID", W_std=1.4), nk.Relu(), C(16, (2, 2), padding="SAME"),
-            nk.Erf(), nk.GlobalAvgPool(), nk.Dense(1)),
-    }[name]()
-
-
-CASES = ["conv1d_gap", "conv_circular_avgpool", "conv_same_flatten", "conv_standard_param_sumpool",
-         "conv_valid_stride2_gap"]
-
-
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CONV_CASES)
 def test_nt_parity(name):
     ref = load_reference(name)
     key = "x1_nwc" if "x1_nwc" in ref else "x1_nhwc"
-    x1 = _nchw(ref[key])
-    net = _reference_net(name)
+    x1 = nchw(ref[key])
+    net = conv_net(name)
     k = net.kernel_fn(x1, None)
     tol_diag = 1e-5 if name == "conv_same_flatten" else 1e-10
     assert rel_err(k.nngp, ref["nngp_11"]) < 1e-10
     assert rel_err(k.ntk, ref["ntk_11"]) < tol_diag
     if key.replace("x1", "x2") in ref:
-        k = net.kernel_fn(x1, _nchw(ref[key.replace("x1", "x2")]))
+        k = net.kernel_fn(x1, nchw(ref[key.replace("x1", "x2")]))
         assert rel_err(k.nngp, ref["nngp_12"]) < 1e-10
         assert rel_err(k.ntk, ref["ntk_12"]) < 1e-10
 
@@ -80,8 +49,8 @@ def test_nt_parity(name):
 def test_nt_parity_float32():
     """float32 in, float32 out, within float32 round-off of NT's float64 values."""
     ref = load_reference("conv_circular_avgpool")
-    x1, x2 = _nchw(ref["x1_nhwc"]).float(), _nchw(ref["x2_nhwc"]).float()
-    k = _reference_net("conv_circular_avgpool").kernel_fn(x1, x2)
+    x1, x2 = nchw(ref["x1_nhwc"]).float(), nchw(ref["x2_nhwc"]).float()
+    k = conv_net("conv_circular_avgpool").kernel_fn(x1, x2)
     assert k.nngp.dtype == torch.float32
     assert rel_err(k.nngp, ref["nngp_12"]) < 1e-5
     assert rel_err(k.ntk, ref["ntk_12"]) < 1e-5
@@ -90,32 +59,49 @@ def test_nt_parity_float32():
 # NT 0.6.5 (float64) on RandomState(1).randn(3, 8, 8, 3) (NHWC), the same architectures written in NT's stax:
 # Myrtle-5 ([:3]), CNTK-V depth 3 ([:, :6, :6]), WRN with 2 blocks per group ([:2]). Entries are (nngp, ntk).
 NT_ARCH = {
-    "myrtle5": [[[0.1078510023071461, 0.12183816459800872, 0.12777672268110576],
-                 [0.12183816459800877, 0.14320400749370293, 0.14686347784270448],
-                 [0.12777672268110576, 0.1468634778427045, 0.15693639754715835]],
-                [[0.2538199757006655, 0.2593821542654594, 0.27469379741413036],
-                 [0.2593821542654594, 0.33613871406504414, 0.31314055911093974],
-                 [0.2746937974141303, 0.3131405591109398, 0.3708241677403535]]],
-    "cntk_v3": [[[0.388105898615157, 0.2935247055981072, 0.3035102424027661],
-                 [0.2935247055981072, 0.6286522641874561, 0.3853296194054653],
-                 [0.3035102424027661, 0.3853296194054653, 0.6245675038026485]],
-                [[1.5524235934997113, 0.5140528238289823, 0.5589923284426485],
-                 [0.5140528238289823, 2.514609052267452, 0.6992357896575605],
-                 [0.5589923284426485, 0.6992357896575605, 2.4982700148952874]]],
-    "wrn2": [[[0.3010631961845383, 0.1797536729737272], [0.17975367297372724, 0.4054639147202076]],
-             [[1.6342021696843052, 0.6686099121289444], [0.6686099121289444, 2.2021838332651904]]],
+    "myrtle5": [
+        [
+            [0.1078510023071461, 0.12183816459800872, 0.12777672268110576],
+            [0.12183816459800877, 0.14320400749370293, 0.14686347784270448],
+            [0.12777672268110576, 0.1468634778427045, 0.15693639754715835],
+        ],
+        [
+            [0.2538199757006655, 0.2593821542654594, 0.27469379741413036],
+            [0.2593821542654594, 0.33613871406504414, 0.31314055911093974],
+            [0.2746937974141303, 0.3131405591109398, 0.3708241677403535],
+        ],
+    ],
+    "cntk_v3": [
+        [
+            [0.388105898615157, 0.2935247055981072, 0.3035102424027661],
+            [0.2935247055981072, 0.6286522641874561, 0.3853296194054653],
+            [0.3035102424027661, 0.3853296194054653, 0.6245675038026485],
+        ],
+        [
+            [1.5524235934997113, 0.5140528238289823, 0.5589923284426485],
+            [0.5140528238289823, 2.514609052267452, 0.6992357896575605],
+            [0.5589923284426485, 0.6992357896575605, 2.4982700148952874],
+        ],
+    ],
+    "wrn2": [
+        [[0.3010631961845383, 0.1797536729737272], [0.17975367297372724, 0.4054639147202076]],
+        [[1.6342021696843052, 0.6686099121289444], [0.6686099121289444, 2.2021838332651904]],
+    ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(NT_ARCH))
 def test_architectures_match_nt(name):
-    x = _nchw(np.random.RandomState(1).randn(3, 8, 8, 3))
-    net, xx = {"myrtle5": (myrtle(5), x), "cntk_v3": (cntk(3, "flatten"), x[:, :, :6, :6]),
-               "wrn2": (wide_resnet(2), x[:2])}[name]
+    x = nchw(np.random.RandomState(1).randn(3, 8, 8, 3))
+    net, xx = {
+        "myrtle5": (myrtle(5), x),
+        "cntk_v3": (cntk(3, "flatten"), x[:, :, :6, :6]),
+        "wrn2": (wide_resnet(2), x[:2]),
+    }[name]
     k = net.kernel_fn(xx)
     nngp, ntk = (np.array(a) for a in NT_ARCH[name])
     assert rel_err(k.nngp, nngp) < 1e-10
-    assert rel_err(k.ntk, ntk) < (1e-5 if name == "cntk_v3" else 1e-10)   # NT's arccos round-off on the diagonal
+    assert rel_err(k.ntk, ntk) < (1e-5 if name == "cntk_v3" else 1e-10)  # NT's arccos round-off on the diagonal
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,10 +132,15 @@ def _brute(K, f, s, pads, circular, n_out, joint):
 
 
 CONV_CONFIGS = [  # (size, kernel, strides, padding, padding_mode)
-    (5, (3, 3), (1, 1), "SAME", "zeros"), (6, (3, 2), (1, 2), "SAME", "zeros"), (6, (2, 2), (1, 1), "SAME", "zeros"),
-    (5, (3, 3), (2, 2), "VALID", "zeros"), (6, (4, 3), (1, 1), "VALID", "zeros"),
-    (5, (3, 3), (1, 1), "CIRCULAR", "zeros"), (6, (2, 3), (2, 1), "CIRCULAR", "zeros"),
-    (5, (3, 3), (2, 1), (1, 2), "zeros"), (4, (3, 2), (1, 1), (2, 1), "circular"),
+    (5, (3, 3), (1, 1), "SAME", "zeros"),
+    (6, (3, 2), (1, 2), "SAME", "zeros"),
+    (6, (2, 2), (1, 1), "SAME", "zeros"),
+    (5, (3, 3), (2, 2), "VALID", "zeros"),
+    (6, (4, 3), (1, 1), "VALID", "zeros"),
+    (5, (3, 3), (1, 1), "CIRCULAR", "zeros"),
+    (6, (2, 3), (2, 1), "CIRCULAR", "zeros"),
+    (5, (3, 3), (2, 1), (1, 2), "zeros"),
+    (4, (3, 2), (1, 1), (2, 1), "circular"),
 ]
 
 
@@ -165,22 +156,24 @@ def test_conv_rule_brute_force(size, ks, st, pad, mode):
     pads = [w.lo for w in wins]
     n_out = [w.n_out for w in wins]
     for i, j in [(0, 0), (1, 2)]:
-        want = 1.3 ** 2 * _brute(k0.nngp[i, j].numpy(), ks, st, pads, circular, n_out, True) + 0.2 ** 2
+        want = 1.3**2 * _brute(k0.nngp[i, j].numpy(), ks, st, pads, circular, n_out, True) + 0.2**2
         assert np.abs(k.nngp[i, j].numpy() - want).max() < 1e-12
     # NTK (inputs carry Θ = 0): Θ' = K'
     assert torch.equal(k.ntk, k.nngp)
     # the diagonal-spatial rule gives the same same-pixel covariances
     kd = layer.kernel(kernel_from_inputs(x1, x2, diagonal_spatial=True))
-    diag = torch.diagonal(torch.diagonal(k.nngp, dim1=2, dim2=3), dim1=2, dim2=3)   # (N1, N2, a, b)
+    diag = torch.diagonal(torch.diagonal(k.nngp, dim1=2, dim2=3), dim1=2, dim2=3)  # (N1, N2, a, b)
     assert rel_err(kd.nngp, diag) < 1e-13
 
 
-@pytest.mark.parametrize("size,ks,diag", [(24, (3, 3), False), (23, (5, 2), False), (9, (3, 3, 2), True),
-                                           (5, (2, 3, 3), False)])
+@pytest.mark.parametrize(
+    "size,ks,diag", [(24, (3, 3), False), (23, (5, 2), False), (9, (3, 3, 2), True), (5, (2, 3, 3), False)]
+)
 def test_masked_offset_path_equals_strided_views(size, ks, diag, monkeypatch):
     """The stride-1 SAME fast path (flat offsets + masks; long-row and grouped-row variants) equals the plain
     strided-view implementation (itself checked against loops above)."""
     import ntkit.layers.conv as conv_mod
+
     shape = (size,) * len(ks)
     x1, x2 = _img(1, size=shape), _img(2, size=shape, seed=1)
     k0 = kernel_from_inputs(x1, x2, diagonal_spatial=diag)
@@ -192,17 +185,25 @@ def test_masked_offset_path_equals_strided_views(size, ks, diag, monkeypatch):
         assert rel_err(getattr(fast, name), getattr(slow, name)) < 1e-14
 
 
-@pytest.mark.parametrize("pool,ws,st,pad", [
-    ("avg", (2, 2), (2, 2), "VALID"), ("avg", (3, 2), (1, 2), "SAME"), ("sum", (2, 2), (1, 1), "SAME"),
-    ("sum", (3, 3), (2, 2), "CIRCULAR"), ("avg", (3, 3), (2, 2), 1)])
+@pytest.mark.parametrize(
+    "pool,ws,st,pad",
+    [
+        ("avg", (2, 2), (2, 2), "VALID"),
+        ("avg", (3, 2), (1, 2), "SAME"),
+        ("sum", (2, 2), (1, 1), "SAME"),
+        ("sum", (3, 3), (2, 2), "CIRCULAR"),
+        ("avg", (3, 3), (2, 2), 1),
+    ],
+)
 def test_pool_rule_brute_force(pool, ws, st, pad):
     x1 = _img(2, size=(5, 5))
     k0 = kernel_from_inputs(x1, None, diagonal_spatial=False)
     layer = (nk.AvgPool if pool == "avg" else nk.SumPool)(ws, st, pad)
     k = layer.kernel(k0)
     wins = plan_windows((5, 5), ws, st, pad, "zeros", "t")
-    want = _brute(k0.nngp[0, 1].numpy(), ws, st, [w.lo for w in wins], pad == "CIRCULAR", [w.n_out for w in wins],
-                  False)
+    want = _brute(
+        k0.nngp[0, 1].numpy(), ws, st, [w.lo for w in wins], pad == "CIRCULAR", [w.n_out for w in wins], False
+    )
     if pool == "avg":
         want = want / (ws[0] * ws[1]) ** 2
     assert np.abs(k.nngp[0, 1].numpy() - want).max() < 1e-12
@@ -215,7 +216,7 @@ def test_avgpool_normalize_edges():
     x = _img(2, c=3, size=(5, 5))
     net = nk.serial(nk.AvgPool((3, 3), (2, 2), "SAME", normalize_edges=True), nk.Flatten())
     k = net.kernel_fn(x, None, "nngp")
-    y = torch.nn.functional.avg_pool2d(x, 3, 2, padding=1, count_include_pad=False)   # SAME = 1+1 here
+    y = torch.nn.functional.avg_pool2d(x, 3, 2, padding=1, count_include_pad=False)  # SAME = 1+1 here
     assert rel_err(k, (y.flatten(1) @ y.flatten(1).T) / y[0].numel()) < 1e-13
 
 
@@ -228,16 +229,17 @@ def test_linear_conv_net_closed_form():
     W1, b1 = 1.2, 0.3
     k = nk.serial(nk.Conv(8, (3, 3), padding="SAME", W_std=W1, b_std=b1), nk.Flatten()).kernel_fn(x)
     # K[y,y'] of Conv = W²/(C|F|) Σ_{c,d} x[c,y+d] x'[c,y'+d] + b² ; Flatten averages y = y'
-    patches = torch.nn.functional.unfold(x, 3, padding=1)          # (N, C·9, P)
-    want = W1 ** 2 * torch.einsum("ikp,jkp->ij", patches, patches) / (2 * 9 * 25) + b1 ** 2
+    patches = torch.nn.functional.unfold(x, 3, padding=1)  # (N, C·9, P)
+    want = W1**2 * torch.einsum("ikp,jkp->ij", patches, patches) / (2 * 9 * 25) + b1**2
     assert rel_err(k.nngp, want) < 1e-13
     assert rel_err(k.ntk, want) < 1e-13
 
 
 def test_conv_1x1_is_dense():
     x1, x2 = _img(3), _img(2, seed=3)
-    a = nk.serial(nk.Conv(8, (1, 1), W_std=1.5, b_std=0.1), nk.Relu(), nk.Conv(8, (1, 1), W_std=1.2),
-                  nk.AvgPool((2, 2), (2, 2)))
+    a = nk.serial(
+        nk.Conv(8, (1, 1), W_std=1.5, b_std=0.1), nk.Relu(), nk.Conv(8, (1, 1), W_std=1.2), nk.AvgPool((2, 2), (2, 2))
+    )
     b = nk.serial(nk.Dense(8, 1.5, 0.1), nk.Relu(), nk.Dense(8, 1.2), nk.AvgPool((2, 2), (2, 2)))
     ka, kb = a.kernel_fn(x1, x2), b.kernel_fn(x1, x2)
     assert rel_err(ka.nngp, kb.nngp) < 1e-14 and rel_err(ka.ntk, kb.ntk) < 1e-14
@@ -251,21 +253,25 @@ def test_standard_parameterisation_fan_in():
     std_layer = nk.Conv(5, (3, 3), padding="SAME", W_std=1.4, b_std=0.5, parameterization="standard")
     kn, ks = ntk_layer.kernel(k0), std_layer.kernel(k0)
     assert rel_err(kn.nngp, ks.nngp) < 1e-15
-    mean = (kn.nngp - 0.25) / 1.4 ** 2                                        # T(K)
+    mean = (kn.nngp - 0.25) / 1.4**2  # T(K)
     assert rel_err(ks.ntk, 3 * 9 * mean + 1.0) < 1e-14
     r = nk.Relu().kernel(ks)
-    k2 = std_layer.kernel(r)                                                  # second layer: C = 5
-    unit = nk.Conv(5, (3, 3), padding="SAME").kernel(r)                       # nngp: T(K), ntk: T(Θ) + T(K)
-    assert rel_err(k2.ntk, 5 * 9 * unit.nngp + 1.4 ** 2 * (unit.ntk - unit.nngp) + 1) < 1e-13
+    k2 = std_layer.kernel(r)  # second layer: C = 5
+    unit = nk.Conv(5, (3, 3), padding="SAME").kernel(r)  # nngp: T(K), ntk: T(Θ) + T(K)
+    assert rel_err(k2.ntk, 5 * 9 * unit.nngp + 1.4**2 * (unit.ntk - unit.nngp) + 1) < 1e-13
 
 
 def test_full_and_diagonal_paths_agree():
     """A net without pooling computed on diagonal covariances equals the same net tracking the full
     covariance (an AvgPool of window 1 forces it), for strides, every padding and a bias."""
     x1, x2 = _img(3, size=(7, 7)), _img(2, size=(7, 7), seed=5)
-    body = [nk.Conv(8, (3, 3), padding="CIRCULAR", b_std=0.2), nk.Erf(),
-            nk.Conv(8, (2, 3), strides=(2, 1), padding="SAME"), nk.Relu(),
-            nk.Conv(8, (3, 3), padding="VALID", W_std=1.3)]
+    body = [
+        nk.Conv(8, (3, 3), padding="CIRCULAR", b_std=0.2),
+        nk.Erf(),
+        nk.Conv(8, (2, 3), strides=(2, 1), padding="SAME"),
+        nk.Relu(),
+        nk.Conv(8, (3, 3), padding="VALID", W_std=1.3),
+    ]
     diag = nk.serial(*body, nk.Flatten(), nk.Dense(1))
     full = nk.serial(*body, nk.AvgPool((1, 1)), nk.Flatten(), nk.Dense(1))
     assert not diag.requires_full_spatial() and full.requires_full_spatial()
@@ -280,7 +286,7 @@ def test_global_pools_and_flatten():
     same = nk.serial(*conv, nk.AvgPool((4, 4)), nk.Flatten()).kernel_fn(x)
     gsp = nk.serial(*conv, nk.GlobalSumPool()).kernel_fn(x)
     assert rel_err(gap.nngp, same.nngp) < 1e-14 and rel_err(gap.ntk, same.ntk) < 1e-14
-    assert rel_err(gsp.nngp, 16 ** 2 * gap.nngp) < 1e-14
+    assert rel_err(gsp.nngp, 16**2 * gap.nngp) < 1e-14
     # SumPool = AvgPool · w² per spatial axis pair
     s = nk.serial(*conv, nk.SumPool((2, 2), (2, 2)), nk.Flatten()).kernel_fn(x)
     a = nk.serial(*conv, nk.AvgPool((2, 2), (2, 2)), nk.Flatten()).kernel_fn(x)
@@ -288,7 +294,7 @@ def test_global_pools_and_flatten():
     # Flatten of a diagonal kernel = mean over pixels of the same-pixel covariance
     k = nk.serial(*conv).kernel_fn(x)
     f = nk.serial(*conv, nk.Flatten()).kernel_fn(x)
-    assert k.nngp.shape == (3, 3, 4, 4)                                   # NT: spatial axes kept when no readout
+    assert k.nngp.shape == (3, 3, 4, 4)  # NT: spatial axes kept when no readout
     assert rel_err(f.nngp, k.nngp.mean((2, 3))) < 1e-15
     assert f.shape1 == (3, 8 * 16)
 
@@ -305,10 +311,12 @@ def test_conv_1d_and_3d():
     """1-D and 3-D convolutions against 2-D ones on inputs with a singleton axis."""
     x = _img(3, c=2, size=(6,))
     k1 = nk.serial(nk.Conv(4, (3,), padding="SAME"), nk.Relu(), nk.AvgPool((2,), (2,)), nk.Flatten()).kernel_fn(x)
-    k2 = nk.serial(nk.Conv(4, (3, 1), padding="SAME"), nk.Relu(), nk.AvgPool((2, 1), (2, 1)),
-                   nk.Flatten()).kernel_fn(x[..., None])
-    k3 = nk.serial(nk.Conv(4, (3, 1, 1), padding="SAME"), nk.Relu(), nk.AvgPool((2, 1, 1), (2, 1, 1)),
-                   nk.Flatten()).kernel_fn(x[..., None, None])
+    k2 = nk.serial(nk.Conv(4, (3, 1), padding="SAME"), nk.Relu(), nk.AvgPool((2, 1), (2, 1)), nk.Flatten()).kernel_fn(
+        x[..., None]
+    )
+    k3 = nk.serial(
+        nk.Conv(4, (3, 1, 1), padding="SAME"), nk.Relu(), nk.AvgPool((2, 1, 1), (2, 1, 1)), nk.Flatten()
+    ).kernel_fn(x[..., None, None])
     assert rel_err(k1.nngp, k2.nngp) < 1e-14 and rel_err(k1.ntk, k3.ntk) < 1e-14
     v = _img(2, c=1, size=(3, 4, 3))
     k = nk.serial(nk.Conv(4, (2, 3, 2), strides=(1, 2, 1), padding="SAME"), nk.Relu(), nk.GlobalAvgPool()).kernel_fn(v)
@@ -333,9 +341,24 @@ def test_dtype_float32_and_symmetry():
 # ---------------------------------------------------------------------------------------------------
 # every elementwise layer on spatial kernels
 # ---------------------------------------------------------------------------------------------------
-SPATIAL_ACTS = [nk.Relu(), nk.LeakyRelu(0.1), nk.Abs(), nk.Erf(), nk.Gelu(), nk.Sin(), nk.Cos(), nk.Rbf(0.5),
-                nk.Gaussian(), nk.Exp(a=1.0, b=0.5), nk.Sign(), nk.Sigmoid_like(), nk.Monomial(2),
-                nk.RectifiedMonomial(2), nk.Polynomial([0.5, -1.0, 0.25]), nk.Elementwise(torch.tanh, deg=12)]
+SPATIAL_ACTS = [
+    nk.Relu(),
+    nk.LeakyRelu(0.1),
+    nk.Abs(),
+    nk.Erf(),
+    nk.Gelu(),
+    nk.Sin(),
+    nk.Cos(),
+    nk.Rbf(0.5),
+    nk.Gaussian(),
+    nk.Exp(a=1.0, b=0.5),
+    nk.Sign(),
+    nk.Sigmoid_like(),
+    nk.Monomial(2),
+    nk.RectifiedMonomial(2),
+    nk.Polynomial([0.5, -1.0, 0.25]),
+    nk.Elementwise(torch.tanh, deg=12),
+]
 
 
 @pytest.mark.parametrize("act", SPATIAL_ACTS, ids=lambda a: type(a).__name__)
@@ -347,14 +370,23 @@ def test_elementwise_on_full_spatial_kernels(act):
     k = nk.Conv(4, (2, 2), padding="SAME", b_std=0.1).kernel(kernel_from_inputs(x1, x2, diagonal_spatial=False))
     out = act.kernel(k)
 
-    def to_fc(t):   # (N1, N2, a, a', b, b') -> (N1·a·b, N2·a'·b')
+    def to_fc(t):  # (N1, N2, a, a', b, b') -> (N1·a·b, N2·a'·b')
         return t.permute(0, 2, 4, 1, 3, 5).reshape(2 * 9, 3 * 9)
 
-    def diag(c):    # (N, a, a', b, b') -> (N·a·b,)
+    def diag(c):  # (N, a, a', b, b') -> (N·a·b,)
         return torch.diagonal(torch.diagonal(c, dim1=1, dim2=2), dim1=1, dim2=2).reshape(-1)
 
-    fc = Kernel(nngp=to_fc(k.nngp), ntk=to_fc(k.ntk), cov1=diag(k.cov1), cov2=diag(k.cov2), shape1=(18, 4),
-                shape2=(27, 4), diagonal_spatial=True, is_gaussian=True, is_input=False)
+    fc = Kernel(
+        nngp=to_fc(k.nngp),
+        ntk=to_fc(k.ntk),
+        cov1=diag(k.cov1),
+        cov2=diag(k.cov2),
+        shape1=(18, 4),
+        shape2=(27, 4),
+        diagonal_spatial=True,
+        is_gaussian=True,
+        is_input=False,
+    )
     ref = act.kernel(fc)
 
     def close(a, b):
@@ -374,8 +406,9 @@ def test_elementwise_on_full_spatial_kernels(act):
 @pytest.mark.parametrize("padding,mode", [(1, "zeros"), ((2, 1), "zeros"), (1, "circular")])
 def test_conv_twin_matches_torch_conv(padding, mode):
     x = _img(2, c=3, size=(6, 5), dtype=torch.float32)
-    layer = nk.Conv(4, (3, 3), strides=(2, 1), padding=padding, parameterization="standard", b_std=0.5,
-                    padding_mode=mode)
+    layer = nk.Conv(
+        4, (3, 3), strides=(2, 1), padding=padding, parameterization="standard", b_std=0.5, padding_mode=mode
+    )
     mod, shape = layer.build((3, 6, 5), None, torch.Generator().manual_seed(0), True)
     mod = mod.float()  # twins are drawn in float64 (layers.base.gaussian); Net.module casts them
     ref = torch.nn.Conv2d(3, 4, 3, stride=(2, 1), padding=padding, padding_mode=mode)
@@ -396,8 +429,11 @@ def test_same_padding_is_lax_convention():
     assert (w.lo, w.hi, w.n_out) == (0, 1, 3)
 
 
-@pytest.mark.parametrize("net", [myrtle(7), cntk(2, "gap"), cntk(2, "flatten"), wide_resnet(1, 1)],
-                         ids=["myrtle7", "cntk_gap", "cntk_v", "wrn"])
+@pytest.mark.parametrize(
+    "net",
+    [myrtle(7), cntk(2, "gap"), cntk(2, "flatten"), wide_resnet(1, 1)],
+    ids=["myrtle7", "cntk_gap", "cntk_v", "wrn"],
+)
 def test_architecture_twins_run(net):
     x = _img(2, c=3, size=(8, 8), dtype=torch.float32)
     m = net.module((3, 8, 8), width=8, seed=0)
@@ -449,7 +485,7 @@ def test_errors_channels_and_arguments():
         net.kernel_fn(_img(2, c=2))
     with pytest.raises(LayerError, match="in_channels=3"):
         net.module((2, 6, 6))
-    net.module((2, 6, 6), width=5)                      # hidden widths overridden: no check
+    net.module((2, 6, 6), width=5)  # hidden widths overridden: no check
     with pytest.raises(ValueError, match="padding='FULL'"):
         nk.Conv(4, (3, 3), padding="FULL")
     with pytest.raises(ValueError, match="kernel_size"):
@@ -475,6 +511,7 @@ def test_errors_pool_on_diagonal_kernel_and_nonlinearity_after_flatten():
 # ---------------------------------------------------------------------------------------------------
 def _tape_counts(monkeypatch):
     import ntkit.nets.tiler as nets
+
     calls = {"record": 0, "replay": 0}
     orig = nets.Tape.step
 
@@ -489,14 +526,33 @@ def _tape_counts(monkeypatch):
 TAPE_NETS = {
     "myrtle5": lambda: myrtle(5),
     "residual+norm+prod": lambda: nk.serial(
-        nk.Conv(8, (3, 3), padding="SAME"), nk.FanOut(2),
-        nk.parallel(nk.serial(nk.Relu(), nk.Conv(8, (3, 3), padding="SAME")), nk.Identity()), nk.FanInSum(),
-        nk.LayerNorm(axis=(1, 2, 3)), nk.Erf(), nk.AvgPool((2, 2), (2, 2)),
-        nk.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.3), nk.FanOut(2), nk.parallel(nk.Relu(), nk.Gelu()),
-        nk.FanInProd(), nk.Conv(4, (2, 2)), nk.Relu(), nk.GlobalAvgPool(), nk.Dense(3)),
+        nk.Conv(8, (3, 3), padding="SAME"),
+        nk.FanOut(2),
+        nk.parallel(nk.serial(nk.Relu(), nk.Conv(8, (3, 3), padding="SAME")), nk.Identity()),
+        nk.FanInSum(),
+        nk.LayerNorm(axis=(1, 2, 3)),
+        nk.Erf(),
+        nk.AvgPool((2, 2), (2, 2)),
+        nk.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.3),
+        nk.FanOut(2),
+        nk.parallel(nk.Relu(), nk.Gelu()),
+        nk.FanInProd(),
+        nk.Conv(4, (2, 2)),
+        nk.Relu(),
+        nk.GlobalAvgPool(),
+        nk.Dense(3),
+    ),
     "concat+stride+flatten-after-pool": lambda: nk.serial(
-        nk.Conv(8, (3, 3), padding="SAME"), nk.FanOut(2), nk.parallel(nk.Relu(), nk.Erf()), nk.FanInConcat(),
-        nk.Conv(8, (3, 3), strides=2), nk.Relu(), nk.AvgPool((2, 2), (1, 1)), nk.Flatten(), nk.Dense(2)),
+        nk.Conv(8, (3, 3), padding="SAME"),
+        nk.FanOut(2),
+        nk.parallel(nk.Relu(), nk.Erf()),
+        nk.FanInConcat(),
+        nk.Conv(8, (3, 3), strides=2),
+        nk.Relu(),
+        nk.AvgPool((2, 2), (1, 1)),
+        nk.Flatten(),
+        nk.Dense(2),
+    ),
 }
 
 
@@ -519,8 +575,15 @@ def test_tiles_with_tape_equal_one_block(name, tile, monkeypatch):
 
 
 def test_tape_1d_and_float32(monkeypatch):
-    net = nk.serial(nk.Conv(4, (3,), padding="SAME"), nk.Relu(), nk.AvgPool((2,), (2,)), nk.Conv(4, (3,)),
-                    nk.Relu(), nk.GlobalAvgPool(), nk.Dense(1))
+    net = nk.serial(
+        nk.Conv(4, (3,), padding="SAME"),
+        nk.Relu(),
+        nk.AvgPool((2,), (2,)),
+        nk.Conv(4, (3,)),
+        nk.Relu(),
+        nk.GlobalAvgPool(),
+        nk.Dense(1),
+    )
     x = torch.randn(6, 2, 10, generator=torch.Generator().manual_seed(3), dtype=F64)
     calls = _tape_counts(monkeypatch)
     assert rel_err(net.kernel_fn(x, x[:3] + 0.1, tile_size=1).ntk, net.kernel_fn(x, x[:3] + 0.1).ntk) < 1e-14
@@ -532,6 +595,7 @@ def test_tape_1d_and_float32(monkeypatch):
 def test_tape_only_where_it_pays(monkeypatch):
     """Diagonal-pixel nets (CNTK-V, FC) never tape; x2 given with few samples per side does not either."""
     from ntkit.nets.tiler import tape_pays as _tape_pays
+
     assert _tape_pays(10, None, 1) and not _tape_pays(4, None, 4)
     assert _tape_pays(200, 200, 8) and not _tape_pays(50, 50, 8) and not _tape_pays(3, 3, 2)
     calls = _tape_counts(monkeypatch)

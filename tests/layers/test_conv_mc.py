@@ -9,6 +9,7 @@ Tolerance: ``max |MC − exact| / max |exact| < 0.1``. Measured Monte-Carlo erro
 2–3% (NTK: 6 seeds at width 128–192). A 10% error in one layer's ``W_std`` moves the kernel by 19% here and is
 rejected (tested).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,12 +39,15 @@ def _mc_ntk(net, x, seeds):
     acc = 0.0
     for s in range(seeds):
         m = net.module(tuple(x.shape[1:]), seed=s)
-        params = [p for p in m.parameters()]
-        f = m(x)                                                              # (N, O)
+        params = list(m.parameters())
+        f = m(x)  # (N, O)
         n, o = f.shape
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[i, j], params, retain_graph=True)])
-                for i in range(n) for j in range(o)]
-        jac = torch.stack(rows).reshape(n, o, -1).double()                   # ∂f_j(x_i)/∂θ
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[i, j], params, retain_graph=True)])
+            for i in range(n)
+            for j in range(o)
+        ]
+        jac = torch.stack(rows).reshape(n, o, -1).double()  # ∂f_j(x_i)/∂θ
         acc = acc + torch.einsum("iop,jop->ij", jac, jac) / o
     return acc / seeds
 
@@ -55,23 +59,44 @@ def _rel(a, b):
 NETS = {  # name -> (readout units o, hidden channels w) -> net
     # no pooling: diagonal covariances; strides, VALID and SAME, a bias
     "flatten_stride_valid": lambda o, w: nk.serial(
-        nk.Conv(w, (3, 3), padding="SAME", b_std=0.3), nk.Relu(),
-        nk.Conv(w, (3, 3), strides=(2, 2), padding="VALID", W_std=1.3), nk.Erf(), nk.Flatten(), nk.Dense(o)),
+        nk.Conv(w, (3, 3), padding="SAME", b_std=0.3),
+        nk.Relu(),
+        nk.Conv(w, (3, 3), strides=(2, 2), padding="VALID", W_std=1.3),
+        nk.Erf(),
+        nk.Flatten(),
+        nk.Dense(o),
+    ),
     # pooling: full covariances; CIRCULAR, SumPool with SAME and stride 1, global pooling
     "circular_sumpool_gap": lambda o, w: nk.serial(
-        nk.Conv(w, (3, 3), padding="CIRCULAR"), nk.Relu(), nk.SumPool((2, 2), strides=(1, 1), padding="SAME"),
-        nk.Conv(w, (2, 2), strides=(2, 2), padding="VALID", b_std=0.2), nk.Relu(), nk.GlobalAvgPool(), nk.Dense(o)),
+        nk.Conv(w, (3, 3), padding="CIRCULAR"),
+        nk.Relu(),
+        nk.SumPool((2, 2), strides=(1, 1), padding="SAME"),
+        nk.Conv(w, (2, 2), strides=(2, 2), padding="VALID", b_std=0.2),
+        nk.Relu(),
+        nk.GlobalAvgPool(),
+        nk.Dense(o),
+    ),
     # explicit padding, AvgPool with stride, standard parameterisation (the NTK depends on w), 1-D
     "standard_1d_avgpool": lambda o, w: nk.serial(
-        nk.Conv(w, (3,), padding=1, parameterization="standard", b_std=0.1), nk.Relu(),
-        nk.AvgPool((2,), (2,)), nk.Conv(w, (2,), padding="SAME", parameterization="standard"), nk.Relu(), nk.Flatten(),
-        nk.Dense(o, parameterization="standard")),
+        nk.Conv(w, (3,), padding=1, parameterization="standard", b_std=0.1),
+        nk.Relu(),
+        nk.AvgPool((2,), (2,)),
+        nk.Conv(w, (2,), padding="SAME", parameterization="standard"),
+        nk.Relu(),
+        nk.Flatten(),
+        nk.Dense(o, parameterization="standard"),
+    ),
     # 3-D
-    "conv3d_gsp": lambda o, w: nk.serial(nk.Conv(w, (2, 2, 2), padding="SAME"), nk.Relu(), nk.GlobalSumPool(),
-                                         nk.Dense(o)),
+    "conv3d_gsp": lambda o, w: nk.serial(
+        nk.Conv(w, (2, 2, 2), padding="SAME"), nk.Relu(), nk.GlobalSumPool(), nk.Dense(o)
+    ),
 }
-SHAPES = {"flatten_stride_valid": (3, 6, 6), "circular_sumpool_gap": (2, 5, 5), "standard_1d_avgpool": (3, 8),
-          "conv3d_gsp": (2, 3, 3, 3)}
+SHAPES = {
+    "flatten_stride_valid": (3, 6, 6),
+    "circular_sumpool_gap": (2, 5, 5),
+    "standard_1d_avgpool": (3, 8),
+    "conv3d_gsp": (2, 3, 3, 3),
+}
 
 
 @pytest.mark.parametrize("name", sorted(NETS))

@@ -12,6 +12,7 @@ Tolerances (float64 unless stated):
   where that rule's own error is larger (``SMOOTH``); piecewise-smooth homogeneous activations against an
   angular Gauss–Legendre integral split at the kinks, which is exact to round-off: 1e-11.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,105 +21,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import REFERENCE_DIR, angular_expectation, derivative, load_reference, random_triples, rel_err
+from nt_nets import ACTIVATIONS, FC_CASES, HERMITE_CASES, fc_net, hermite_net, parse_case
 
 import ntkit as nk
-from helpers import REFERENCE_DIR, load_reference, rel_err
 from ntkit.layers.elementwise_poly import arccos_polynomials
 
 F64 = torch.float64
-
-# NT reference name -> layer (the names of /work/shared/reference/cases/fc_<name>_<param>_b<b>.npz)
-ACTIVATIONS = {
-    "relu": lambda: nk.Relu(),
-    "leaky_relu_0.1": lambda: nk.LeakyRelu(0.1),
-    "abrelu_-0.5_1.5": lambda: nk.ABRelu(-0.5, 1.5),
-    "abs": lambda: nk.Abs(),
-    "erf": lambda: nk.Erf(),
-    "erf_a2_b0.5_c0.3": lambda: nk.Erf(a=2.0, b=0.5, c=0.3),
-    "gelu": lambda: nk.Gelu(approximate=False),
-    "gelu_tanh": lambda: nk.Gelu(approximate=True),
-    "sigmoid_like": lambda: nk.Sigmoid_like(),
-    "sin": lambda: nk.Sin(),
-    "sin_a2_b0.7_c0.4": lambda: nk.Sin(a=2.0, b=0.7, c=0.4),
-    "cos": lambda: nk.Cos(),
-    "rbf_0.5": lambda: nk.Rbf(gamma=0.5),
-    "gaussian": lambda: nk.Gaussian(a=1.0, b=-1.0),
-    "exp": lambda: nk.Exp(a=1.0, b=0.5),
-    "exp_normalized": lambda: nk.ExpNormalized(gamma=1.0),
-    "sign": lambda: nk.Sign(),
-    "monomial_2": lambda: nk.Monomial(2),
-    "monomial_3": lambda: nk.Monomial(3),
-    "rectified_monomial_2": lambda: nk.RectifiedMonomial(2),
-    "polynomial": lambda: nk.Polynomial([0.5, -1.0, 0.25]),
-    "elementwise_numerical_tanh": lambda: nk.Elementwise(torch.tanh, deg=25),
-}
-FC_CASES = [f"fc_{a}_{p}_b{b}" for a in ACTIVATIONS for p in ("ntk", "standard") for b in ("None", "0.3")]
-HERMITE_CASES = [f"fc_hermite_{d}" for d in (1, 2, 3)]
-
-
-def fc_net(act, b_std, param):
-    """The reference architecture: Dense(64, 1.5)–act–Dense(64, 1.2)–act–Dense(3, 1.0)."""
-    return nk.serial(nk.Dense(64, 1.5, b_std, param), act, nk.Dense(64, 1.2, b_std, param), act,
-                     nk.Dense(3, 1.0, b_std, param))
-
-
-def parse_case(name):
-    rest = name[len("fc_"):]
-    for param in ("ntk", "standard"):
-        for b in ("None", "0.3"):
-            suffix = f"_{param}_b{b}"
-            if rest.endswith(suffix):
-                return rest[: -len(suffix)], param, None if b == "None" else float(b)
-    raise ValueError(name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# independent numerical rules
-# ---------------------------------------------------------------------------------------------------
-_GL_T, _GL_W = (torch.as_tensor(a, dtype=F64) for a in np.polynomial.legendre.leggauss(40))
-
-
-def angular_expectation(f, degree, q12, q11, q22):
-    """``E[f(u) f(v)]`` for ``f`` positively homogeneous of ``degree`` (``f(t·x) = t^degree·f(x)``, t > 0).
-
-    In polar coordinates ``u = √q11·r cos φ``, ``v = √q22·r cos(φ − θ)`` with ``θ = arccos ρ`` and
-    ``E[r^(2n)] = 2^n n!``: ``E = (q11 q22)^(n/2)·2^n n!/(2π)·∫_0^{2π} f(cos φ) f(cos(φ − θ)) dφ``. The integral is
-    split where either cosine vanishes (the kinks) and done by 40-node Gauss–Legendre per piece, where the
-    integrand is a smooth trigonometric polynomial: exact to round-off.
-    """
-    q12, q11, q22 = torch.broadcast_tensors(q12, q11, q22)
-    shape = q12.shape
-    q12, q11, q22 = q12.reshape(-1), q11.reshape(-1), q22.reshape(-1)
-    prod = torch.sqrt(q11 * q22)
-    theta = torch.arccos((q12 / prod.clamp_min(1e-300)).clamp(-1, 1))[:, None]
-    fixed = torch.tensor([0, math.pi / 2, 3 * math.pi / 2, 2 * math.pi], dtype=F64).expand(len(q12), 4)
-    moving = torch.remainder(torch.cat([theta + math.pi / 2, theta + 3 * math.pi / 2], 1), 2 * math.pi)
-    bps = torch.sort(torch.cat([fixed, moving], 1), dim=1).values
-    a, b = bps[:, :-1, None], bps[:, 1:, None]
-    phi = (a + b) / 2 + (b - a) / 2 * _GL_T
-    vals = f(torch.cos(phi)) * f(torch.cos(phi - theta[:, :, None]))
-    integral = ((b - a) / 2 * _GL_W * vals).sum((1, 2))
-    const = 2 ** degree * math.factorial(degree) / (2 * math.pi)
-    return (prod ** degree * const * integral).reshape(shape)
-
-
-def derivative(f):
-    def df(x):
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            return torch.autograd.grad(f(xx).sum(), xx)[0]
-    return df
-
-
-def random_triples(n=40, seed=0, lo=0.3, hi=2.0):
-    """PSD ``(q12, q11, q22)`` with moderate variances, correlations in [−0.95, 0.95] plus ρ = ±1 and 0."""
-    g = torch.Generator().manual_seed(seed)
-    q11 = lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64)
-    q22 = lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64)
-    rho = 1.9 * torch.rand(n, generator=g, dtype=F64) - 0.95
-    rho[:3] = torch.tensor([1.0, -1.0, 0.0], dtype=F64)
-    q22[:2] = q11[:2]
-    return rho * torch.sqrt(q11 * q22), q11, q22
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,10 +54,17 @@ def test_nt_parity(case):
         # is the independent angular quadrature instead (and with NT's finite one-layer values below).
         assert np.isnan(ref["nngp_12"]).all()
         n = act.degree
-        twin = fc_net(nk.Elementwise(
-            act.fn, nngp_fn=lambda q12, q11, q22: angular_expectation(act.fn, n, q12, q11, q22),
-            d_nngp_fn=lambda q12, q11, q22: n * n * angular_expectation(
-                nk.RectifiedMonomial(n - 1).fn, n - 1, q12, q11, q22)), b_std, param)
+        twin = fc_net(
+            nk.Elementwise(
+                act.fn,
+                nngp_fn=lambda q12, q11, q22: angular_expectation(act.fn, n, q12, q11, q22),
+                d_nngp_fn=lambda q12, q11, q22: (
+                    n * n * angular_expectation(nk.RectifiedMonomial(n - 1).fn, n - 1, q12, q11, q22)
+                ),
+            ),
+            b_std,
+            param,
+        )
         for x2_ in (x2, None):
             k, t = net.kernel_fn(x1, x2_), twin.kernel_fn(x1, x2_)
             assert rel_err(k.nngp, t.nngp.numpy()) < 1e-11
@@ -177,24 +93,62 @@ def test_nt_parity(case):
 _RM_X1 = [[1.0, -0.5, 0.3], [0.2, 0.8, -1.1], [-0.7, 0.4, 0.9]]
 _RM_X2 = [[0.5, 0.5, -0.5], [-1.2, 0.1, 0.6]]
 _RM_NT = {
-    0: ([[0.28126829491942146, 0.1542571584822958], [0.42284078952261733, 0.19217178125613957],
-         [0.18286816975676914, 0.4218638314027607]], [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]),
-    1: ([[0.17835078029942997, 0.05528787808752327], [0.4446056984895829, 0.11886361847195628],
-         [0.06185024972779748, 0.5855252643877326]],
-        [[0.04640926866170453, -0.10990822541863575], [0.3710427928060976, -0.10089018515947329],
-         [-0.06583254111243692, 0.4872527252701881]]),
-    2: ([[0.28158878778527663, 0.04801207438606096], [1.2607591504454652, 0.17916169865060033],
-         [0.050897970201557334, 2.189685900123688]],
-        [[0.11771151499762376, -0.1575704525494413], [1.5605660016984368, -0.24961359879110825],
-         [-0.08906435960802836, 2.7051267214713297]]),
-    3: ([[0.7226059625050012, 0.06721594902698272], [5.911518572223753, 0.4361455807379276],
-         [0.067614029048925, 13.538391377668813]],
-        [[0.41815934986113584, -0.30787742700061593], [9.956845390643048, -0.8465390261240865],
-         [-0.1649094234530458, 22.761784931785783]]),
-    4: ([[2.5763386150807848, 0.13029542996551313], [38.735611726914044, 1.4712807635477945],
-         [0.12443977541385737, 116.97150037291554]],
-        [[1.9076797410132031, -0.7662618189076054], [82.99772075402137, -3.663622878198592],
-         [-0.3894568073218075, 250.18947265931982]]),
+    0: (
+        [
+            [0.28126829491942146, 0.1542571584822958],
+            [0.42284078952261733, 0.19217178125613957],
+            [0.18286816975676914, 0.4218638314027607],
+        ],
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+    ),
+    1: (
+        [
+            [0.17835078029942997, 0.05528787808752327],
+            [0.4446056984895829, 0.11886361847195628],
+            [0.06185024972779748, 0.5855252643877326],
+        ],
+        [
+            [0.04640926866170453, -0.10990822541863575],
+            [0.3710427928060976, -0.10089018515947329],
+            [-0.06583254111243692, 0.4872527252701881],
+        ],
+    ),
+    2: (
+        [
+            [0.28158878778527663, 0.04801207438606096],
+            [1.2607591504454652, 0.17916169865060033],
+            [0.050897970201557334, 2.189685900123688],
+        ],
+        [
+            [0.11771151499762376, -0.1575704525494413],
+            [1.5605660016984368, -0.24961359879110825],
+            [-0.08906435960802836, 2.7051267214713297],
+        ],
+    ),
+    3: (
+        [
+            [0.7226059625050012, 0.06721594902698272],
+            [5.911518572223753, 0.4361455807379276],
+            [0.067614029048925, 13.538391377668813],
+        ],
+        [
+            [0.41815934986113584, -0.30787742700061593],
+            [9.956845390643048, -0.8465390261240865],
+            [-0.1649094234530458, 22.761784931785783],
+        ],
+    ),
+    4: (
+        [
+            [2.5763386150807848, 0.13029542996551313],
+            [38.735611726914044, 1.4712807635477945],
+            [0.12443977541385737, 116.97150037291554],
+        ],
+        [
+            [1.9076797410132031, -0.7662618189076054],
+            [82.99772075402137, -3.663622878198592],
+            [-0.3894568073218075, 250.18947265931982],
+        ],
+    ),
 }
 
 
@@ -213,7 +167,7 @@ def test_rectified_monomial_one_layer_matches_nt(degree):
 @pytest.mark.parametrize("case", HERMITE_CASES)
 def test_nt_parity_hermite(case):
     ref = load_reference(case)
-    net = nk.serial(nk.Dense(64), nk.LayerNorm(), nk.Hermite(int(case[-1])), nk.Dense(2))
+    net = hermite_net(int(case[-1]))
     k = net.kernel_fn(torch.from_numpy(ref["x1"]), torch.from_numpy(ref["x2"]))
     assert rel_err(k.nngp, ref["nngp_12"]) < 1e-10
     assert rel_err(k.ntk, ref["ntk_12"]) < 1e-10
@@ -222,27 +176,88 @@ def test_nt_parity_hermite(case):
 # NT 0.6.5: serial(Dense(8, 1.3, 0.2), LayerNorm(axis), Erf(), Dense(2, b_std=0.1)) on NHWC images
 # x1 = sin(0.7 i + 0.3), x2 = cos(1.1 i − 0.2) (i = 0..11, shape (1, 2, 2, 3)); full (1, 1, 2, 2, 2, 2) kernels.
 _LN_NT = {
-    (1, 2, 3): ([0.12903944269667766, -0.011758139710030615, 0.34170727530128603, -0.30199343795771816,
-                 0.005802978732124191, 0.1102961582884234, 0.3960151872542663, -0.3366459537469444,
-                 -0.32075064846797885, 0.3368159343814616, 0.1342520655247522, -0.017077787905209245,
-                 -0.2283041986168498, 0.23120665401389337, 0.010921687552788844, 0.10516861649191309],
-                [0.24948593344721437, -0.0335247553381751, 0.7070949826661874, -0.6416227844920328,
-                 0.0016058966578109237, 0.2114304346325721, 0.8375119650918867, -0.7221682830082938,
-                 -0.6848676936210498, 0.695729426771492, 0.26010626552171073, -0.0441719165774283,
-                 -0.4784002259997682, 0.46176786318959717, 0.011843375749554201, 0.20105255202001054]),
-    (3, 1): ([0.13242361885401285, -0.01236889834831309, 0.35760360188467255, -0.31674606643037234,
-              0.005703518416124663, 0.11269479999372958, 0.4132830676692933, -0.35169499845854396,
-              -0.31310385324946505, 0.3292696447404144, 0.13152074541185643, -0.01648893689303627,
-              -0.22200190655202198, 0.2253977459839125, 0.010897830403456198, 0.10268862450395891],
-             [0.2563789860127759, -0.03474700684898802, 0.7444359657976476, -0.6755674891852872,
-              0.001406971599561162, 0.21628973687505512, 0.8808493972618343, -0.7580878660179725,
-              -0.6671413612225314, 0.6783038346762077, 0.2545392679583931, -0.042993171021379874,
-              -0.46485094969401686, 0.4494095930927733, 0.011795661402165635, 0.196037784773338]),
+    (1, 2, 3): (
+        [
+            0.12903944269667766,
+            -0.011758139710030615,
+            0.34170727530128603,
+            -0.30199343795771816,
+            0.005802978732124191,
+            0.1102961582884234,
+            0.3960151872542663,
+            -0.3366459537469444,
+            -0.32075064846797885,
+            0.3368159343814616,
+            0.1342520655247522,
+            -0.017077787905209245,
+            -0.2283041986168498,
+            0.23120665401389337,
+            0.010921687552788844,
+            0.10516861649191309,
+        ],
+        [
+            0.24948593344721437,
+            -0.0335247553381751,
+            0.7070949826661874,
+            -0.6416227844920328,
+            0.0016058966578109237,
+            0.2114304346325721,
+            0.8375119650918867,
+            -0.7221682830082938,
+            -0.6848676936210498,
+            0.695729426771492,
+            0.26010626552171073,
+            -0.0441719165774283,
+            -0.4784002259997682,
+            0.46176786318959717,
+            0.011843375749554201,
+            0.20105255202001054,
+        ],
+    ),
+    (3, 1): (
+        [
+            0.13242361885401285,
+            -0.01236889834831309,
+            0.35760360188467255,
+            -0.31674606643037234,
+            0.005703518416124663,
+            0.11269479999372958,
+            0.4132830676692933,
+            -0.35169499845854396,
+            -0.31310385324946505,
+            0.3292696447404144,
+            0.13152074541185643,
+            -0.01648893689303627,
+            -0.22200190655202198,
+            0.2253977459839125,
+            0.010897830403456198,
+            0.10268862450395891,
+        ],
+        [
+            0.2563789860127759,
+            -0.03474700684898802,
+            0.7444359657976476,
+            -0.6755674891852872,
+            0.001406971599561162,
+            0.21628973687505512,
+            0.8808493972618343,
+            -0.7580878660179725,
+            -0.6671413612225314,
+            0.6783038346762077,
+            0.2545392679583931,
+            -0.042993171021379874,
+            -0.46485094969401686,
+            0.4494095930927733,
+            0.011795661402165635,
+            0.196037784773338,
+        ],
+    ),
 }
 
 
 class _FullSpatial(nk.Identity):
     """Identity that asks the network to track pixel-pixel covariances (the layout pooling needs)."""
+
     needs_full_spatial = True
 
 
@@ -266,21 +281,34 @@ def test_layernorm_spatial_matches_nt(axis):
 # name: (layer, tolerance). The tolerance is set by the 100-node rule's own error, measured: ≤ 1e-15 for most;
 # erf(x) (b = 1: poles near the real axis) 1.5e-10; the narrow bump exp(−x²) 9e-9 for K̇ at variance 2.
 SMOOTH = {
-    "erf": (lambda: nk.Erf(), 1e-9), "erf_abc": (lambda: nk.Erf(2.0, 0.5, 0.3), 1e-12),
-    "sigmoid_like": (lambda: nk.Sigmoid_like(), 1e-12), "gelu": (lambda: nk.Gelu(), 1e-12),
-    "sin": (lambda: nk.Sin(), 1e-12), "sin_abc": (lambda: nk.Sin(2.0, 0.7, 0.4), 1e-12),
-    "cos": (lambda: nk.Cos(), 1e-12), "cos_abc": (lambda: nk.Cos(1.5, 0.8, -0.3), 1e-12),
-    "rbf": (lambda: nk.Rbf(0.5), 1e-12), "rbf_1": (lambda: nk.Rbf(), 1e-12),
-    "gaussian": (lambda: nk.Gaussian(), 3e-8), "gaussian_ab": (lambda: nk.Gaussian(0.7, -0.4), 1e-12),
-    "gaussian_pos_b": (lambda: nk.Gaussian(1.0, 0.05), 1e-12), "exp": (lambda: nk.Exp(1.0, 0.5), 1e-12),
-    "exp_ab": (lambda: nk.Exp(0.5, -0.8), 1e-12), "monomial_0": (lambda: nk.Monomial(0), 1e-12),
-    "monomial_1": (lambda: nk.Monomial(1), 1e-12), "monomial_2": (lambda: nk.Monomial(2), 1e-12),
-    "monomial_5": (lambda: nk.Monomial(5), 1e-12), "polynomial": (lambda: nk.Polynomial([0.5, -1.0, 0.25]), 1e-12),
+    "erf": (lambda: nk.Erf(), 1e-9),
+    "erf_abc": (lambda: nk.Erf(2.0, 0.5, 0.3), 1e-12),
+    "sigmoid_like": (lambda: nk.Sigmoid_like(), 1e-12),
+    "gelu": (lambda: nk.Gelu(), 1e-12),
+    "sin": (lambda: nk.Sin(), 1e-12),
+    "sin_abc": (lambda: nk.Sin(2.0, 0.7, 0.4), 1e-12),
+    "cos": (lambda: nk.Cos(), 1e-12),
+    "cos_abc": (lambda: nk.Cos(1.5, 0.8, -0.3), 1e-12),
+    "rbf": (lambda: nk.Rbf(0.5), 1e-12),
+    "rbf_1": (lambda: nk.Rbf(), 1e-12),
+    "gaussian": (lambda: nk.Gaussian(), 3e-8),
+    "gaussian_ab": (lambda: nk.Gaussian(0.7, -0.4), 1e-12),
+    "gaussian_pos_b": (lambda: nk.Gaussian(1.0, 0.05), 1e-12),
+    "exp": (lambda: nk.Exp(1.0, 0.5), 1e-12),
+    "exp_ab": (lambda: nk.Exp(0.5, -0.8), 1e-12),
+    "monomial_0": (lambda: nk.Monomial(0), 1e-12),
+    "monomial_1": (lambda: nk.Monomial(1), 1e-12),
+    "monomial_2": (lambda: nk.Monomial(2), 1e-12),
+    "monomial_5": (lambda: nk.Monomial(5), 1e-12),
+    "polynomial": (lambda: nk.Polynomial([0.5, -1.0, 0.25]), 1e-12),
     "polynomial_6": (lambda: nk.Polynomial([0.3, -0.2, 0.5, 0.1, -0.25, 0.05, 0.02]), 1e-12),
 }
 HOMOGENEOUS = {  # name: (layer, degree of homogeneity)
-    "relu": (lambda: nk.Relu(), 1), "leaky_relu": (lambda: nk.LeakyRelu(0.1), 1),
-    "abrelu": (lambda: nk.ABRelu(-0.5, 1.5), 1), "abs": (lambda: nk.Abs(), 1), "sign": (lambda: nk.Sign(), 0),
+    "relu": (lambda: nk.Relu(), 1),
+    "leaky_relu": (lambda: nk.LeakyRelu(0.1), 1),
+    "abrelu": (lambda: nk.ABRelu(-0.5, 1.5), 1),
+    "abs": (lambda: nk.Abs(), 1),
+    "sign": (lambda: nk.Sign(), 0),
     **{f"rectified_monomial_{n}": ((lambda n=n: nk.RectifiedMonomial(n)), n) for n in range(5)},
 }
 
@@ -369,8 +397,8 @@ def test_gelu_tanh_has_the_exact_kernel():
 
 def test_arccos_polynomials():
     assert arccos_polynomials(0) == ([0], [1])
-    assert arccos_polynomials(1) == ([1, 0], [0, 1])           # sin θ + (π − θ) cos θ
-    assert arccos_polynomials(2) == ([0, 3, 0], [1, 0, 2])     # 3 sin θ cos θ + (π − θ)(1 + 2 cos² θ)
+    assert arccos_polynomials(1) == ([1, 0], [0, 1])  # sin θ + (π − θ) cos θ
+    assert arccos_polynomials(2) == ([0, 3, 0], [1, 0, 2])  # 3 sin θ cos θ + (π − θ)(1 + 2 cos² θ)
     for n in range(8):  # J_n(0) = π·(2n − 1)!!: Q_n(1) = (2n − 1)!!
         assert sum(arccos_polynomials(n)[1]) == math.prod(range(2 * n - 1, 0, -2))
 
@@ -384,8 +412,15 @@ ALL = {**ACTIVATIONS, "hermite_3": lambda: nk.Hermite(3), "rectified_monomial_0"
 def net_for(name, b_std=None):
     act = ALL[name]()
     if isinstance(act, nk.Hermite):
-        return nk.serial(nk.Dense(64, 1.5, b_std), nk.LayerNorm(), act, nk.Dense(64, 1.2, b_std), nk.LayerNorm(),
-                         act, nk.Dense(3, 1.0, b_std))
+        return nk.serial(
+            nk.Dense(64, 1.5, b_std),
+            nk.LayerNorm(),
+            act,
+            nk.Dense(64, 1.2, b_std),
+            nk.LayerNorm(),
+            act,
+            nk.Dense(3, 1.0, b_std),
+        )
     return fc_net(act, b_std, "ntk")
 
 
@@ -487,8 +522,14 @@ def test_layernorm_twin(axis):
 
 
 def test_invalid_parameters():
-    for make in (lambda: nk.Monomial(-1), lambda: nk.RectifiedMonomial(1.5), lambda: nk.Hermite(-2),
-                 lambda: nk.Rbf(-1.0), lambda: nk.ExpNormalized(gamma=-1.0), lambda: nk.Polynomial([1.0, math.nan])):
+    for make in (
+        lambda: nk.Monomial(-1),
+        lambda: nk.RectifiedMonomial(1.5),
+        lambda: nk.Hermite(-2),
+        lambda: nk.Rbf(-1.0),
+        lambda: nk.ExpNormalized(gamma=-1.0),
+        lambda: nk.Polynomial([1.0, math.nan]),
+    ):
         with pytest.raises(ValueError):
             make()
     x = inputs(zero_row=False)

@@ -1,4 +1,5 @@
 """ntkit.solvers.linalg: checks, Cholesky with jitter ladder, eigh fallback, PSD errors."""
+
 import warnings
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ntkit.linalg import NumericalWarning, PSDMatrix, add_diagonal_regularizer, as_kernel_matrix
-from ntkit.linalg import psd_rtol
+from ntkit.linalg import NumericalWarning, PSDMatrix, add_diagonal_regularizer, as_kernel_matrix, psd_rtol
 
 F64 = torch.float64
 
@@ -51,7 +51,7 @@ def test_float32_input_is_solved_in_float64():
 
 
 def _rbf(x):
-    return torch.exp(-torch.cdist(x, x) ** 2)
+    return torch.exp(-(torch.cdist(x, x) ** 2))
 
 
 def test_duplicated_rows_use_jitter_and_warn():
@@ -68,7 +68,7 @@ def test_duplicated_rows_use_jitter_and_warn():
     assert float((k @ sol - y).abs().max()) < 1e-5 * float(y.abs().max())
     # and predicts like the de-duplicated system (identical columns carry no extra information)
     sol10 = torch.linalg.solve(k[:10, :10], y[:10])
-    kt = torch.exp(-torch.cdist(torch.randn(5, 3, dtype=F64), x) ** 2)
+    kt = torch.exp(-(torch.cdist(torch.randn(5, 3, dtype=F64), x) ** 2))
     assert torch.allclose(kt @ sol, kt[:, :10] @ sol10, rtol=1e-5, atol=1e-6)
 
 

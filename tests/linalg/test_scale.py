@@ -1,20 +1,27 @@
 """Scalable solvers: CG / preconditioned CG, Nyström (uniform, ridge leverage scores), Falkon, random features."""
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from helpers import rel_err
 
 import ntkit
-from helpers import rel_err
-from ntkit.linalg import LowRankPreconditioner, cg, pivoted_cholesky
-from ntkit.linalg import falkon, nystrom, ridge_leverage_scores
+from ntkit.linalg import (
+    LowRankPreconditioner,
+    MatvecOperator,
+    cg,
+    falkon,
+    nystrom,
+    pivoted_cholesky,
+    ridge_leverage_scores,
+    tmm,
+)
 from ntkit.random_features import RandomFeatures, random_features
-from ntkit.linalg import MatvecOperator
 from ntkit.tiling import KernelFnOperator
-from ntkit.linalg import tmm
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +78,7 @@ def test_cg_and_nystrom_pcg_n20k_matrix_free():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(20000, 10, generator=g, dtype=torch.float64)
     phi = random_features(relu_net(), x, num_features=128, seed=1)
-    diag = (phi ** 2).sum(1)
+    diag = (phi**2).sum(1)
     op = MatvecOperator(lambda v: phi @ tmm(phi, v), 20000, diagonal=diag)
     y = torch.randn(20000, 2, generator=g, dtype=torch.float64)
     lam = 1e-4 * float(diag.mean())
@@ -154,7 +161,7 @@ def test_nystrom_error_shrinks_and_leverage_sampling_wins(rare_clusters):
 
     for sampling in ("uniform", "rls"):
         errs = [spectral_error(m, sampling) for m in (20, 40, 80, 160)]
-        assert all(b < a for a, b in zip(errs, errs[1:])), (sampling, errs)
+        assert all(b < a for a, b in itertools.pairwise(errs)), (sampling, errs)
     # theory (Musco & Musco 2017): m ≈ 5 d_eff leverage-sampled centres give ‖K − K̃‖₂ ≤ λ; uniform
     # sampling misses rare clusters and stays far above at the same m
     m = 160
@@ -201,8 +208,10 @@ def test_random_features_error_shrinks_like_inverse_sqrt_m(get, depth):
     ms = (128, 512, 2048)
     errs = []
     for m in ms:  # root-mean-square error over 4 fixed seeds
-        sq = [float(torch.linalg.norm(p @ p.T - k) / torch.linalg.norm(k)) ** 2
-              for p in (RandomFeatures(net, 8, m, get, seed=s)(x) for s in range(4))]
+        sq = [
+            float(torch.linalg.norm(p @ p.T - k) / torch.linalg.norm(k)) ** 2
+            for p in (RandomFeatures(net, 8, m, get, seed=s)(x) for s in range(4))
+        ]
         errs.append(math.sqrt(sum(sq) / len(sq)))
     slope = math.log(errs[-1] / errs[0]) / math.log(ms[-1] / ms[0])
     assert -0.7 < slope < -0.3, errs  # Monte-Carlo rate m^(-1/2)
@@ -241,7 +250,8 @@ def test_random_features_krr_and_errors():
     with pytest.raises(ValueError, match="Conv has no random-feature map"):
         RandomFeatures(ntkit.serial(ntkit.Conv(4, (3,)), ntkit.Relu(), ntkit.Flatten(), ntkit.Dense(1)), 6)
     with pytest.raises(ValueError, match="parameterization"):
-        RandomFeatures(ntkit.serial(ntkit.Dense(8, parameterization="standard"), ntkit.Relu(), ntkit.Dense(1)),
-                       6, get="ntk")
+        RandomFeatures(
+            ntkit.serial(ntkit.Dense(8, parameterization="standard"), ntkit.Relu(), ntkit.Dense(1)), 6, get="ntk"
+        )
     with pytest.raises(ValueError, match=r"\(N, 6\)"):
         rf(torch.randn(3, 5, dtype=torch.float64))

@@ -1,13 +1,15 @@
 """The kernel core: Dense/branching rules, tiling, symmetry, dtype/device conventions, errors, finite twins."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from helpers import load_reference, rel_err
+from nt_nets import BRANCH_CASES, branch_net
 
 import ntkit as nt
-from helpers import load_reference, rel_err
 
 torch.manual_seed(0)
 
@@ -26,12 +28,12 @@ def test_linear_net_closed_form(param):
     net = nt.serial(nt.Dense(width, w1, b1, param), nt.Dense(3, w2, b2, param))
     k = net.kernel_fn(x1, x2)
     k0 = x1 @ x2.T / x1.shape[1]
-    k1 = w1 ** 2 * k0 + b1 ** 2
-    k2 = w2 ** 2 * k1 + b2 ** 2
+    k1 = w1**2 * k0 + b1**2
+    k2 = w2**2 * k1 + b2**2
     if param == "ntk":
-        ntk = k2 + w2 ** 2 * k1
+        ntk = k2 + w2**2 * k1
     else:  # Θ1 = d·K0 + 1; Θ2 = width·K1 + w2²Θ1 + 1
-        ntk = width * k1 + w2 ** 2 * (x1.shape[1] * k0 + 1) + 1
+        ntk = width * k1 + w2**2 * (x1.shape[1] * k0 + 1) + 1
     assert rel_err(k.nngp, k2) < 1e-14
     assert rel_err(k.ntk, ntk) < 1e-14
 
@@ -51,23 +53,10 @@ def test_relu_closed_form_one_layer():
 
 
 # ------------------------------------------------------------------ NT parity: branching
-def _branch_net(name):
-    block = nt.serial(nt.Dense(64, 1.3, 0.1), nt.Relu(), nt.Dense(64, 1.3, 0.1))
-    return {
-        "branch_residual_sum": nt.serial(nt.Dense(64), nt.FanOut(2), nt.parallel(block, nt.Identity()),
-                                         nt.FanInSum(), nt.Relu(), nt.Dense(1)),
-        "branch_concat": nt.serial(nt.FanOut(2), nt.parallel(nt.serial(nt.Dense(32), nt.Relu()),
-                                                             nt.serial(nt.Dense(32), nt.Erf())),
-                                   nt.FanInConcat(), nt.Dense(1)),
-        "branch_prod": nt.serial(nt.FanOut(2), nt.parallel(nt.serial(nt.Dense(32), nt.Relu()), nt.Dense(32)),
-                                 nt.FanInProd(), nt.Dense(1)),
-    }[name]
-
-
-@pytest.mark.parametrize("name", ["branch_residual_sum", "branch_concat", "branch_prod"])
+@pytest.mark.parametrize("name", BRANCH_CASES)
 def test_branch_parity_with_nt(name):
     ref = load_reference(name)
-    k = _branch_net(name).kernel_fn(ref["x1"], ref["x2"])
+    k = branch_net(name).kernel_fn(ref["x1"], ref["x2"])
     assert rel_err(k.nngp, ref["nngp_12"]) < 1e-5
     assert rel_err(k.ntk, ref["ntk_12"]) < 1e-5
 
@@ -83,10 +72,10 @@ def test_fc_parity_diagonal_is_exact(act):
     assert rel_err(k.nngp, ref["nngp_11"]) < 1e-5 and rel_err(k.ntk, ref["ntk_11"]) < 1e-5
     if act == "relu":
         x = torch.from_numpy(ref["x1"])
-        q = (x * x).sum(1) / x.shape[1] * 1.5 ** 2      # Dense 1
-        n1, t1 = q / 2, q / 2                             # ReLU on the diagonal: K' = q/2, K̇ = 1/2
-        q2, th2 = 1.44 * n1, 1.44 * n1 + 1.44 * t1        # Dense 2
-        diag = q2 / 2 + th2 / 2                           # ReLU, then Dense(3): Θ = K + Θ
+        q = (x * x).sum(1) / x.shape[1] * 1.5**2  # Dense 1
+        n1, t1 = q / 2, q / 2  # ReLU on the diagonal: K' = q/2, K̇ = 1/2
+        q2, th2 = 1.44 * n1, 1.44 * n1 + 1.44 * t1  # Dense 2
+        diag = q2 / 2 + th2 / 2  # ReLU, then Dense(3): Θ = K + Θ
         assert rel_err(torch.diagonal(k.ntk), diag) < 1e-15
 
 
@@ -98,7 +87,7 @@ ACTS = [nt.Relu(), nt.LeakyRelu(0.2), nt.Abs(), nt.Erf(), nt.Elementwise(torch.t
 def test_self_kernel_symmetric_psd(act):
     x = _x(40, 6)
     x[3] = x[7]  # duplicated point
-    x[5] = 0.0   # zero input
+    x[5] = 0.0  # zero input
     net = nt.serial(nt.Dense(32, 1.4, 0.1), act, nt.Dense(32, 1.4, 0.1), act, nt.Dense(1))
     k = net.kernel_fn(x)
     for m in (k.nngp, k.ntk):
@@ -111,8 +100,14 @@ def test_self_kernel_symmetric_psd(act):
 @pytest.mark.parametrize("tile", [13, 100, 512])
 def test_tiled_equals_untiled(tile):
     x1, x2 = _x(237, 9, 3), _x(101, 9, 4)
-    net = nt.serial(nt.Dense(64, 1.5, 0.2), nt.Relu(), nt.FanOut(2),
-                    nt.parallel(nt.serial(nt.Dense(64), nt.Erf()), nt.Identity()), nt.FanInSum(), nt.Dense(2))
+    net = nt.serial(
+        nt.Dense(64, 1.5, 0.2),
+        nt.Relu(),
+        nt.FanOut(2),
+        nt.parallel(nt.serial(nt.Dense(64), nt.Erf()), nt.Identity()),
+        nt.FanInSum(),
+        nt.Dense(2),
+    )
     whole = net.kernel_fn(x1, x2, tile_size=10_000)
     part = net.kernel_fn(x1, x2, tile_size=tile)
     assert rel_err(part.nngp, whole.nngp) < 1e-14 and rel_err(part.ntk, whole.ntk) < 1e-14
@@ -155,16 +150,19 @@ def test_dtype_and_numpy_and_get():
     assert half.ntk.dtype == torch.float16
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: (torch.ones(3, 4), torch.ones(2, 5)), "per-sample shape"),
-    (lambda: (torch.tensor([[1.0, float("nan")]]), None), "NaN"),
-    (lambda: (torch.ones(3, 4, dtype=torch.int64), None), "dtype"),
-    (lambda: (torch.ones(4), None), "batch axis"),
-    (lambda: (torch.ones(0, 4), None), "empty"),
-    (lambda: (torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)), "per-sample"),
-    (lambda: (torch.ones(3, 4), torch.ones(3, 4, dtype=torch.float64)), "dtype"),
-    (lambda: ("abc", None), "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: (torch.ones(3, 4), torch.ones(2, 5)), "per-sample shape"),
+        (lambda: (torch.tensor([[1.0, float("nan")]]), None), "NaN"),
+        (lambda: (torch.ones(3, 4, dtype=torch.int64), None), "dtype"),
+        (lambda: (torch.ones(4), None), "batch axis"),
+        (lambda: (torch.ones(0, 4), None), "empty"),
+        (lambda: (torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)), "per-sample"),
+        (lambda: (torch.ones(3, 4), torch.ones(3, 4, dtype=torch.float64)), "dtype"),
+        (lambda: ("abc", None), "torch.Tensor"),
+    ],
+)
 def test_bad_inputs(bad, match):
     net = nt.serial(nt.Dense(4), nt.Relu(), nt.Dense(1))
     x1, x2 = bad()
@@ -224,6 +222,6 @@ def test_module_twin_nngp_matches_kernel_roughly():
 
 
 def test_residual_twin_runs():
-    net = _branch_net("branch_residual_sum")
+    net = branch_net("branch_residual_sum")
     m = net.module(7, seed=0, dtype=torch.float64)
     assert m(_x(5, 7)).shape == (5, 1)

@@ -1,4 +1,5 @@
 """ntkit.predict: NT parity, closed-form identities, trace_axes, the spectral view, input errors."""
+
 import math
 
 import pytest
@@ -23,9 +24,17 @@ def problem():
     xt = torch.randn(9, 5, dtype=F64, generator=g)
     y = torch.sin(x @ torch.randn(5, 2, dtype=F64, generator=g))
     net = ntkit.serial(ntkit.Dense(64, b_std=0.1), ntkit.Relu(), ntkit.Dense(2, b_std=0.1))
-    return dict(net=net, x=x, xt=xt, y=y, k=net.kernel_fn(x, None), kt=net.kernel_fn(xt, x),
-                ktt=net.kernel_fn(xt, None), f0=0.1 * torch.randn(24, 2, dtype=F64, generator=g),
-                ft0=0.1 * torch.randn(9, 2, dtype=F64, generator=g))
+    return dict(
+        net=net,
+        x=x,
+        xt=xt,
+        y=y,
+        k=net.kernel_fn(x, None),
+        kt=net.kernel_fn(xt, x),
+        ktt=net.kernel_fn(xt, None),
+        f0=0.1 * torch.randn(24, 2, dtype=F64, generator=g),
+        ft0=0.1 * torch.randn(9, 2, dtype=F64, generator=g),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,17 +53,20 @@ def test_gd_mse_matches_nt():
 def test_gp_inference_matches_nt():
     r = load_reference("predict_gp_inference")
     out = predict.gp_inference(_t(r["k_train_train"]), _t(r["y_train"]), diag_reg=1e-2)(
-        "nngp", _t(r["k_test_train"]), _t(r["k_test_test"]))
+        "nngp", _t(r["k_test_train"]), _t(r["k_test_test"])
+    )
     assert rel_err(out.mean, r["mean"]) <= 1e-5
     assert rel_err(out.covariance, r["covariance"]) <= 1e-5
 
 
 def test_ensemble_matches_nt():
     r = load_reference("predict_ensemble")
-    net = ntkit.serial(ntkit.Dense(128, b_std=0.2), ntkit.Relu(), ntkit.Dense(128, b_std=0.2), ntkit.Relu(),
-                       ntkit.Dense(1, b_std=0.2))
-    pf = predict.gradient_descent_mse_ensemble(net.kernel_fn, _t(r["x_train"]), _t(r["y_train"]),
-                                               learning_rate=1.0, diag_reg=1e-3)
+    net = ntkit.serial(
+        ntkit.Dense(128, b_std=0.2), ntkit.Relu(), ntkit.Dense(128, b_std=0.2), ntkit.Relu(), ntkit.Dense(1, b_std=0.2)
+    )
+    pf = predict.gradient_descent_mse_ensemble(
+        net.kernel_fn, _t(r["x_train"]), _t(r["y_train"]), learning_rate=1.0, diag_reg=1e-3
+    )
     for t in (None, 0.5, 5.0):
         tag = "inf" if t is None else str(t)
         out = pf(t, _t(r["x_test"]), ("nngp", "ntk"), compute_cov=True)
@@ -121,8 +133,9 @@ def test_trace_axes_zipped_kernel_equals_traced(problem):
     b = predict.gradient_descent_mse(kz, p["y"], trace_axes=())(ts, p["f0"], p["ft0"], ktz)
     for u, v in zip(a, b):
         assert torch.allclose(u, v, atol=1e-12)
-    gz = predict.gp_inference(kz, p["y"], diag_reg=1e-2, trace_axes=())("nngp", ktz, torch.einsum(
-        "ij,ab->ijab", p["ktt"].nngp, eye))
+    gz = predict.gp_inference(kz, p["y"], diag_reg=1e-2, trace_axes=())(
+        "nngp", ktz, torch.einsum("ij,ab->ijab", p["ktt"].nngp, eye)
+    )
     g = predict.gp_inference(k, p["y"], diag_reg=1e-2)("nngp", kt, p["ktt"].nngp)
     assert torch.allclose(gz.mean, g.mean, atol=1e-12)
     assert gz.covariance.shape == (9, 9, 2, 2)

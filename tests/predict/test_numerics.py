@@ -1,4 +1,5 @@
 """ntkit.predict on hard kernels (NT issues #76, #128, #198): never NaN/Inf on a PSD kernel."""
+
 import math
 import warnings
 
@@ -10,8 +11,9 @@ from ntkit import predict
 from ntkit.linalg import NumericalWarning
 
 F64 = torch.float64
-NET = ntkit.serial(ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(256, b_std=0.1), ntkit.Relu(),
-                   ntkit.Dense(1, b_std=0.1))
+NET = ntkit.serial(
+    ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(1, b_std=0.1)
+)
 
 
 def _finite(*xs):

@@ -1,4 +1,5 @@
 """ntkit.predict.gradient_descent: function-space ODE for any loss, with and without momentum."""
+
 import math
 
 import numpy as np
@@ -28,11 +29,14 @@ def problem():
     xt = torch.randn(5, 4, dtype=F64, generator=g)
     net = ntkit.serial(ntkit.Dense(64, b_std=0.1), ntkit.Relu(), ntkit.Dense(3, b_std=0.1))
     labels = torch.randint(0, 3, (16,), generator=g)
-    return dict(k=net.kernel_fn(x, None, "ntk"), kt=net.kernel_fn(xt, x, "ntk"),
-                y=torch.randn(16, 3, dtype=F64, generator=g),
-                onehot=torch.nn.functional.one_hot(labels, 3).to(F64),
-                f0=0.2 * torch.randn(16, 3, dtype=F64, generator=g),
-                ft0=0.2 * torch.randn(5, 3, dtype=F64, generator=g))
+    return dict(
+        k=net.kernel_fn(x, None, "ntk"),
+        kt=net.kernel_fn(xt, x, "ntk"),
+        y=torch.randn(16, 3, dtype=F64, generator=g),
+        onehot=torch.nn.functional.one_hot(labels, 3).to(F64),
+        f0=0.2 * torch.randn(16, 3, dtype=F64, generator=g),
+        ft0=0.2 * torch.randn(5, 3, dtype=F64, generator=g),
+    )
 
 
 def test_mse_loss_reproduces_closed_form(problem):
@@ -95,7 +99,8 @@ def test_cross_entropy_against_independent_integrator(problem):
     eta = 2.0
     ts = [0.5, 5.0, 40.0]
     tr, te = predict.gradient_descent(cross_entropy, k, y, learning_rate=eta)(
-        torch.tensor(ts, dtype=F64), p["f0"], p["ft0"], kt)
+        torch.tensor(ts, dtype=F64), p["f0"], p["ft0"], kt
+    )
 
     # reference: hand-written softmax gradient, scipy LSODA, in numpy
     K, Y, f0 = k.numpy(), y.numpy(), p["f0"].numpy()
@@ -106,8 +111,7 @@ def test_cross_entropy_against_independent_integrator(problem):
         grad = (e / e.sum(1, keepdims=True) - Y) / Y.size  # d/df of -mean(y·log_softmax(f))
         return (-eta * K @ grad).reshape(-1)
 
-    sol = scipy.integrate.solve_ivp(rhs, (0, ts[-1]), f0.reshape(-1), method="LSODA", t_eval=ts,
-                                    rtol=1e-10, atol=1e-12)
+    sol = scipy.integrate.solve_ivp(rhs, (0, ts[-1]), f0.reshape(-1), method="LSODA", t_eval=ts, rtol=1e-10, atol=1e-12)
     want = sol.y.T.reshape(len(ts), *Y.shape)
     assert np.abs(tr.numpy() - want).max() < 1e-6
     losses = [float(cross_entropy(f, y)) for f in tr]

@@ -5,6 +5,7 @@ Convention (NT's): the loss is ``||f - y||² / (2·N)`` with ``N = y.numel()``; 
 Steps are kept small (``a = η·λ_max/N <= 0.02``) so that the discrete/continuous gap (``<~ a/(2e)`` of a
 residual) is far below the width effects / Monte-Carlo errors being measured.
 """
+
 import math
 
 import torch
@@ -69,10 +70,14 @@ def test_wide_net_follows_gradient_descent_mse_and_error_shrinks_with_width():
         errs = []
         for s in range(len(models)):
             pred_tr, pred_te = predict.gradient_descent_mse(k, y, learning_rate=eta)(
-                torch.tensor(steps, dtype=F64), trs[0][s], tes[0][s], kt)
+                torch.tensor(steps, dtype=F64), trs[0][s], tes[0][s], kt
+            )
             for i in range(len(steps)):
-                errs.append(max(float((trs[i + 1][s] - pred_tr[i]).abs().max()),
-                                float((tes[i + 1][s] - pred_te[i]).abs().max())))
+                errs.append(
+                    max(
+                        float((trs[i + 1][s] - pred_tr[i]).abs().max()), float((tes[i + 1][s] - pred_te[i]).abs().max())
+                    )
+                )
         errors[width] = sum(errs) / len(errs)
     scale = float(y.abs().max())
     # the infinite-width prediction is approached at the NTK rate 1/sqrt(width): 16x width -> ~4x smaller
@@ -93,7 +98,8 @@ def test_ensemble_of_wide_nets_matches_gradient_descent_mse_ensemble():
     ft = tes[-1][:, :, 0].double()  # (nets, n_test)
 
     pred = predict.gradient_descent_mse_ensemble(NET.kernel_fn, x, y, learning_rate=eta)(
-        float(n_steps), xt, "ntk", compute_cov=True)
+        float(n_steps), xt, "ntk", compute_cov=True
+    )
     mean, var = pred.mean[:, 0], torch.diagonal(pred.covariance)
     prior_var = torch.diagonal(NET.kernel_fn(xt, None, "nngp"))
     emp_mean, emp_var = ft.mean(0), ft.var(0)

@@ -1,4 +1,5 @@
 """ntkit.predict.student_t_inference: scale mixture of NNGPs with an inverse-gamma prior (Lee et al. 2022)."""
+
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ import ntkit
 from ntkit import predict
 
 F64 = torch.float64
-NET = ntkit.serial(ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(256, b_std=0.1), ntkit.Relu(),
-                   ntkit.Dense(1, b_std=0.1))
+NET = ntkit.serial(
+    ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(256, b_std=0.1), ntkit.Relu(), ntkit.Dense(1, b_std=0.1)
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,14 @@ def problem():
     x = torch.randn(20, 4, dtype=F64, generator=g)
     xt = torch.randn(6, 4, dtype=F64, generator=g)
     y = 3.0 * torch.sin(x @ torch.randn(4, 1, dtype=F64, generator=g))  # larger than the unit-variance prior
-    return dict(x=x, xt=xt, y=y, k=NET.kernel_fn(x, None, "nngp"), kt=NET.kernel_fn(xt, x, "nngp"),
-                ktt=NET.kernel_fn(xt, None, "nngp"))
+    return dict(
+        x=x,
+        xt=xt,
+        y=y,
+        k=NET.kernel_fn(x, None, "nngp"),
+        kt=NET.kernel_fn(xt, x, "nngp"),
+        ktt=NET.kernel_fn(xt, None, "nngp"),
+    )
 
 
 def test_posterior_matches_numerical_integration(problem):
@@ -45,10 +53,13 @@ def test_posterior_matches_numerical_integration(problem):
 
     mode = (beta + q / 2) / (alpha + n / 2 + 1)
     c = log_post(mode)
-    w = lambda s: np.exp(log_post(s) - c)  # noqa: E731
+    w = lambda s: np.exp(log_post(s) - c)
+
     def integral(fn):  # split at the mode, where the mass concentrates
-        return sum(scipy.integrate.quad(fn, a, b, limit=200, epsrel=1e-11)[0]
-                   for a, b in ((0, mode), (mode, 10 * mode), (10 * mode, np.inf)))
+        return sum(
+            scipy.integrate.quad(fn, a, b, limit=200, epsrel=1e-11)[0]
+            for a, b in ((0, mode), (mode, 10 * mode), (10 * mode, np.inf))
+        )
 
     z = integral(w)
     e_s2 = integral(lambda s: s * w(s)) / z
@@ -94,8 +105,7 @@ def test_gaussian_limit_and_errors(problem):
     assert st(p["kt"]).scale is None and st(p["kt"]).mean.shape == (6, 1)
     with pytest.raises(ValueError, match="alpha"):
         predict.student_t_inference(p["k"], p["y"], alpha=0.0)
-    low = predict.student_t_inference(p["k"][:1, :1], p["y"][:1], alpha=0.25, beta=1.0)(
-        p["kt"][:, :1], p["ktt"])
+    low = predict.student_t_inference(p["k"][:1, :1], p["y"][:1], alpha=0.25, beta=1.0)(p["kt"][:, :1], p["ktt"])
     assert low.df == pytest.approx(1.5)
     with pytest.raises(ValueError, match="no finite covariance"):
-        low.covariance
+        _ = low.covariance

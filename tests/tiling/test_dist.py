@@ -1,12 +1,13 @@
 """torchrun with 2 CPU processes (gloo, loopback only) gives the same kernel store as 1 process, bit for bit,
 splits the tiles of a resumed store across ranks, and runs distributed CG to the same solution."""
+
 from __future__ import annotations
 
 import os
 import socket
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ pytest.importorskip("zarr")
 
 REPO = Path(__file__).resolve().parents[1]
 
-SETUP = r'''
+SETUP = r"""
 import torch
 import ntkit
 g = torch.Generator().manual_seed(7)
@@ -24,9 +25,11 @@ x = torch.randn(157, 5, generator=g, dtype=torch.float64)
 y = torch.randn(157, 2, generator=g, dtype=torch.float64)
 net = ntkit.serial(ntkit.Dense(64, 1.2, 0.3), ntkit.Erf(), ntkit.Dense(64, 1.2, 0.3), ntkit.Relu(),
                    ntkit.Dense(1, 1.2, 0.3))
-'''
+"""
 
-JOB = SETUP + r'''
+JOB = (
+    SETUP
+    + r"""
 import sys
 from ntkit.tiling import context, kernel_matrix
 from ntkit.linalg import cg
@@ -39,7 +42,8 @@ mem = kernel_matrix(net.kernel_fn, x, None, "ntk", tile_size=23)
 res = cg(fresh.matrix("ntk"), y, 1e-3, tol=1e-10)
 if ctx.rank == 0:
     torch.save({"mem": mem, "x": res.x, "it": res.iterations}, sys.argv[3])
-'''
+"""
+)
 
 
 def _free_port() -> int:
@@ -72,8 +76,15 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
                 raise Crash
 
         with pytest.raises(Crash):
-            kernel_matrix(net.kernel_fn, x, None, ("nngp", "ntk"), tile_size=23, store=tmp_path / "resumed",
-                          on_tile=crash_after_20)
+            kernel_matrix(
+                net.kernel_fn,
+                x,
+                None,
+                ("nngp", "ntk"),
+                tile_size=23,
+                store=tmp_path / "resumed",
+                on_tile=crash_after_20,
+            )
         one = kernel_matrix(net.kernel_fn, x, None, ("nngp", "ntk"), tile_size=23, store=tmp_path / "one")
         one_mem = kernel_matrix(net.kernel_fn, x, None, "ntk", tile_size=23)
         one_cg = cg(one.matrix("ntk"), y, 1e-3, tol=1e-10)
@@ -82,11 +93,19 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
 
     script = tmp_path / "job.py"
     script.write_text(JOB)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(script), str(tmp_path / "resumed"), str(tmp_path / "two"),
-           str(tmp_path / "out.pt")]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(script),
+        str(tmp_path / "resumed"),
+        str(tmp_path / "two"),
+        str(tmp_path / "out.pt"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, timeout=180)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
 

@@ -5,6 +5,7 @@ kills it three times after random delays (fixed seed), checks after each kill th
 checksum, resumes to completion, and compares with an uninterrupted in-memory run bit for bit. Only tiles in
 flight at a kill may be computed twice.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,16 +25,18 @@ pytest.importorskip("zarr")
 REPO = Path(__file__).resolve().parents[1]
 
 # the job's data and net; also run in the test process for the uninterrupted reference
-SETUP = r'''
+SETUP = r"""
 import torch
 import ntkit
 n = 301
 x = torch.linspace(-1, 1, n * 3, dtype=torch.float64).reshape(n, 3).sin()
 x[:, 0] = torch.arange(n, dtype=torch.float64)  # the first feature names the sample
 net = ntkit.serial(ntkit.Dense(64, 1.3, 0.2), ntkit.Relu(), ntkit.Dense(1, 1.3, 0.2))
-'''
+"""
 
-JOB = SETUP + r'''
+JOB = (
+    SETUP
+    + r"""
 import os, sys, time
 from ntkit.tiling import kernel_matrix
 
@@ -54,7 +57,8 @@ def done(t):
 os.write(fd, b"ready\n")
 kernel_matrix(kfn, x, None, "ntk", tile_size=23, store=store, description="kill-test", on_tile=done)
 os.write(fd, b"complete\n")
-'''
+"""
+)
 
 
 def _wait_ready(log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -82,22 +86,20 @@ def test_sigkill_three_times_then_resume(tmp_path):
     rng = random.Random(1234)
     _wait_ready.seen = 0
     runs = []  # per run: the log lines it wrote
-    for kill in range(3):
+    for _kill in range(3):
         before = log.read_text().splitlines() if log.exists() else []
-        proc = subprocess.Popen([sys.executable, str(script), str(store), str(log)], env=env,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, str(script), str(store), str(log)], env=env, stderr=subprocess.PIPE)
         _wait_ready(log, proc)
         time.sleep(rng.uniform(0.3, 1.2))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        runs.append(log.read_text().splitlines()[len(before):])
+        runs.append(log.read_text().splitlines()[len(before) :])
         if (store / "manifest.json").exists():
             assert KernelStore(store).verify() == []  # nothing on disk is read as valid unless it is
     before = log.read_text().splitlines()
-    res = subprocess.run([sys.executable, str(script), str(store), str(log)], env=env, capture_output=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, str(script), str(store), str(log)], env=env, capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
-    runs.append(log.read_text().splitlines()[len(before):])
+    runs.append(log.read_text().splitlines()[len(before) :])
     assert runs[-1][-1] == "complete"
     assert all("complete" not in r for r in runs[:-1]), "a kill came too late to interrupt the job"
 

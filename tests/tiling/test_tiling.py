@@ -1,4 +1,5 @@
 """Tiled kernels (ntkit.tiling): tiled == untiled with ragged tiles, the resumable store, lazy operators."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err
 
 import ntkit
-from helpers import rel_err
-from ntkit.tiling import (CorruptTileError, KernelFnOperator, KernelStore, StoreMismatchError, TilePlan,
-                          as_operator, kernel_matrix)
+from ntkit.tiling import (
+    CorruptTileError,
+    KernelFnOperator,
+    KernelStore,
+    StoreMismatchError,
+    TilePlan,
+    as_operator,
+    kernel_matrix,
+)
 
 pytest.importorskip("zarr")
 
@@ -43,7 +51,7 @@ def test_plan_ragged_and_triangle():
     q = TilePlan(1037, 333, 77, symmetric=False)
     cover = np.zeros((1037, 333), int)
     for t in q:
-        cover[t.r0:t.r1, t.c0:t.c1] += 1
+        cover[t.r0 : t.r1, t.c0 : t.c1] += 1
     assert (cover == 1).all()
 
 
@@ -64,14 +72,17 @@ def test_tiled_equals_untiled_cnn():
     g = torch.Generator().manual_seed(1)
     # diagonal-spatial CNN (no pooling) at n = 1037 with tiles of 100
     x = torch.randn(1037, 2, 4, 4, generator=g, dtype=torch.float64)
-    net = ntkit.serial(ntkit.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), ntkit.Relu(),
-                       ntkit.Flatten(), ntkit.Dense(1, 1.4, 0.1))
+    net = ntkit.serial(
+        ntkit.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),
+        ntkit.Relu(),
+        ntkit.Flatten(),
+        ntkit.Dense(1, 1.4, 0.1),
+    )
     tiled = kernel_matrix(net.kernel_fn, x, None, "ntk", tile_size=100)
     assert rel_err(tiled, net.kernel_fn(x, None, "ntk")) < 1e-12
     # a pooling CNN (full pixel-pixel covariance) with a ragged tile
     xs = x[:57, :, :3, :3]
-    pool = ntkit.serial(ntkit.Conv(8, (2, 2), padding="SAME"), ntkit.Relu(), ntkit.GlobalAvgPool(),
-                        ntkit.Dense(1))
+    pool = ntkit.serial(ntkit.Conv(8, (2, 2), padding="SAME"), ntkit.Relu(), ntkit.GlobalAvgPool(), ntkit.Dense(1))
     tiled = kernel_matrix(pool.kernel_fn, xs, None, ("nngp", "ntk"), tile_size=10)
     ref = pool.kernel_fn(xs, None, ("nngp", "ntk"))
     assert rel_err(tiled["ntk"], ref.ntk) < 1e-12 and rel_err(tiled["nngp"], ref.nngp) < 1e-12
