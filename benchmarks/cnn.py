@@ -15,6 +15,7 @@ NT is skipped (and the reason recorded) when its estimated working set for one 2
 ``--nt-max-gib`` (its 32×32, n = 50 blocks hold 625 pairs × 32⁴ pixel pairs per tensor, ~2.5 GiB each in
 float32): measuring it would risk the machine, not inform.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import NT_PYTHON, emit, machine  # noqa: E402
+from _common import NT_PYTHON, apply_tuning, emit, machine, tuning_flag
 
 NT_SCRIPT = r"""
 import json, resource, sys, time
@@ -65,11 +66,12 @@ def _worker(n: int, hw: int, dtype: str, out: str, tile: int) -> None:
 
     from ntkit.architectures import myrtle
 
-    x = torch.from_numpy(np.ascontiguousarray(
-        np.random.RandomState(0).randn(n, hw, hw, 3).astype(dtype).transpose(0, 3, 1, 2)))
+    x = torch.from_numpy(
+        np.ascontiguousarray(np.random.RandomState(0).randn(n, hw, hw, 3).astype(dtype).transpose(0, 3, 1, 2))
+    )
     net = myrtle(5)
     kw = {} if tile <= 0 else {"tile_size": tile}
-    net.kernel_fn(x[:2], None, "ntk")                     # warm-up
+    net.kernel_fn(x[:2], None, "ntk")  # warm-up
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     cpu = time.process_time()
@@ -77,8 +79,17 @@ def _worker(n: int, hw: int, dtype: str, out: str, tile: int) -> None:
     cpu = time.process_time() - cpu
     t = time.perf_counter() - t
     np.save(out, k.numpy())
-    print(json.dumps({"s": t, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_before_mb": rss0 / 1024, "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "s": t,
+                "cpu_s": cpu,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_before_mb": rss0 / 1024,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def _run(cmd: list, timeout: float, env=None) -> dict:
@@ -96,7 +107,7 @@ def _run(cmd: list, timeout: float, env=None) -> dict:
 def _nt_block_gib(n: int, hw: int, dtype: str) -> float:
     """NT's working set for one batch of min(n, 25)² pairs: ~8 live full-covariance tensors of (hw²)² entries
     per pair (its measured peak RSS for hw = 32, n = 10, float32 is 3.9 GiB; this estimate gives 3.0)."""
-    return 8 * min(n, 25) ** 2 * hw ** 4 * (4 if dtype == "float32" else 8) / 2 ** 30
+    return 8 * min(n, 25) ** 2 * hw**4 * (4 if dtype == "float32" else 8) / 2**30
 
 
 def main() -> None:
@@ -107,14 +118,21 @@ def main() -> None:
     ap.add_argument("--nt-timeout", type=float, default=3600)
     ap.add_argument("--nt-max-gib", type=float, default=12.0)
     ap.add_argument("--tile", type=int, default=0, help="ntkit tile_size (0: ntkit's own plan)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads for both sides (0: each library's default; 1 is robust on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads for both sides (0: each library's default; 1 is robust on a shared machine)",
+    )
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    tuning_flag(ap)
     args = ap.parse_args()
+    apply_tuning(args)
     if args.worker:
         n, hw, dtype, out, tile, threads = args.worker
         if int(threads) > 0:
             import torch
+
             torch.set_num_threads(int(threads))
         _worker(int(n), int(hw), dtype, out, int(tile))
         return
@@ -123,30 +141,54 @@ def main() -> None:
     nt_env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     if args.threads > 0:
         info["torch_threads"] = args.threads
-        nt_env["XLA_FLAGS"] = (nt_env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               f"intra_op_parallelism_threads={args.threads}").strip()
+        nt_env["XLA_FLAGS"] = (
+            nt_env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={args.threads}"
+        ).strip()
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             hw, n = (int(v) for v in case.split(":"))
             for dtype in args.dtypes.split(","):
                 ours_path, nt_path = os.path.join(tmp, "ours.npy"), os.path.join(tmp, "nt.npy")
                 info["loadavg_at_start"] = os.getloadavg()
-                ours = _run([sys.executable, os.path.abspath(__file__), "--worker", str(n), str(hw), dtype, ours_path,
-                             str(args.tile), str(args.threads)], timeout=args.nt_timeout)
+                ours = _run(
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--worker",
+                        str(n),
+                        str(hw),
+                        dtype,
+                        ours_path,
+                        str(args.tile),
+                        str(args.threads),
+                    ],
+                    timeout=args.nt_timeout,
+                )
                 if not have_nt:
                     theirs = {"skipped": "NT venv absent" if not args.no_nt else "--no-nt"}
                 elif _nt_block_gib(n, hw, dtype) > args.nt_max_gib:
-                    theirs = {"skipped": f"estimated {_nt_block_gib(n, hw, dtype):.0f} GiB per 25x25 batch "
-                                         f"> --nt-max-gib {args.nt_max_gib:g}"}
+                    theirs = {
+                        "skipped": f"estimated {_nt_block_gib(n, hw, dtype):.0f} GiB per 25x25 batch "
+                        f"> --nt-max-gib {args.nt_max_gib:g}"
+                    }
                 else:
-                    theirs = _run([NT_PYTHON, "-c", NT_SCRIPT, str(n), str(hw), dtype, nt_path],
-                                  timeout=args.nt_timeout, env=nt_env)
-                row = dict(bench="cnn_myrtle5_ntk", hw=hw, n=n, dtype=dtype,
-                           ntkit_s=round(ours["s"], 3) if "s" in ours else None,
-                           ntkit_cpu_s=round(ours["cpu_s"], 3) if "cpu_s" in ours else None,
-                           ntkit_peak_rss_mb=round(ours.get("peak_rss_mb", 0), 1) or None,
-                           nt_s=round(theirs["s"], 3) if "s" in theirs else None,
-                           nt_peak_rss_mb=round(theirs.get("peak_rss_mb", 0), 1) or None)
+                    theirs = _run(
+                        [NT_PYTHON, "-c", NT_SCRIPT, str(n), str(hw), dtype, nt_path],
+                        timeout=args.nt_timeout,
+                        env=nt_env,
+                    )
+                row = dict(
+                    bench="cnn_myrtle5_ntk",
+                    hw=hw,
+                    n=n,
+                    dtype=dtype,
+                    ntkit_s=round(ours["s"], 3) if "s" in ours else None,
+                    ntkit_cpu_s=round(ours["cpu_s"], 3) if "cpu_s" in ours else None,
+                    ntkit_peak_rss_mb=round(ours.get("peak_rss_mb", 0), 1) or None,
+                    nt_s=round(theirs["s"], 3) if "s" in theirs else None,
+                    nt_peak_rss_mb=round(theirs.get("peak_rss_mb", 0), 1) or None,
+                )
                 if "s" in ours and "s" in theirs:
                     row["speedup_vs_nt"] = round(theirs["s"] / ours["s"], 2)
                     a, b = np.load(ours_path), np.load(nt_path)

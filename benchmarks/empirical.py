@@ -21,6 +21,7 @@ One JSON line per (case, side, implementation, trace) with ``seconds`` and the r
 reference kernel (NT's structured derivatives for the MLP; for ResNet-18 the same kernel in float64), plus
 ``machine`` (with the load average: numbers taken under load say so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import emit, machine, run_nt  # noqa: E402
+from _common import apply_tuning, emit, machine, run_nt, tuning_flag
 
-import ntkit  # noqa: E402
-from ntkit.empirical import empirical_ntk  # noqa: E402
+import ntkit
+from ntkit.empirical import empirical_ntk
 
 NT_SCRIPT = r"""
 import json, sys, time
@@ -125,17 +126,32 @@ def bench_mlp(args) -> None:
                 if os.path.exists(p):
                     refs[tr] = np.load(p)
         for r in rows or [{"skipped": f"NT not found at {os.environ.get('NTKIT_NT_PYTHON', '/tmp/ntenv/bin/python')}"}]:
-            emit(case="mlp", side="nt", implementation=NT_NAMES.get(str(r.get("impl")), r.get("impl")),
-                 trace=r.get("trace"), n=args.n, dtype="float32", **{k: v for k, v in r.items()
-                                                                       if k not in ("impl", "trace")},
-                 machine=mach)
+            emit(
+                case="mlp",
+                side="nt",
+                implementation=NT_NAMES.get(str(r.get("impl")), r.get("impl")),
+                trace=r.get("trace"),
+                n=args.n,
+                dtype="float32",
+                **{k: v for k, v in r.items() if k not in ("impl", "trace")},
+                machine=mach,
+            )
     for tr in traces:
         axes = (-1,) if tr == "traced" else ()
         for impl in args.impls.split(","):
             empirical_ntk(model, x[:2], implementation=impl, trace_axes=axes)  # warm-up
             sec, k, runs = _time(lambda: empirical_ntk(model, x, implementation=impl, trace_axes=axes), args.repeats)
-            row = dict(case="mlp", side="ntkit", implementation=impl, trace=tr, n=args.n, dtype="float32",
-                       seconds=sec, runs=runs, shape=list(k.shape))
+            row = dict(
+                case="mlp",
+                side="ntkit",
+                implementation=impl,
+                trace=tr,
+                n=args.n,
+                dtype="float32",
+                seconds=sec,
+                runs=runs,
+                shape=list(k.shape),
+            )
             if tr in refs:
                 row["rel_err_vs_nt_structured"] = _rel(k.numpy(), refs[tr])
             emit(**row, machine=_machine())
@@ -193,9 +209,20 @@ def bench_resnet(args) -> None:
     for impl in args.impls.split(","):
         empirical_ntk(model, x[:1], implementation=impl)  # warm-up
         sec, k, runs = _time(lambda: empirical_ntk(model, x, implementation=impl), args.repeats)
-        emit(case="resnet18", side="ntkit", implementation=impl, trace="traced", n=args.resnet_n,
-             dtype="float32", params=n_params, seconds=sec, runs=runs, shape=list(k.shape),
-             rel_err_vs_float64=_rel(k.numpy(), ref), machine=_machine())
+        emit(
+            case="resnet18",
+            side="ntkit",
+            implementation=impl,
+            trace="traced",
+            n=args.resnet_n,
+            dtype="float32",
+            params=n_params,
+            seconds=sec,
+            runs=runs,
+            shape=list(k.shape),
+            rel_err_vs_float64=_rel(k.numpy(), ref),
+            machine=_machine(),
+        )
 
 
 def main() -> None:
@@ -209,14 +236,22 @@ def main() -> None:
     ap.add_argument("--resnet-n", type=int, default=8)
     ap.add_argument("--no-nt", action="store_true")
     ap.add_argument("--nt-max-gib", type=float, default=12.0)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads for both sides (0: each library's default). On a loaded machine use 1: "
-                         "oversubscribed thread pools measure contention, not the algorithms.")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for both sides (0: each library's default). On a loaded machine use 1: "
+        "oversubscribed thread pools measure contention, not the algorithms.",
+    )
+    tuning_flag(ap)
     args = ap.parse_args()
+    apply_tuning(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   f"intra_op_parallelism_threads={args.threads}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={args.threads}"
+        ).strip()
     for case in args.cases.split(","):
         {"mlp": bench_mlp, "resnet18": bench_resnet}[case](args)
 

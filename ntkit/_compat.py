@@ -23,12 +23,17 @@ _NETS_MOVED = ("myrtle", "cntk", "wide_resnet", "MYRTLE_DEPTHS")
 
 def _nets_getattr(name: str) -> Any:
     if name in _NETS_MOVED:
-        warnings.warn(f"ntkit.nets.{name} moved to ntkit.architectures.{name} in ntkit 0.2 (the old name is "
-                      f"removed in {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"ntkit.nets.{name} moved to ntkit.architectures.{name} in ntkit 0.2 (the old name is "
+            f"removed in {REMOVED_IN}).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(_architectures, name)
     raise AttributeError(f"module 'ntkit.nets' has no attribute {name!r}")
 
 
 def install() -> None:
     """Answer the deprecated names (idempotent)."""
-    sys.modules[_nets.__name__].__getattr__ = _nets_getattr  # type: ignore[attr-defined]
+    # a PEP 562 module __getattr__; typeshed declares ModuleType.__getattr__ as a method
+    sys.modules[_nets.__name__].__getattr__ = _nets_getattr  # type: ignore[method-assign]

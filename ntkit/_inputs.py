@@ -74,9 +74,7 @@ def as_batch(
     if floating and any(s == 0 for s in x.shape[1:]):
         raise error(f"{name} has a zero-sized feature axis (shape {tuple(x.shape)}).")
     if x.is_floating_point() and not all_finite(x):
-        raise error(
-            f"{name} contains {_count_bad(x)} NaN/Inf entries; clean or impute them before computing kernels."
-        )
+        raise error(f"{name} contains {_count_bad(x)} NaN/Inf entries; clean or impute them before computing kernels.")
     return x
 
 

@@ -21,7 +21,8 @@ import ctypes
 import functools
 import math
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -182,7 +183,7 @@ class _Tuning:
     huge_pages = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc():
     """The C library through ctypes on Linux (``None`` elsewhere or if it cannot be loaded)."""
     if os.name != "posix" or os.uname().sysname != "Linux":

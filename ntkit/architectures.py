@@ -13,6 +13,7 @@ Every function returns a :class:`~ntkit.nets.Net`: ``net.kernel_fn(x)`` for the 
 for the finite network (``channels`` / ``width`` only matter for the finite twin in the NTK
 parameterisation). Inputs are channels-first ``(N, C, H, W)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ import numbers
 from typing import Optional
 
 from ntkit.layers import AvgPool, Conv, Dense, FanInSum, FanOut, Flatten, GlobalAvgPool, Identity, Relu
+from ntkit.layers.base import Layer
 from ntkit.nets import Net, parallel, serial
 
 __all__ = ["myrtle", "cntk", "wide_resnet", "fc_net", "MYRTLE_DEPTHS"]
@@ -30,8 +32,13 @@ SQRT2 = math.sqrt(2.0)
 MYRTLE_DEPTHS = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
 
 
-def myrtle(depth: int = 5, W_std: float = math.sqrt(2.0), b_std: Optional[float] = 0.0,
-           out_features: int = 10, channels: int = 128) -> Net:
+def myrtle(
+    depth: int = 5,
+    W_std: float = math.sqrt(2.0),
+    b_std: Optional[float] = 0.0,
+    out_features: int = 10,
+    channels: int = 128,
+) -> Net:
     """Myrtle-``depth`` (5, 7 or 10) of Shankar et al. 2020, as a kernel.
 
     ``[Conv3×3 SAME, ReLU] × g1, AvgPool 2×2/2, [Conv, ReLU] × g2, AvgPool 2×2/2, [Conv, ReLU] × g3,
@@ -47,16 +54,32 @@ def myrtle(depth: int = 5, W_std: float = math.sqrt(2.0), b_std: Optional[float]
     g1, g2, g3 = MYRTLE_DEPTHS[depth]
 
     def block(n):
-        return [layer for _ in range(n)
-                for layer in (Conv(channels, (3, 3), padding="SAME", W_std=W_std, b_std=b_std), Relu())]
+        return [
+            layer
+            for _ in range(n)
+            for layer in (Conv(channels, (3, 3), padding="SAME", W_std=W_std, b_std=b_std), Relu())
+        ]
 
-    layers = (block(g1) + [AvgPool((2, 2), (2, 2))] + block(g2) + [AvgPool((2, 2), (2, 2))] + block(g3)
-              + [GlobalAvgPool(), Dense(out_features, W_std, b_std)])
+    layers = (
+        block(g1)
+        + [AvgPool((2, 2), (2, 2))]
+        + block(g2)
+        + [AvgPool((2, 2), (2, 2))]
+        + block(g3)
+        + [GlobalAvgPool(), Dense(out_features, W_std, b_std)]
+    )
     return serial(*layers)
 
 
-def cntk(depth: int, pooling: str = "gap", W_std: float = math.sqrt(2.0), b_std: Optional[float] = None,
-         out_features: int = 1, channels: int = 128, kernel_size: int = 3) -> Net:
+def cntk(
+    depth: int,
+    pooling: str = "gap",
+    W_std: float = math.sqrt(2.0),
+    b_std: Optional[float] = None,
+    out_features: int = 1,
+    channels: int = 128,
+    kernel_size: int = 3,
+) -> Net:
     """CNTK-V / CNTK-GAP of Arora et al. 2019 with ``depth`` convolutional layers.
 
     ``[Conv k×k SAME (stride 1), ReLU] × depth`` then ``Flatten`` (``pooling="flatten"``: CNTK-V, the
@@ -83,8 +106,9 @@ def _wrn_block(channels: int, strides: int, project: bool, W_std: float, b_std: 
     return serial(FanOut(2), parallel(main, shortcut), FanInSum())
 
 
-def wide_resnet(blocks_per_group: int = 1, k: int = 1, out_features: int = 10, W_std: float = 1.0,
-                b_std: Optional[float] = 0.0) -> Net:
+def wide_resnet(
+    blocks_per_group: int = 1, k: int = 1, out_features: int = 10, W_std: float = 1.0, b_std: Optional[float] = 0.0
+) -> Net:
     """A Wide-ResNet-style residual CNN: ``Conv3×3(16)``, three groups of ``blocks_per_group`` pre-activation
     residual blocks with ``16k, 32k, 64k`` channels (the 2nd and 3rd groups downsample with stride 2; the
     first block of each group has a 3×3 conv shortcut), ``GlobalAvgPool`` and ``Dense(out_features)``.
@@ -95,16 +119,17 @@ def wide_resnet(blocks_per_group: int = 1, k: int = 1, out_features: int = 10, W
         raise ValueError(f"wide_resnet(blocks_per_group={blocks_per_group!r}) must be an int >= 1.")
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"wide_resnet(k={k!r}): the widening factor must be an int >= 1.")
-    layers = [Conv(16, (3, 3), padding="SAME", W_std=W_std, b_std=b_std)]
-    for g, (ch, s) in enumerate(((16 * k, 1), (32 * k, 2), (64 * k, 2))):
+    layers: list[Layer] = [Conv(16, (3, 3), padding="SAME", W_std=W_std, b_std=b_std)]
+    for ch, s in ((16 * k, 1), (32 * k, 2), (64 * k, 2)):
         layers.append(_wrn_block(ch, s, True, W_std, b_std))
         layers += [_wrn_block(ch, 1, False, W_std, b_std) for _ in range(blocks_per_group - 1)]
     layers += [GlobalAvgPool(), Dense(out_features, W_std, b_std)]
     return serial(*layers)
 
 
-def fc_net(depth: int = 3, W_std: float = SQRT2, b_std: Optional[float] = 0.05, width: int = 512,
-           out_features: int = 1) -> Net:
+def fc_net(
+    depth: int = 3, W_std: float = SQRT2, b_std: Optional[float] = 0.05, width: int = 512, out_features: int = 1
+) -> Net:
     """``[Dense(width, W_std, b_std), Relu()] × depth`` then ``Dense(out_features, 1.0, b_std)``.
 
     ``W_std = √2`` keeps the ReLU pre-activation variance constant with depth (He initialisation);

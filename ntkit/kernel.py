@@ -24,15 +24,18 @@ tiler has those already (recorded on the diagonal tiles, see :mod:`ntkit.nets`),
 with ``cov1 = cov2 = None`` and the variances in ``var1``/``var2`` (``(N, *s)``), which the tiler refreshes
 after every layer, so that no tile recomputes the full self-covariances of its samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ntkit._inputs import all_finite, as_batch, kernel_inputs
+from ntkit._inputs import all_finite as all_finite  # former home, kept importable
+from ntkit._inputs import as_batch, kernel_inputs
 
 # former homes of the input checks (now ntkit._inputs), kept importable from here
 as_tensor_input = as_batch
@@ -74,7 +77,7 @@ class Kernel:
     var1: Optional[Tensor] = None
     var2: Optional[Tensor] = None
 
-    def replace(self, **changes: Any) -> "Kernel":
+    def replace(self, **changes: Any) -> Kernel:
         return dataclasses.replace(self, **changes)
 
     # -- shape bookkeeping -------------------------------------------------------------------------
@@ -141,7 +144,8 @@ class Kernel:
 
     def same_pixel_variances(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(d1, d2)``: same-pixel variances ``(N, *s)`` of both sides (``d2`` is ``None`` for ``x1_is_x2``)."""
-        if self.pair_only:
+        if self.cov1 is None:  # pair-only
+            assert self.var1 is not None, "a pair-only Kernel carries its same-pixel variances in var1"
             return self.var1, self.var2
         return self._cov_diag(self.cov1), None if self.cov2 is None else self._cov_diag(self.cov2)
 
@@ -151,7 +155,7 @@ class Kernel:
         d2 = d1 if d2 is None else d2
         return self._outer_view(d1, 0, True), self._outer_view(d2, 1, True)
 
-    def with_exact_diagonal(self, inplace: bool = False) -> "Kernel":
+    def with_exact_diagonal(self, inplace: bool = False) -> Kernel:
         """For ``x1_is_x2``: make ``nngp[i, i]`` equal ``cov1[i]`` bit for bit, so that correlations on the
         diagonal are exactly 1 (arc-cosines there are exact, not round-off of ``arccos(1 - ε)``).
 
@@ -159,6 +163,7 @@ class Kernel:
         nothing else references)."""
         if not self.x1_is_x2 or self.nngp is None:
             return self
+        assert self.cov1 is not None, "an x1_is_x2 Kernel carries cov1"
         src = self.cov1.movedim(0, -1)  # the batch diagonal comes last in both forms below
         if inplace and not self.nngp.requires_grad:
             torch.diagonal(self.nngp, 0, 0, 1).copy_(src)
@@ -188,8 +193,8 @@ def normalize_get(
     if get is None:
         return tuple(default if default is not None else allowed), False
     single = isinstance(get, str)
-    raw = (get,) if single else tuple(get)
-    names = tuple(g.lower() if isinstance(g, str) else g for g in raw)
+    raw: tuple[Any, ...] = (get,) if isinstance(get, str) else tuple(get)
+    names: tuple[str, ...] = tuple(g.lower() if isinstance(g, str) else g for g in raw)
     bad = [g for g in names if g not in allowed]
     if bad or not names or len(set(names)) != len(names):
         raise ValueError(f"get={get!r}: choose distinct names from {tuple(allowed)} (a name or a tuple of names).")
@@ -233,8 +238,14 @@ def _self_cov(a: Tensor, diagonal_spatial: bool) -> Tensor:
     return torch.einsum(f"iz{letters},iz{primes}->i{pair}", a, a) / c
 
 
-def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spatial: bool = True,
-                       compute_ntk: bool = True, pair_only: bool = False) -> Kernel:
+def kernel_from_inputs(
+    x1: Tensor,
+    x2: Optional[Tensor] = None,
+    *,
+    diagonal_spatial: bool = True,
+    compute_ntk: bool = True,
+    pair_only: bool = False,
+) -> Kernel:
     """Input covariances (channel-averaged inner products, as NT) of validated inputs.
 
     ``nngp = x1 x2^T / C``; ``cov1 = |x1|^2 / C``; ``ntk = 0`` (inputs have no parameters).
@@ -244,7 +255,10 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
     diagonal_spatial = diagonal_spatial or x1.dim() == 2
     if pair_only and x2 is None:
         raise ValueError("kernel_from_inputs(pair_only=True) needs x2 (the tiler's off-diagonal tiles).")
-    var1 = var2 = None
+    var1: Optional[Tensor] = None
+    var2: Optional[Tensor] = None
+    cov1: Optional[Tensor]
+    cov2: Optional[Tensor]
     if x2 is None:
         g = _gram(x1, x1, diagonal_spatial)
         if x1.dim() == 2:
@@ -261,9 +275,20 @@ def kernel_from_inputs(x1: Tensor, x2: Optional[Tensor] = None, *, diagonal_spat
             cov1 = _self_cov(x1, diagonal_spatial)
             cov2 = _self_cov(x2, diagonal_spatial)
     ntk = torch.zeros_like(g) if compute_ntk else None
-    return Kernel(nngp=g, ntk=ntk, cov1=cov1, cov2=cov2, shape1=tuple(x1.shape),
-                  shape2=tuple((x1 if x2 is None else x2).shape), diagonal_spatial=diagonal_spatial,
-                  x1_is_x2=x2 is None, is_gaussian=False, is_input=True, var1=var1, var2=var2)
+    return Kernel(
+        nngp=g,
+        ntk=ntk,
+        cov1=cov1,
+        cov2=cov2,
+        shape1=tuple(x1.shape),
+        shape2=tuple((x1 if x2 is None else x2).shape),
+        diagonal_spatial=diagonal_spatial,
+        x1_is_x2=x2 is None,
+        is_gaussian=False,
+        is_input=True,
+        var1=var1,
+        var2=var2,
+    )
 
 
 def map_kernels(
@@ -272,8 +297,7 @@ def map_kernels(
     """Apply ``fn`` to nngp, cov1 and cov2 (and ``ntk_fn`` to ntk, if given); a small helper for
     affine layers whose rule is the same map on every covariance."""
     nngp = None if k.nngp is None else fn(k.nngp)
-    out = dict(nngp=nngp, cov1=None if k.cov1 is None else fn(k.cov1),
-               cov2=None if k.cov2 is None else fn(k.cov2))
+    out = dict(nngp=nngp, cov1=None if k.cov1 is None else fn(k.cov1), cov2=None if k.cov2 is None else fn(k.cov2))
     if ntk_fn is not None and k.ntk is not None:
         out["ntk"] = ntk_fn(k.ntk)
     out.update(changes)

@@ -9,6 +9,7 @@ expected NTK under PyTorch's gradients (Sohl-Dickstein et al. 2020). ``W_std``/`
 ``"empirical"`` measures them from the module's current parameters, and ``parameterization="ntk"`` gives the
 NTK-parameterised limit (finite NTK as width → ∞).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -32,8 +33,9 @@ def _flatten_sequential(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
-def lift(model: nn.Module, *, W_std: Std = "init", b_std: Std = "init", parameterization: str = "standard",
-         deg: int = 25) -> Net:
+def lift(
+    model: nn.Module, *, W_std: Std = "init", b_std: Std = "init", parameterization: str = "standard", deg: int = 25
+) -> Net:
     """The ntkit network of a ``torch.nn.Sequential`` (nested Sequentials are flattened).
 
     Args:
@@ -56,7 +58,8 @@ def lift(model: nn.Module, *, W_std: Std = "init", b_std: Std = "init", paramete
         raise LiftError(
             f"lift needs an nn.Sequential of supported layers, got {type(model).__name__} (its forward could do "
             f"anything). Rewrite it as nn.Sequential of: {names}; or use ntkit.empirical.empirical_ntk for the "
-            f"finite-width NTK of any module.")
+            f"finite-width NTK of any module."
+        )
     layers = []
     for i, m in enumerate(_flatten_sequential(model)):
         build = SUPPORTED.get(type(m))

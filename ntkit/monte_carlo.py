@@ -12,10 +12,12 @@ Jacot et al. 2018): the NNGP estimate is unbiased at any width with a standard e
 For the standard parameterisation the NTK depends on the widths themselves: compare with the analytic
 kernel of a net described with those widths (``width=None`` keeps them).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,11 +37,20 @@ class MonteCarloKernelFn:
     Use :meth:`samples` for the per-network kernels (e.g. to estimate the Monte-Carlo error).
     """
 
-    def __init__(self, net, n_samples: int, width: Optional[int], seed: int = 0,
-                 get: Union[str, Sequence[str]] = ("nngp", "ntk"), implementation: str = "auto"):
+    def __init__(
+        self,
+        net,
+        n_samples: int,
+        width: Optional[int],
+        seed: int = 0,
+        get: Union[str, Sequence[str]] = ("nngp", "ntk"),
+        implementation: str = "auto",
+    ):
         if not isinstance(net, Net):
-            raise TypeError(f"net must be an ntkit network (ntkit.serial(...)), got {type(net).__name__}; for a "
-                            f"torch module use ntkit.empirical.empirical_ntk on each sampled model.")
+            raise TypeError(
+                f"net must be an ntkit network (ntkit.serial(...)), got {type(net).__name__}; for a "
+                f"torch module use ntkit.empirical.empirical_ntk on each sampled model."
+            )
         if not (isinstance(n_samples, int) and n_samples >= 1):
             raise ValueError(f"n_samples={n_samples!r} must be a positive int.")
         if width is not None and not (isinstance(width, int) and width >= 1):
@@ -63,7 +74,7 @@ class MonteCarloKernelFn:
         m = self.net.module(tuple(in_shape), width=self.width, seed=self.seed + k)
         return m.to(dtype=dtype, device=device).eval()
 
-    def samples(self, x1: Any, x2: Any = None, get: Union[None, str, Sequence[str]] = None) -> dict[str, Tensor]:
+    def samples(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = None) -> dict[str, Tensor]:
         """Per-network kernels: ``{name: tensor (n_samples, N1, N2, ...)}`` for the requested names.
 
         Networks are processed in chunks: their parameters are stacked (``torch.func.stack_module_state``)
@@ -94,16 +105,19 @@ class MonteCarloKernelFn:
                 f2 = f1 if x2 is None else torch.func.functional_call(base, allp, (x2,))
                 res["nngp"] = _nngp(f1, f2, diag)
             if impl is not None:
+                assert spec is not None, "ntk_implementation returns the implementation with its OutSpec"
                 a = impl.features(x1, allp)
                 bb = a if x2 is None else impl.features(x2, allp)
                 res["ntk"] = impl.pair(a, bb) / spec.trace_size
             return res
 
         out: dict[str, list] = {n: [] for n in names}
-        with compute_mode(), (impl.active() if impl is not None else contextlib.nullcontext()):
+        with compute_mode(), impl.active() if impl is not None else contextlib.nullcontext():
             for s in range(0, self.n_samples, chunk):
-                models = [base if k == 0 else self.model(x1.shape[1:], k, x1.dtype, x1.device)
-                          for k in range(s, min(self.n_samples, s + chunk))]
+                models = [
+                    base if k == 0 else self.model(x1.shape[1:], k, x1.dtype, x1.device)
+                    for k in range(s, min(self.n_samples, s + chunk))
+                ]
                 params, buffers = torch.func.stack_module_state(models)
                 params = {k: v.detach() for k, v in params.items()}
                 res = torch.func.vmap(one)(params, buffers)
@@ -111,7 +125,7 @@ class MonteCarloKernelFn:
                     out[n].append(res[n])
         return {n: torch.cat(v) for n, v in out.items()}
 
-    def __call__(self, x1: Any, x2: Any = None, get: Union[None, str, Sequence[str]] = None) -> Union[Kernel, Tensor]:
+    def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = None) -> Union[Kernel, Tensor]:
         names, single = self.get if get is None else normalize_get(get)
         s = self.samples(x1, x2, names)
         means = {n: v.mean(0) for n, v in s.items()}
@@ -119,10 +133,18 @@ class MonteCarloKernelFn:
             return means[names[0]]
         x1t = torch.as_tensor(x1)
         cov1, cov2 = self._variances(x1t, None if x2 is None else torch.as_tensor(x2), means.get("nngp"))
-        return Kernel(nngp=means.get("nngp"), ntk=means.get("ntk"), cov1=cov1, cov2=cov2,
-                      shape1=tuple(x1t.shape), shape2=tuple((x1t if x2 is None else torch.as_tensor(x2)).shape),
-                      diagonal_spatial=not self.net.requires_full_spatial(), x1_is_x2=x2 is None,
-                      is_gaussian=False, is_input=False)
+        return Kernel(
+            nngp=means.get("nngp"),
+            ntk=means.get("ntk"),
+            cov1=cov1,
+            cov2=cov2,
+            shape1=tuple(x1t.shape),
+            shape2=tuple((x1t if x2 is None else torch.as_tensor(x2)).shape),
+            diagonal_spatial=not self.net.requires_full_spatial(),
+            x1_is_x2=x2 is None,
+            is_gaussian=False,
+            is_input=False,
+        )
 
     def _variances(self, x1: Tensor, x2: Optional[Tensor], nngp: Optional[Tensor]):
         """Monte-Carlo ``cov1``/``cov2`` (per-sample output variances), from ``nngp``'s diagonal when possible."""
@@ -143,9 +165,14 @@ def _nngp(f1: Tensor, f2: Tensor, diag: tuple[int, ...]) -> Tensor:
     return feature_gram(f1, f2, (1,), diag)
 
 
-def monte_carlo_kernel_fn(net, n_samples: int, width: Optional[int], seed: int = 0,
-                          get: Union[str, Sequence[str]] = ("nngp", "ntk"),
-                          implementation: str = "auto") -> MonteCarloKernelFn:
+def monte_carlo_kernel_fn(
+    net,
+    n_samples: int,
+    width: Optional[int],
+    seed: int = 0,
+    get: Union[str, Sequence[str]] = ("nngp", "ntk"),
+    implementation: str = "auto",
+) -> MonteCarloKernelFn:
     """Monte-Carlo estimate of ``net.kernel_fn`` from ``n_samples`` finite twins of width ``width``.
 
     Returns a callable ``kernel_fn(x1, x2=None, get=None)`` with the same return conventions as

@@ -23,10 +23,12 @@ works too (its derivative by autograd), with the same Monte-Carlo guarantee.
 Each layer's map is that layer's ``random_features`` hook (in its own file, :mod:`ntkit.layers.base`); this
 module only walks the network and applies them.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,8 +69,15 @@ class RandomFeatures:
     ``rf(x)`` returns ``Φ`` (``N x D``) with ``Φ Φᵀ ≈ net.kernel_fn(x, None, get)``.
     """
 
-    def __init__(self, net: Any, in_features: int, num_features: int = 4096, get: str = "nngp",
-                 seed: int = 0, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        net: Any,
+        in_features: int,
+        num_features: int = 4096,
+        get: str = "nngp",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ):
         if get not in ("nngp", "ntk"):
             raise ValueError(f"get={get!r}: choose 'nngp' or 'ntk'.")
         if not (isinstance(num_features, int) and num_features > 0):

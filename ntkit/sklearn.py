@@ -6,14 +6,22 @@ moved("ntkit.sklearn", "ntkit.integrations.estimators")
 
 from ntkit.architectures import fc_net  # noqa: E402
 from ntkit.integrations.estimators import (  # noqa: E402
+    NTKSVC,
     NetKernel,
     NNGPRegressor,
     NTKClassifier,
     NTKRegressor,
-    NTKSVC,
     compute_kernels,
     kernel,
 )
 
-__all__ = ["NTKRegressor", "NTKClassifier", "NNGPRegressor", "NTKSVC", "NetKernel", "kernel", "fc_net",
-           "compute_kernels"]
+__all__ = [
+    "NTKRegressor",
+    "NTKClassifier",
+    "NNGPRegressor",
+    "NTKSVC",
+    "NetKernel",
+    "kernel",
+    "fc_net",
+    "compute_kernels",
+]

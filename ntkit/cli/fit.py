@@ -4,18 +4,21 @@ Steps (each timed): load and split the data; compute the NNGP and NTK of the arc
 test-train pairs; fit kernel regression with each (``ntk-krr``, ``nngp-krr``: the infinitely wide network
 trained to convergence on centred one-hot targets, Arora et al. 2019) and an SVM on the NTK (``ntk-svm``, C by
 3-fold cross-validation on the training set); train the finite twin by gradient descent on the same MSE loss with
-the whole training set as the batch (``finite-sgd``) and compare its train-loss curve and test outputs with what the NTK predicts for it
+the whole training set as the batch (``finite-sgd``) and compare its train-loss curve and test outputs with
+what the NTK predicts for it
 (:func:`ntkit.predict.gradient_descent_mse` from the network's own initial outputs); a learning curve from
 nested subsets of the training kernel. Writes ``results.json``, ``details.json`` and PNG figures.
 """
+
 from __future__ import annotations
 
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -63,9 +66,13 @@ class Step(Protocol):
 
 
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _subsample(x, y, n: Optional[int], cap: int, gen: torch.Generator):
@@ -121,17 +128,22 @@ def _prepare(opts: FitOptions, log):
         raise datasets.DataError(f"{opts.data} has a single class; classification needs at least two.")
     arch = resolve_arch(opts.arch, n_classes)
     if arch.images and ds.image_shape is None:
-        raise ArchError(f"--arch {opts.arch} is convolutional and needs image data (digits, mnist, "
-                        f"fashion-mnist, cifar10:<dir>, or an npz with image-shaped x); {opts.data} is a table.")
+        raise ArchError(
+            f"--arch {opts.arch} is convolutional and needs image data (digits, mnist, "
+            f"fashion-mnist, cifar10:<dir>, or an npz with image-shaped x); {opts.data} is a table."
+        )
     xtr, ytr, xte, yte = split_dataset(ds, opts.n_train, opts.n_test, opts.seed)
     if ds.image_shape is None:  # tables: standardise with the training statistics
         mu, sd = xtr.mean(0), xtr.std(0)
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     if arch.images:
+        assert ds.image_shape is not None, "image architectures were refused above for table data"
         xtr, xte = xtr.reshape(len(xtr), *ds.image_shape), xte.reshape(len(xte), *ds.image_shape)
-    log(f"data {ds.name}: {len(xtr)} train / {len(xte)} test, {n_classes} classes, "
-        f"input {tuple(xtr.shape[1:])}; arch {arch.name}")
+    log(
+        f"data {ds.name}: {len(xtr)} train / {len(xte)} test, {n_classes} classes, "
+        f"input {tuple(xtr.shape[1:])}; arch {arch.name}"
+    )
     return ds, arch, n_classes, xtr, ytr, xte, yte
 
 
@@ -146,8 +158,14 @@ def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
     step.done()
     dev = torch.device(opts.device)
     Y = _one_hot(ytr, K).to(dev)
-    details: dict[str, Any] = {"options": {k: str(v) for k, v in asdict(opts).items()}, "machine": machine_info(),
-                               "n_train": len(xtr), "n_test": len(xte), "n_classes": K, "arch": repr(arch.net)}
+    details: dict[str, Any] = {
+        "options": {k: str(v) for k, v in asdict(opts).items()},
+        "machine": machine_info(),
+        "n_train": len(xtr),
+        "n_test": len(xte),
+        "n_classes": K,
+        "arch": repr(arch.net),
+    }
 
     # -- kernels --------------------------------------------------------------------------------------------
     step.log("computing NNGP and NTK (train-train, test-train)")
@@ -166,8 +184,15 @@ def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         ev = torch.linalg.eigvalsh(kd[g].double())  # spectrum and condition number of the kernel itself
         spectra[g] = ev.cpu().numpy()
-        rows.append({"model": f"{g}-krr", "accuracy": _accuracy(mean, yte), "seconds": t_kernel + seconds,
-                     "kernel_seconds": t_kernel, "condition_number": _condition(ev)})
+        rows.append(
+            {
+                "model": f"{g}-krr",
+                "accuracy": _accuracy(mean, yte),
+                "seconds": t_kernel + seconds,
+                "kernel_seconds": t_kernel,
+                "condition_number": _condition(ev),
+            }
+        )
         tick(1)
     step.done()
 
@@ -181,14 +206,25 @@ def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
     counts = np.bincount(ytr.numpy())
     folds = int(min(3, counts[counts > 0].min()))
     if folds >= 2:
-        svm = GridSearchCV(SVC(kernel="precomputed"), {"C": list(SVM_C_GRID)},
-                           cv=StratifiedKFold(folds, shuffle=True, random_state=opts.seed)).fit(ktr_np, ytr.numpy())
+        svm = GridSearchCV(
+            SVC(kernel="precomputed"),
+            {"C": list(SVM_C_GRID)},
+            cv=StratifiedKFold(folds, shuffle=True, random_state=opts.seed),
+        ).fit(ktr_np, ytr.numpy())
         best_c = svm.best_params_["C"]
     else:
         svm, best_c = SVC(kernel="precomputed", C=1.0).fit(ktr_np, ytr.numpy()), 1.0
     acc = float((svm.predict(kte_np) == yte.numpy()).mean())
-    rows.append({"model": "ntk-svm", "accuracy": acc, "seconds": t_kernel + time.perf_counter() - t0,
-                 "kernel_seconds": t_kernel, "condition_number": rows[0]["condition_number"], "C": best_c})
+    rows.append(
+        {
+            "model": "ntk-svm",
+            "accuracy": acc,
+            "seconds": t_kernel + time.perf_counter() - t0,
+            "kernel_seconds": t_kernel,
+            "condition_number": rows[0]["condition_number"],
+            "C": best_c,
+        }
+    )
     tick(1)
     step.done()
 
@@ -209,15 +245,24 @@ def run_fit(opts: FitOptions, step: Step) -> dict[str, Any]:
         if opts.finite:
             fc = details["finite"]
             figures["loss_curve"] = plots.plot_loss_curve(
-                np.arange(len(fc["loss"])), fc["loss"], np.asarray(fc["t_pred"]), fc["loss_pred"],
-                out / "loss_curve.png", f"Train loss ({title}, width {opts.width})")
+                np.arange(len(fc["loss"])),
+                fc["loss"],
+                np.asarray(fc["t_pred"]),
+                fc["loss_pred"],
+                out / "loss_curve.png",
+                f"Train loss ({title}, width {opts.width})",
+            )
             tick(1)
             figures["finite_vs_infinite"] = plots.plot_finite_vs_infinite(
-                fc.pop("_pred_test"), fc.pop("_actual_test"), out / "finite_vs_infinite.png",
-                f"Test outputs after {opts.steps} steps ({title})")
+                fc.pop("_pred_test"),
+                fc.pop("_actual_test"),
+                out / "finite_vs_infinite.png",
+                f"Test outputs after {opts.steps} steps ({title})",
+            )
             tick(1)
-        figures["learning_curve"] = plots.plot_learning_curve(ns, curve, out / "learning_curve.png",
-                                                              f"Learning curve ({title})")
+        figures["learning_curve"] = plots.plot_learning_curve(
+            ns, curve, out / "learning_curve.png", f"Learning curve ({title})"
+        )
         tick(1)
         step.done()
     details.get("finite", {}).pop("_pred_test", None)
@@ -262,13 +307,29 @@ def _train_finite(opts, arch, xtr, Y, xte, yte, kd, kt, step: Step, details, dev
     loss_pred = (0.5 * ((tr_t - Y) ** 2).mean(dim=(-2, -1))).cpu().numpy()
     _, te_T = pred(float(opts.steps), f0_tr, f0_te, kt["ntk"])
     rel = float(torch.linalg.norm(f_te - te_T) / torch.linalg.norm(te_T))
-    details["finite"] = {"width": opts.width, "steps": opts.steps, "learning_rate": lr, "loss": losses,
-                         "t_pred": ts.tolist(), "loss_pred": loss_pred.tolist(),
-                         "ntk_predicted_accuracy": _accuracy(te_T, yte), "output_rel_error": rel,
-                         "_pred_test": te_T.cpu().numpy(), "_actual_test": f_te.cpu().numpy()}
-    return {"model": "finite-sgd", "accuracy": _accuracy(f_te, yte), "seconds": seconds, "kernel_seconds": 0.0,
-            "condition_number": None, "width": opts.width, "steps": opts.steps,
-            "ntk_predicted_accuracy": _accuracy(te_T, yte), "output_rel_error_vs_ntk": rel}
+    details["finite"] = {
+        "width": opts.width,
+        "steps": opts.steps,
+        "learning_rate": lr,
+        "loss": losses,
+        "t_pred": ts.tolist(),
+        "loss_pred": loss_pred.tolist(),
+        "ntk_predicted_accuracy": _accuracy(te_T, yte),
+        "output_rel_error": rel,
+        "_pred_test": te_T.cpu().numpy(),
+        "_actual_test": f_te.cpu().numpy(),
+    }
+    return {
+        "model": "finite-sgd",
+        "accuracy": _accuracy(f_te, yte),
+        "seconds": seconds,
+        "kernel_seconds": 0.0,
+        "condition_number": None,
+        "width": opts.width,
+        "steps": opts.steps,
+        "ntk_predicted_accuracy": _accuracy(te_T, yte),
+        "output_rel_error_vs_ntk": rel,
+    }
 
 
 def _learning_curve(kd, kt, Y, yte, opts: FitOptions, step: Step):

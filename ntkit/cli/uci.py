@@ -15,12 +15,14 @@ full sets of up to ~5000 samples). Summary statistics as in the paper: mean accu
 P90 / P95 (percentage of sets where a classifier reaches 90 % / 95 % of the best accuracy), and PMA (mean
 percentage of the maximum accuracy).
 """
+
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,8 +33,8 @@ __all__ = ["run_dataset", "run_benchmark", "summarize", "format_markdown", "CLAS
 
 CLASSIFIERS = ("ntk-svm", "random-forest", "rbf-svm")
 NTK_DEPTHS = (1, 2, 3, 4, 5)
-NTK_C = tuple(10.0 ** e for e in range(-2, 5))
-RBF_C = tuple(10.0 ** e for e in range(-1, 4))
+NTK_C = tuple(10.0**e for e in range(-2, 5))
+RBF_C = tuple(10.0**e for e in range(-1, 4))
 RBF_GAMMA_SCALE = (0.1, 1.0, 10.0)
 RF_GRID = {"max_features": ["sqrt", 0.5, 1.0]}
 RF_TREES = 100
@@ -54,18 +56,20 @@ def _ntk_svm(xtr, ytr, xte, inner, seed) -> tuple[np.ndarray, dict[str, Any]]:
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
 
-
     x_all = torch.from_numpy(np.concatenate([xtr, xte]))
     n = len(xtr)
-    best = (-1.0, None, None, None)
+    best: tuple[float, Optional[int], Optional[float], Optional[np.ndarray]] = (-1.0, None, None, None)
     for depth in NTK_DEPTHS:
-        k = fc_net(depth, W_std=math.sqrt(2.0), b_std=None).kernel_fn(x_all, None, "ntk").numpy()
+        kt = fc_net(depth, W_std=math.sqrt(2.0), b_std=None).kernel_fn(x_all, None, "ntk")
+        assert isinstance(kt, torch.Tensor), "kernel_fn with one name returns the bare tensor"
+        k = kt.numpy()
         gs = GridSearchCV(SVC(kernel="precomputed"), {"C": list(NTK_C)}, cv=inner).fit(k[:n, :n], ytr)
         if gs.best_score_ > best[0] + 1e-12:
             best = (gs.best_score_, depth, gs.best_params_["C"], k)
-    _, depth, c, k = best
-    pred = SVC(kernel="precomputed", C=c).fit(k[:n, :n], ytr).predict(k[n:, :n])
-    return pred, {"depth": depth, "C": c}
+    _, best_depth, c, k_best = best
+    assert k_best is not None, f"no NTK depth scored above {best[0]} in the inner cross-validation"
+    pred = SVC(kernel="precomputed", C=c).fit(k_best[:n, :n], ytr).predict(k_best[n:, :n])
+    return pred, {"depth": best_depth, "C": c}
 
 
 def _rf(xtr, ytr, xte, inner, seed) -> tuple[np.ndarray, dict[str, Any]]:
@@ -90,24 +94,24 @@ def _rbf(xtr, ytr, xte, inner, seed) -> tuple[np.ndarray, dict[str, Any]]:
 _FITTERS = {"ntk-svm": _ntk_svm, "random-forest": _rf, "rbf-svm": _rbf}
 
 
-def run_dataset(name: str, max_n: int = 1000, folds: int = 4, inner_folds: int = 3, seed: int = 0,
-                threads: Optional[int] = 1) -> dict[str, Any]:
+def run_dataset(
+    name: str, max_n: int = 1000, folds: int = 4, inner_folds: int = 3, seed: int = 0, threads: Optional[int] = 1
+) -> dict[str, Any]:
     """Outer-CV accuracy of each classifier on one KEEL set (hyperparameters by inner CV, train folds only)."""
     import torch
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
-
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    x, y = load_keel(name)
-    x, y = x.double().numpy(), y.numpy()
+    x_t, y_t = load_keel(name)
+    x, y = x_t.double().numpy(), y_t.numpy()
     n_total = len(x)
     x, y = _subsample(x, y, max_n, seed)
-    acc = {c: [] for c in CLASSIFIERS}
-    params = {c: [] for c in CLASSIFIERS}
-    seconds = {c: 0.0 for c in CLASSIFIERS}
+    acc: dict[str, list[float]] = {c: [] for c in CLASSIFIERS}
+    params: dict[str, list[dict[str, Any]]] = {c: [] for c in CLASSIFIERS}
+    seconds = dict.fromkeys(CLASSIFIERS, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. StratifiedKFold on classes with fewer members than folds
         outer = StratifiedKFold(folds, shuffle=True, random_state=seed)
@@ -121,10 +125,18 @@ def run_dataset(name: str, max_n: int = 1000, folds: int = 4, inner_folds: int =
                 seconds[c] += time.perf_counter() - t0
                 acc[c].append(float((pred == y[te]).mean()))
                 params[c].append(p)
-    return {"dataset": name, "n": len(x), "n_total": n_total, "features": x.shape[1],
-            "classes": int(len(np.unique(y))), "accuracy": {c: float(np.mean(v)) for c, v in acc.items()},
-            "fold_accuracy": acc, "params": params, "seconds": seconds,
-            "wall_seconds": time.perf_counter() - t_start}
+    return {
+        "dataset": name,
+        "n": len(x),
+        "n_total": n_total,
+        "features": x.shape[1],
+        "classes": len(np.unique(y)),
+        "accuracy": {c: float(np.mean(v)) for c, v in acc.items()},
+        "fold_accuracy": acc,
+        "params": params,
+        "seconds": seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -134,12 +146,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     a = np.array([[r["accuracy"][c] for c in CLASSIFIERS] for r in rows])  # (sets, classifiers)
     best = a.max(axis=1, keepdims=True)
     ranks = np.array([rankdata(-row) for row in a])
-    out = {}
+    out: dict[str, Any] = {}
     for j, c in enumerate(CLASSIFIERS):
-        frac = a[:, j:j + 1] / np.where(best > 0, best, 1.0)
-        out[c] = {"mean_accuracy": float(100 * a[:, j].mean()), "friedman_rank": float(ranks[:, j].mean()),
-                  "p90": float(100 * (frac >= 0.90).mean()), "p95": float(100 * (frac >= 0.95).mean()),
-                  "pma": float(100 * frac.mean())}
+        frac = a[:, j : j + 1] / np.where(best > 0, best, 1.0)
+        out[c] = {
+            "mean_accuracy": float(100 * a[:, j].mean()),
+            "friedman_rank": float(ranks[:, j].mean()),
+            "p90": float(100 * (frac >= 0.90).mean()),
+            "p95": float(100 * (frac >= 0.95).mean()),
+            "pma": float(100 * frac.mean()),
+        }
     if len(rows) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -148,12 +164,17 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_benchmark(names: Optional[Sequence[str]] = None, max_n: int = 1000, folds: int = 4,
-                  inner_folds: int = 3, jobs: int = 2, seed: int = 0,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_benchmark(
+    names: Optional[Sequence[str]] = None,
+    max_n: int = 1000,
+    folds: int = 4,
+    inner_folds: int = 3,
+    jobs: int = 2,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run :func:`run_dataset` on every set (``jobs`` processes, results as they finish) and summarise."""
     from joblib import Parallel, delayed
-
 
     names = list(KEEL_NAMES if names is None else names)
     for n in names:
@@ -168,33 +189,52 @@ def run_benchmark(names: Optional[Sequence[str]] = None, max_n: int = 1000, fold
         acc = ", ".join(f"{c} {100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
         log(f"[{len(rows)}/{len(names)}] {r['dataset']} (n={r['n']}): {acc}  [{r['wall_seconds']:.0f} s]")
     rows.sort(key=lambda r: r["dataset"])
-    config = {"max_n": max_n, "folds": folds, "inner_folds": inner_folds, "jobs": jobs, "seed": seed,
-              "ntk_depths": list(NTK_DEPTHS), "ntk_C": list(NTK_C), "rbf_C": list(RBF_C),
-              "rbf_gamma_times_d": list(RBF_GAMMA_SCALE), "rf_grid": RF_GRID, "rf_trees": RF_TREES}
-    return {"rows": rows, "summary": summarize(rows), "config": config,
-            "wall_seconds": time.perf_counter() - t0}
+    config = {
+        "max_n": max_n,
+        "folds": folds,
+        "inner_folds": inner_folds,
+        "jobs": jobs,
+        "seed": seed,
+        "ntk_depths": list(NTK_DEPTHS),
+        "ntk_C": list(NTK_C),
+        "rbf_C": list(RBF_C),
+        "rbf_gamma_times_d": list(RBF_GAMMA_SCALE),
+        "rf_grid": RF_GRID,
+        "rf_trees": RF_TREES,
+    }
+    return {"rows": rows, "summary": summarize(rows), "config": config, "wall_seconds": time.perf_counter() - t0}
 
 
 def format_markdown(res: dict[str, Any]) -> str:
     """The per-data-set table and the summary, as Markdown."""
-    lines = ["| data set | n (of) | d | classes | NTK-SVM | random forest | RBF-SVM | NTK depths chosen |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data set | n (of) | d | classes | NTK-SVM | random forest | RBF-SVM | NTK depths chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         acc = r["accuracy"]
         top = max(acc.values())
         cells = [(f"**{100 * acc[c]:.1f}**" if acc[c] == top else f"{100 * acc[c]:.1f}") for c in CLASSIFIERS]
         depths = ",".join(str(p["depth"]) for p in r["params"]["ntk-svm"])
         n = f"{r['n']}" + (f" ({r['n_total']})" if r["n_total"] != r["n"] else "")
-        lines.append(f"| {r['dataset']} | {n} | {r['features']} | {r['classes']} | " + " | ".join(cells)
-                     + f" | {depths} |")
+        lines.append(
+            f"| {r['dataset']} | {n} | {r['features']} | {r['classes']} | " + " | ".join(cells) + f" | {depths} |"
+        )
     s = res["summary"]
-    lines += ["", "| classifier | mean accuracy (%) | Friedman rank | P90 (%) | P95 (%) | PMA (%) |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| classifier | mean accuracy (%) | Friedman rank | P90 (%) | P95 (%) | PMA (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in CLASSIFIERS:
         v = s[c]
-        lines.append(f"| {c} | {v['mean_accuracy']:.2f} | {v['friedman_rank']:.2f} | {v['p90']:.1f} | "
-                     f"{v['p95']:.1f} | {v['pma']:.2f} |")
+        lines.append(
+            f"| {c} | {v['mean_accuracy']:.2f} | {v['friedman_rank']:.2f} | {v['p90']:.1f} | "
+            f"{v['p95']:.1f} | {v['pma']:.2f} |"
+        )
     if "friedman_test_p" in s:
-        lines.append(f"\n{s['datasets']} data sets; Friedman test p = {s['friedman_test_p']:.3g}; "
-                     f"wall time {res['wall_seconds'] / 60:.1f} min.")
+        lines.append(
+            f"\n{s['datasets']} data sets; Friedman test p = {s['friedman_test_p']:.3g}; "
+            f"wall time {res['wall_seconds'] / 60:.1f} min."
+        )
     return "\n".join(lines) + "\n"

@@ -14,6 +14,17 @@ from ntkit.empirical.kernels import empirical_kernel_fn, empirical_nngp, empiric
 from ntkit.empirical.linearize import linearize, taylor_expand
 from ntkit.empirical.protocol import IMPLEMENTATIONS, EmpiricalError, Implementation
 
-__all__ = ["empirical_ntk", "empirical_nngp", "empirical_kernel_fn", "linearize", "taylor_expand",
-           "EmpiricalError", "IMPLEMENTATIONS", "Implementation", "ntk_implementation", "OutSpec",
-           "feature_gram", "compute_mode"]
+__all__ = [
+    "empirical_ntk",
+    "empirical_nngp",
+    "empirical_kernel_fn",
+    "linearize",
+    "taylor_expand",
+    "EmpiricalError",
+    "IMPLEMENTATIONS",
+    "Implementation",
+    "ntk_implementation",
+    "OutSpec",
+    "feature_gram",
+    "compute_mode",
+]

@@ -4,7 +4,8 @@ that measures a model's output shape, FLOPs and activation memory."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -14,8 +15,18 @@ from ntkit._inputs import as_batch
 from ntkit._inputs import check_pair as _check_pair
 from ntkit.empirical.protocol import EmpiricalError
 
-__all__ = ["ParamsLike", "as_input", "check_pair", "resolve_params", "fixed_params", "compute_mode",
-           "check_eval", "single_fn", "Probe", "probe"]
+__all__ = [
+    "ParamsLike",
+    "as_input",
+    "check_pair",
+    "resolve_params",
+    "fixed_params",
+    "compute_mode",
+    "check_eval",
+    "single_fn",
+    "Probe",
+    "probe",
+]
 
 ParamsLike = Union[None, Mapping[str, Tensor], Iterable[Union[str, Tensor]]]
 
@@ -60,8 +71,10 @@ def resolve_params(model: nn.Module, params: ParamsLike) -> dict[str, Tensor]:
     if params is None:
         out = {n: p.detach() for n, p in named.items() if p.requires_grad}
         if not out:
-            raise EmpiricalError("the model has no parameter with requires_grad=True; pass params=... to "
-                                 "choose which parameters the kernel differentiates.")
+            raise EmpiricalError(
+                "the model has no parameter with requires_grad=True; pass params=... to "
+                "choose which parameters the kernel differentiates."
+            )
         return out
     if isinstance(params, Tensor):
         params = [params]
@@ -74,8 +87,10 @@ def resolve_params(model: nn.Module, params: ParamsLike) -> dict[str, Tensor]:
                 items.append((p, None))
             elif isinstance(p, Tensor):
                 if id(p) not in by_id:
-                    raise EmpiricalError(f"a tensor of shape {tuple(p.shape)} in params is not a parameter of "
-                                         f"the model; pass the model's own parameters or their names.")
+                    raise EmpiricalError(
+                        f"a tensor of shape {tuple(p.shape)} in params is not a parameter of "
+                        f"the model; pass the model's own parameters or their names."
+                    )
                 items.append((by_id[id(p)], None))
             else:
                 raise TypeError(f"params entries must be names or parameter tensors, got {type(p).__name__}.")
@@ -92,8 +107,9 @@ def resolve_params(model: nn.Module, params: ParamsLike) -> dict[str, Tensor]:
         elif not isinstance(v, Tensor):
             v = torch.as_tensor(np.asarray(v))
         if tuple(v.shape) != tuple(ref.shape):
-            raise EmpiricalError(f"params[{n!r}] has shape {tuple(v.shape)} but the model's parameter has "
-                                 f"{tuple(ref.shape)}.")
+            raise EmpiricalError(
+                f"params[{n!r}] has shape {tuple(v.shape)} but the model's parameter has {tuple(ref.shape)}."
+            )
         out[canon] = v.detach().to(device=ref.device, dtype=ref.dtype)
     if not out:
         raise EmpiricalError("params is empty; pass None for all parameters or a non-empty selection.")
@@ -114,6 +130,7 @@ def compute_mode():
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
@@ -129,13 +146,16 @@ def check_eval(model: nn.Module) -> None:
     if bad:
         raise EmpiricalError(
             f"the model is in training mode and has BatchNorm/Dropout modules ({', '.join(bad[:5])}), whose "
-            f"outputs then depend on the whole batch or on random draws; call model.eval() first.")
-    nostats = [n for n, m in model.named_modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+            f"outputs then depend on the whole batch or on random draws; call model.eval() first."
+        )
+    nostats = [
+        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
     if nostats:
         raise EmpiricalError(
             f"BatchNorm modules without running statistics ({', '.join(nostats[:5])}) normalise with batch "
-            f"statistics even in eval mode, coupling samples; build them with track_running_stats=True.")
+            f"statistics even in eval mode, coupling samples; build them with track_running_stats=True."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,10 +195,30 @@ class _FlopCount(torch.overrides.TorchFunctionMode):
     """Multiply-add FLOPs of the matrix products and convolutions a forward pass calls (shapes only: the
     estimate ``auto`` needs, without re-dispatching every operation as ``torch.utils.flop_counter`` does)."""
 
-    _MM = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.mm,
-           torch.Tensor.bmm, torch.nn.functional.linear, torch.addmm, torch.baddbmm}
-    _CONV = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-             torch.conv1d, torch.conv2d, torch.conv3d}
+    _MM: frozenset = frozenset(
+        {
+            torch.matmul,
+            torch.mm,
+            torch.bmm,
+            torch.Tensor.__matmul__,
+            torch.Tensor.matmul,
+            torch.Tensor.mm,
+            torch.Tensor.bmm,
+            torch.nn.functional.linear,
+            torch.addmm,
+            torch.baddbmm,
+        }
+    )
+    _CONV: frozenset = frozenset(
+        {
+            torch.nn.functional.conv1d,
+            torch.nn.functional.conv2d,
+            torch.nn.functional.conv3d,
+            torch.conv1d,
+            torch.conv2d,
+            torch.conv3d,
+        }
+    )
 
     def __init__(self):
         super().__init__()
@@ -223,21 +263,29 @@ def probe(model: nn.Module, params: dict[str, Tensor], x1: Tensor, fixed: Option
         fc = _FlopCount() if count_flops else contextlib.nullcontext()
         with compute_mode(), torch.enable_grad(), fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = torch.func.functional_call(model, leaves, (x,), tie_weights=True)
-        return out, (fc.flops if count_flops else 0.0), saved[0]
+        return out, (fc.flops if isinstance(fc, _FlopCount) else 0.0), saved[0]
 
     try:
         out, flops, saved1 = run(x1[:1], True)
     except Exception as e:  # the model's own error, re-raised with what we passed
-        raise EmpiricalError(f"the model rejected inputs of per-sample shape {tuple(x1.shape[1:])} and dtype "
-                             f"{x1.dtype}: {type(e).__name__}: {e}") from e
+        raise EmpiricalError(
+            f"the model rejected inputs of per-sample shape {tuple(x1.shape[1:])} and dtype "
+            f"{x1.dtype}: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(out, Tensor):
-        raise EmpiricalError(f"the model returned {type(out).__name__}; empirical kernels need a model that "
-                             f"returns one tensor (wrap it to select the output).")
+        raise EmpiricalError(
+            f"the model returned {type(out).__name__}; empirical kernels need a model that "
+            f"returns one tensor (wrap it to select the output)."
+        )
     if out.dim() < 1 or out.shape[0] != 1:
-        raise EmpiricalError(f"the model mapped a batch of 1 sample to an output of shape {tuple(out.shape)}; "
-                             f"its first output axis must be the batch axis.")
+        raise EmpiricalError(
+            f"the model mapped a batch of 1 sample to an output of shape {tuple(out.shape)}; "
+            f"its first output axis must be the batch axis."
+        )
     if not out.is_floating_point():
         raise EmpiricalError(f"the model's output has dtype {out.dtype}; kernels need floating outputs.")
+
     def refine() -> int:
         return max(0, run(x1[:2], False)[2] - saved1)
+
     return Probe(tuple(out.shape[1:]), float(flops), saved1, refine if x1.shape[0] > 1 else None)

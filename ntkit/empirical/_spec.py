@@ -14,7 +14,8 @@ So ``f(x)`` of shape ``(N, O)`` gives ``(N1, N2)`` with ``trace_axes=(-1,)`` and
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -34,8 +35,10 @@ def _canon_axes(axes: Union[int, Sequence[int]], ndim: int, what: str) -> tuple[
     out = []
     for a in axes:
         if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
-            raise EmpiricalError(f"{what}={tuple(axes)}: axis {a} is out of range for model outputs with "
-                                 f"{ndim} axes (batch axis included); use axes in [{-ndim}, {ndim - 1}].")
+            raise EmpiricalError(
+                f"{what}={tuple(axes)}: axis {a} is out of range for model outputs with "
+                f"{ndim} axes (batch axis included); use axes in [{-ndim}, {ndim - 1}]."
+            )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise EmpiricalError(f"{what}={tuple(axes)} names an axis twice.")
@@ -54,18 +57,22 @@ class OutSpec:
         self.diag = _canon_axes(diagonal_axes, nd, "diagonal_axes")
         if 0 in self.trace:
             raise EmpiricalError(
-                "trace_axes contains the batch axis 0" + (" (the model's output has no other axis, so the "
-                                                          "default trace_axes=(-1,) means the batch axis)"
-                                                          if nd == 1 else "")
-                + "; a kernel cannot average over samples. Use trace_axes=() for scalar outputs.")
+                "trace_axes contains the batch axis 0"
+                + (
+                    " (the model's output has no other axis, so the default trace_axes=(-1,) means the batch axis)"
+                    if nd == 1
+                    else ""
+                )
+                + "; a kernel cannot average over samples. Use trace_axes=() for scalar outputs."
+            )
         both = set(self.trace) & set(self.diag)
         if both:
             raise EmpiricalError(f"axes {sorted(both)} are in both trace_axes and diagonal_axes; choose one.")
         self.batch_diag = 0 in self.diag
         l1 = ["i"] + [_LETTERS1[k] for k in range(len(self.O))]
         l2 = ["i" if self.batch_diag else "j"] + [
-            _LETTERS1[k] if (k + 1) in self.trace or (k + 1) in self.diag else _LETTERS2[k]
-            for k in range(len(self.O))]
+            _LETTERS1[k] if (k + 1) in self.trace or (k + 1) in self.diag else _LETTERS2[k] for k in range(len(self.O))
+        ]
         self.s1, self.s2 = "".join(l1), "".join(l2)
         out, self.pairs = [], []
         for ax in range(nd):
@@ -80,8 +87,7 @@ class OutSpec:
         self.out = "".join(out)
         self.trace_size = math.prod(self.O[a - 1] for a in self.trace)
         # multiply-adds per (i, j) pair in a contraction over one parameter: kept^2 * diag * traced
-        self.q = math.prod(s if (k + 1) in self.trace or (k + 1) in self.diag else s * s
-                           for k, s in enumerate(self.O))
+        self.q = math.prod(s if (k + 1) in self.trace or (k + 1) in self.diag else s * s for k, s in enumerate(self.O))
         self.per_pair = self.q // max(self.trace_size, 1)  # output entries per (i, j)
 
     def shape(self, n1: int, n2: int) -> tuple[int, ...]:
@@ -109,8 +115,9 @@ class OutSpec:
         return perm
 
 
-def feature_gram(f1: Tensor, f2: Tensor, trace_axes: Union[int, Sequence[int]] = (-1,),
-                 diagonal_axes: Union[int, Sequence[int]] = ()) -> Tensor:
+def feature_gram(
+    f1: Tensor, f2: Tensor, trace_axes: Union[int, Sequence[int]] = (-1,), diagonal_axes: Union[int, Sequence[int]] = ()
+) -> Tensor:
     """Inner products of per-sample features ``f1 (N1, *O)``, ``f2 (N2, *O)`` under the output conventions:
     traced axes averaged, diagonal axes kept once, other axes paired (the empirical NNGP of features)."""
     spec = OutSpec(f1.shape[1:], trace_axes, diagonal_axes)

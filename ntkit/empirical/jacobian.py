@@ -49,6 +49,7 @@ class Jacobian(Implementation):
         for a, b in zip(f1, f2):
             c = self.spec.contract(a, b)
             out = c if out is None else out.add_(c)
+        assert out is not None, "resolve_params selects at least one parameter, so there is one Jacobian block"
         return out
 
     def feature_flops(self) -> float:  # per sample: forward and one backward pass per output entry

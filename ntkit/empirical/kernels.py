@@ -26,15 +26,24 @@ the model's structured modules, so one model must not be used from another threa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ntkit._memory import bytes_of, check_fits, memory_budget
 from ntkit.empirical._blocks import choose, make, run_blocks
-from ntkit.empirical._model import (ParamsLike, as_input, check_eval, check_pair, compute_mode, fixed_params,
-                                    probe, resolve_params)
+from ntkit.empirical._model import (
+    ParamsLike,
+    as_input,
+    check_eval,
+    check_pair,
+    compute_mode,
+    fixed_params,
+    probe,
+    resolve_params,
+)
 from ntkit.empirical._spec import OutSpec, feature_gram
 from ntkit.empirical.protocol import IMPLEMENTATIONS, EmpiricalError, Implementation
 from ntkit.kernel import Kernel, normalize_get
@@ -65,10 +74,17 @@ def _prepare(model, x1, x2, params, trace_axes, diagonal_axes):
     return x1, x2, p, fixed, pr, spec
 
 
-def empirical_ntk(model: nn.Module, x1: Any, x2: Any = None, params: ParamsLike = None,
-                  implementation: str = "auto", trace_axes: Union[int, Sequence[int]] = (-1,),
-                  diagonal_axes: Union[int, Sequence[int]] = (), block_size: Union[None, int, tuple] = None,
-                  memory_budget_bytes: Optional[int] = None) -> Tensor:
+def empirical_ntk(
+    model: nn.Module,
+    x1: Any,
+    x2: Any = None,
+    params: ParamsLike = None,
+    implementation: str = "auto",
+    trace_axes: Union[int, Sequence[int]] = (-1,),
+    diagonal_axes: Union[int, Sequence[int]] = (),
+    block_size: Union[int, tuple, None] = None,
+    memory_budget_bytes: Optional[int] = None,
+) -> Tensor:
     """Empirical NTK ``Θ = Σ_θ ∂f(x1)/∂θ · ∂f(x2)/∂θ`` of ``model`` at its current (or given) parameters.
 
     Args:
@@ -94,8 +110,12 @@ def empirical_ntk(model: nn.Module, x1: Any, x2: Any = None, params: ParamsLike 
     x1, x2, p, fixed, pr, spec = _prepare(model, x1, x2, params, trace_axes, diagonal_axes)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     dtype = p[next(iter(p))].dtype
-    check_fits(bytes_of(spec.shape(x1.shape[0], n2), dtype), x1.device, f"the kernel of shape {spec.shape(x1.shape[0], n2)}",
-               "trace output axes (trace_axes), take diagonals (diagonal_axes) or pass fewer samples.")
+    check_fits(
+        bytes_of(spec.shape(x1.shape[0], n2), dtype),
+        x1.device,
+        f"the kernel of shape {spec.shape(x1.shape[0], n2)}",
+        "trace output axes (trace_axes), take diagonals (diagonal_axes) or pass fewer samples.",
+    )
     budget = memory_budget(x1.device, memory_budget_bytes)
     with compute_mode():
         if implementation == "auto":
@@ -107,9 +127,14 @@ def empirical_ntk(model: nn.Module, x1: Any, x2: Any = None, params: ParamsLike 
             return run_blocks(impl, x1, x2, spec, block_size, budget)
 
 
-def ntk_implementation(model: nn.Module, x1: Any, x2: Any = None, implementation: str = "auto",
-                       trace_axes: Union[int, Sequence[int]] = (-1,),
-                       diagonal_axes: Union[int, Sequence[int]] = ()) -> tuple[Implementation, OutSpec]:
+def ntk_implementation(
+    model: nn.Module,
+    x1: Any,
+    x2: Any = None,
+    implementation: str = "auto",
+    trace_axes: Union[int, Sequence[int]] = (-1,),
+    diagonal_axes: Union[int, Sequence[int]] = (),
+) -> tuple[Implementation, OutSpec]:
     """The empirical-NTK implementation (see :mod:`ntkit.empirical.protocol`) analysed for ``model`` on
     inputs like ``x1``, and its output spec: for callers that evaluate the same model at many parameter
     values (``impl.features(x, params)``, as :mod:`ntkit.monte_carlo` does for sampled networks)."""
@@ -126,7 +151,7 @@ def ntk_implementation(model: nn.Module, x1: Any, x2: Any = None, implementation
         return make(implementation, model, p, spec, pr, x1t), spec
 
 
-def _layer_module(model: nn.Module, layer: Union[None, str, nn.Module]) -> Optional[nn.Module]:
+def _layer_module(model: nn.Module, layer: Union[str, nn.Module, None]) -> Optional[nn.Module]:
     if layer is None:
         return None
     if isinstance(layer, str):
@@ -158,17 +183,25 @@ def _features(model: nn.Module, x: Tensor, layer: Optional[nn.Module], params) -
     if not got:
         raise EmpiricalError(f"layer {type(layer).__name__} was not called by the model's forward.")
     if len(got) > 1:
-        raise EmpiricalError(f"layer {type(layer).__name__} is called {len(got)} times per forward; its features "
-                             f"are ambiguous. Pick a layer called once.")
+        raise EmpiricalError(
+            f"layer {type(layer).__name__} is called {len(got)} times per forward; its features "
+            f"are ambiguous. Pick a layer called once."
+        )
     feats = got[0]
     if not isinstance(feats, Tensor) or feats.dim() < 1 or feats.shape[0] != x.shape[0]:
         raise EmpiricalError(f"layer {type(layer).__name__} does not output one tensor with the batch axis first.")
     return feats
 
 
-def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, layer: Union[None, str, nn.Module] = None,
-                   params: Optional[dict] = None, trace_axes: Union[int, Sequence[int]] = (-1,),
-                   diagonal_axes: Union[int, Sequence[int]] = ()) -> Tensor:
+def empirical_nngp(
+    model: nn.Module,
+    x1: Any,
+    x2: Any = None,
+    layer: Union[str, nn.Module, None] = None,
+    params: Optional[dict] = None,
+    trace_axes: Union[int, Sequence[int]] = (-1,),
+    diagonal_axes: Union[int, Sequence[int]] = (),
+) -> Tensor:
     """Empirical NNGP: inner products of features ``φ(x1)·φ(x2) / size(trace_axes)``.
 
     ``φ`` is the output of ``layer`` (a submodule or its name) or of the model (``layer=None``); trace and
@@ -184,15 +217,21 @@ def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, layer: Union[None,
     except EmpiricalError:
         raise
     except Exception as e:
-        raise EmpiricalError(f"the model rejected inputs of per-sample shape {tuple(x1.shape[1:])}: "
-                             f"{type(e).__name__}: {e}") from e
+        raise EmpiricalError(
+            f"the model rejected inputs of per-sample shape {tuple(x1.shape[1:])}: {type(e).__name__}: {e}"
+        ) from e
     return feature_gram(f1, f2, trace_axes, diagonal_axes)
 
 
-def empirical_kernel_fn(model: nn.Module, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
-                        trace_axes: Union[int, Sequence[int]] = (-1,), diagonal_axes: Union[int, Sequence[int]] = (),
-                        implementation: str = "auto", layer: Union[None, str, nn.Module] = None,
-                        block_size: Union[None, int, tuple] = None) -> Callable:
+def empirical_kernel_fn(
+    model: nn.Module,
+    get: Union[str, Sequence[str]] = ("nngp", "ntk"),
+    trace_axes: Union[int, Sequence[int]] = (-1,),
+    diagonal_axes: Union[int, Sequence[int]] = (),
+    implementation: str = "auto",
+    layer: Union[str, nn.Module, None] = None,
+    block_size: Union[int, tuple, None] = None,
+) -> Callable:
     """A ``kernel_fn(x1, x2=None, get=None, params=None)`` like a network's analytic ``kernel_fn``.
 
     Returns the empirical NNGP (of ``layer``'s features, default the output) and NTK as a
@@ -201,29 +240,51 @@ def empirical_kernel_fn(model: nn.Module, get: Union[str, Sequence[str]] = ("nng
     """
     default_get = normalize_get(get)
 
-    def kernel_fn(x1: Any, x2: Any = None, get: Union[None, str, Sequence[str]] = None,
-                  params: ParamsLike = None) -> Union[Kernel, Tensor]:
+    def kernel_fn(
+        x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = None, params: ParamsLike = None
+    ) -> Union[Kernel, Tensor]:
         names, single = default_get if get is None else normalize_get(get)
         vals = None if params is None else resolve_params(model, params)
-        kw = dict(trace_axes=trace_axes, diagonal_axes=diagonal_axes)
         res: dict[str, Optional[Tensor]] = {"nngp": None, "ntk": None}
         if "nngp" in names:
-            res["nngp"] = empirical_nngp(model, x1, x2, layer=layer, params=vals, **kw)
+            res["nngp"] = empirical_nngp(
+                model, x1, x2, layer=layer, params=vals, trace_axes=trace_axes, diagonal_axes=diagonal_axes
+            )
         if "ntk" in names:
-            res["ntk"] = empirical_ntk(model, x1, x2, params=params, implementation=implementation,
-                                       block_size=block_size, **kw)
+            res["ntk"] = empirical_ntk(
+                model,
+                x1,
+                x2,
+                params=params,
+                implementation=implementation,
+                block_size=block_size,
+                trace_axes=trace_axes,
+                diagonal_axes=diagonal_axes,
+            )
         if single:
-            return res[names[0]]
+            only = res[names[0]]
+            assert only is not None, "the one requested kernel was computed above"
+            return only
         dax = (diagonal_axes,) if isinstance(diagonal_axes, int) else tuple(diagonal_axes)
         diag = dax if 0 in dax else (0,) + dax
-        cov1 = empirical_nngp(model, x1, None, layer=layer, params=vals, trace_axes=trace_axes,
-                              diagonal_axes=diag)
-        cov2 = None if x2 is None else empirical_nngp(model, x2, None, layer=layer, params=vals,
-                                                      trace_axes=trace_axes, diagonal_axes=diag)
+        cov1 = empirical_nngp(model, x1, None, layer=layer, params=vals, trace_axes=trace_axes, diagonal_axes=diag)
+        cov2 = (
+            None
+            if x2 is None
+            else empirical_nngp(model, x2, None, layer=layer, params=vals, trace_axes=trace_axes, diagonal_axes=diag)
+        )
         x1t = as_input(x1, "x1")
         x2t = x1t if x2 is None else as_input(x2, "x2")
-        return Kernel(nngp=res["nngp"], ntk=res["ntk"], cov1=cov1, cov2=cov2,
-                      shape1=tuple(x1t.shape), shape2=tuple(x2t.shape), x1_is_x2=x2 is None,
-                      is_gaussian=False, is_input=False)
+        return Kernel(
+            nngp=res["nngp"],
+            ntk=res["ntk"],
+            cov1=cov1,
+            cov2=cov2,
+            shape1=tuple(x1t.shape),
+            shape2=tuple(x2t.shape),
+            x1_is_x2=x2 is None,
+            is_gaussian=False,
+            is_input=False,
+        )
 
     return kernel_fn

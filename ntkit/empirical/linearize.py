@@ -26,8 +26,9 @@ class _Expanded(nn.Module):
         for k, v in zip(self._keys, params0.values()):
             self.register_buffer(f"_p0_{k}", v.detach().clone())
         # an OrderedDict keeps the model's parameter order (a plain dict would be sorted by ParameterDict)
-        self.params = nn.ParameterDict(OrderedDict((k, nn.Parameter(v.detach().clone()))
-                                                   for k, v in zip(self._keys, params0.values())))
+        self.params = nn.ParameterDict(
+            OrderedDict((k, nn.Parameter(v.detach().clone())) for k, v in zip(self._keys, params0.values()))
+        )
 
     def params0(self) -> dict[str, Tensor]:
         return {n: getattr(self, f"_p0_{k}") for n, k in zip(self._names, self._keys)}
@@ -55,11 +56,13 @@ def _taylor(f, p0, dp, degree):
     With ``g(t) = f(p0 + t·dp)``, the k-th term is ``g^{(k)}(0)/k!``; derivatives of ``g`` come from JVPs of
     JVPs (NT's ``taylor_expand`` does the same).
     """
+
     def g_derivs(p, order):
         # returns [f(p), D f(p)[dp], ..., D^order f(p)[dp]^order]
         if order == 0:
             return [f(p)]
-        primal, tangent = torch.func.jvp(lambda q: tuple(g_derivs(q, order - 1)), (p,), (dp,))
+        jvp_out = torch.func.jvp(lambda q: tuple(g_derivs(q, order - 1)), (p,), (dp,))
+        primal, tangent = jvp_out[0], jvp_out[1]  # (primal, tangent): no has_aux
         return [primal[0]] + list(tangent)
 
     terms = g_derivs(p0, degree)

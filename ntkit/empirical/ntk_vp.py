@@ -49,7 +49,7 @@ class NtkVp(Implementation):
         def f(p, x):
             return fs({**p, **rest}, x)
 
-        def f1(p):
+        def f_x1(p):
             return torch.func.functional_call(model, {**p, **rest}, (x1,), tie_weights=True)
 
         eye = torch.eye(m, dtype=next(iter(params.values())).dtype, device=x1.device).reshape((m,) + O)
@@ -59,11 +59,11 @@ class NtkVp(Implementation):
         chunk = max(1, int(self.budget // max(per_dir, 1)))
 
         def per_sample(x):
-            _, vjp_fn = torch.func.vjp(lambda p: f(p, x), params)
+            vjp_fn = torch.func.vjp(lambda p: f(p, x), params)[1]  # (output, vjp_fn): no has_aux
 
             def per_dir_fn(cot):
                 (t,) = vjp_fn(cot)
-                return torch.func.jvp(f1, (params,), (t,))[1]
+                return torch.func.jvp(f_x1, (params,), (t,))[1]
 
             return torch.func.vmap(per_dir_fn, chunk_size=min(chunk, m))(eye)
 

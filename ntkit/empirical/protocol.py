@@ -20,7 +20,8 @@ name; the names are :data:`IMPLEMENTATIONS`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Optional
+from contextlib import AbstractContextManager
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -41,7 +42,7 @@ class Implementation:
     fixed: dict[str, Tensor]
     budget: int
 
-    def active(self) -> ContextManager[Any]:
+    def active(self) -> AbstractContextManager[Any]:
         return contextlib.nullcontext(self)
 
     def has_structure(self) -> bool:

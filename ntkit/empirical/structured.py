@@ -23,11 +23,13 @@ Jacobian contraction. So results are exact for any model.
 Rules: torch's own modules (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, norm layers) are listed here; an
 ntkit finite twin brings its own (``structured_uses`` beside its ``forward``, in its layer's file).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +91,9 @@ def _linear_uses(m, rec, G, n, M, names):
 def _conv_uses(m, rec, G, n, M, names):
     d = len(m.kernel_size)
     Gt = conv_cotangents(G, n, M, d, m.groups, m.out_channels)
-    out = {}
+    out: dict[str, Union[_Outer, Tensor]] = {}
     if "weight" in names:
-        x = rec.reshape((n,) + tuple(rec.shape[-(d + 1):]))  # (n, Cin, *S)
+        x = rec.reshape((n,) + tuple(rec.shape[-(d + 1) :]))  # (n, Cin, *S)
         pad = m._reversed_padding_repeated_twice
         if any(pad):
             x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
@@ -152,7 +154,7 @@ def _twin_uses(m, rec, G, n, M, names):
 Rule = tuple[Callable[[nn.Module, Tensor], Tensor], Callable[..., dict]]
 
 
-def _own_forward(m: nn.Module, base: type) -> bool:
+def _own_forward(m: nn.Module, base: type[nn.Module]) -> bool:
     """``m`` runs ``base``'s own forward (a subclass that overrides it may compute anything)."""
     return isinstance(m, base) and type(m).forward is base.forward
 
@@ -173,10 +175,9 @@ def _rule(m: nn.Module) -> Optional[Rule]:
     if _own_forward(m, nn.Linear):
         return _input, _linear_uses
     for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if _own_forward(m, base) and isinstance(getattr(m, "padding"), (tuple, str)):
+        if _own_forward(m, base) and isinstance(m.padding, (tuple, str)):
             return _input, _conv_uses
-    if _own_forward(m, nn.Embedding) and getattr(m, "max_norm") is None \
-            and not getattr(m, "scale_grad_by_freq") and not getattr(m, "sparse"):
+    if _own_forward(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse:
         return _input, _emb_uses
     if _own_forward(m, nn.LayerNorm):
         return _layernorm_rec, _trailing_uses
@@ -184,8 +185,12 @@ def _rule(m: nn.Module) -> Optional[Rule]:
         return _rmsnorm_rec, _trailing_uses
     if _own_forward(m, nn.GroupNorm):
         return _groupnorm_rec, _channel_uses
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.modules.batchnorm._BatchNorm.forward \
-            and not m.training and m.running_mean is not None:
+    if (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and type(m).forward is nn.modules.batchnorm._BatchNorm.forward
+        and not m.training
+        and m.running_mean is not None
+    ):
         return _batchnorm_rec, _channel_uses
     return None
 
@@ -199,7 +204,7 @@ class _Ctx:
         self.deltas: list = []
         self.records: list = []
         self.calls: list = []
-        self.stack: list = []      # modules whose forward is running (probe mode)
+        self.stack: list = []  # modules whose forward is running (probe mode)
         self.outside: set = set()  # ids of structured leaves read outside their own module (probe mode)
 
 
@@ -220,12 +225,16 @@ def _hooks(m: nn.Module, record, structured: set, ctx: _Ctx):
         if ctx.mode == "off" or not structured:
             return None
         if len(args) != 1 or not isinstance(y, Tensor):
-            raise EmpiricalError(f"{type(mod).__name__} was called with {len(args)} inputs; structured "
-                                 f"derivatives need one. Use implementation='jacobian'.")
+            raise EmpiricalError(
+                f"{type(mod).__name__} was called with {len(args)} inputs; structured "
+                f"derivatives need one. Use implementation='jacobian'."
+            )
         k = len(ctx.records)
         if k >= len(ctx.deltas) or tuple(ctx.deltas[k].shape) != tuple(y.shape):
-            raise EmpiricalError("the model's forward calls its layers differently from sample to sample; "
-                                 "use implementation='jacobian' for data-dependent control flow.")
+            raise EmpiricalError(
+                "the model's forward calls its layers differently from sample to sample; "
+                "use implementation='jacobian' for data-dependent control flow."
+            )
         ctx.records.append(record(mod, args[0]))
         return y + ctx.deltas[k]
 
@@ -269,8 +278,9 @@ class Structured(Implementation):
 
     name = "structured"
 
-    def __init__(self, model: nn.Module, params: dict[str, Tensor], spec: OutSpec, pr, x1: Tensor,
-                 fixed: Optional[dict] = None):
+    def __init__(
+        self, model: nn.Module, params: dict[str, Tensor], spec: OutSpec, pr, x1: Tensor, fixed: Optional[dict] = None
+    ):
         self.model, self.params, self.spec, self.pr = model, params, spec, pr
         self.fixed = fixed or {}
         self.M = math.prod(spec.O)
@@ -285,8 +295,7 @@ class Structured(Implementation):
             r = _rule(m)
             if r is None:
                 continue
-            local = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False)
-                     if canon.get(id(p)) in params}
+            local = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False) if canon.get(id(p)) in params}
             if local:
                 self.mods.append((m, r[0], r[1], local))
         self.structured: set[str] = {c for *_, loc in self.mods for c in loc.values()}
@@ -298,7 +307,7 @@ class Structured(Implementation):
             self._probe(x1)
 
     @contextlib.contextmanager
-    def _hooked(self) -> Iterator["Structured"]:
+    def _hooked(self) -> Iterator[Structured]:
         """Forward hooks on the structured modules for the duration of the block (removed in ``finally``)."""
         handles = []
         try:
@@ -332,8 +341,7 @@ class Structured(Implementation):
         with self.active(), compute_mode():
             self.ctx.mode, self.ctx.calls, self.ctx.outside = "probe", [], set()
             with reads:
-                out = torch.func.functional_call(self.model, {**self.fixed, **leaves}, (x1[:1],),
-                                                 tie_weights=True)
+                out = torch.func.functional_call(self.model, {**self.fixed, **leaves}, (x1[:1],), tie_weights=True)
             self.ctx.mode = "off"
         self.structured -= {n for n, v in leaves.items() if id(v) in self.ctx.outside}
         self.generic = [n for n in self.params if n not in self.structured]
@@ -366,7 +374,11 @@ class Structured(Implementation):
                 u0 = outer[0]
                 T = sum(u.G.shape[2] for u in outer)
                 g, fout = u0.G.shape[3], u0.G.shape[4]
-                fin = 1 if u0.ids is not None else u0.X.shape[3]
+                if u0.ids is not None:
+                    fin = 1
+                else:
+                    assert u0.X is not None, "a weight use without token ids has inputs X"
+                    fin = u0.X.shape[3]
                 pair = T * T * g * (fin + q * fout + per_pair)  # per (i, j)
                 mat_pair, mat_sample = q * P, M * T * g * fout * fin
                 # ~n²/2 pairs against n samples (n: the x1 batch)
@@ -441,10 +453,11 @@ class Structured(Implementation):
                     j = u.materialise() if isinstance(u, _Outer) else u
                     direct[name] = direct[name] + j if name in direct else j
         pw = []
+
         def cat(ts, dim):
             return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
-        for name, us in outer.items():
+        for us in outer.values():
             G = cat([u.G for u in us], 2)
             if us[0].ids is not None:
                 pw.append((None, cat([u.ids for u in us], 1), G))
@@ -482,4 +495,5 @@ class Structured(Implementation):
             gg = torch.einsum(f"{spec.s1}tgd,{spec.s2}sgd->{spec.out}tsg", g1, g2)
             c = torch.einsum(f"{spec.out}tsg,{xx_out}->{spec.out}", gg, xx)
             out = c if out is None else out.add_(c)
+        assert out is not None, "every selected parameter contributes a materialised or a pairwise block"
         return out

@@ -17,9 +17,11 @@ estimator's ``depth``, ``W_std`` and ``b_std``, so those can be tuned by ``GridS
 use :mod:`ntkit.predict`; kernels are computed in float64 by default, in memory-bounded tiles
 (:func:`ntkit.tiling.kernel_matrix`). Inputs are used as given: put a scaler in front in a ``Pipeline``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -31,8 +33,10 @@ try:
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
-    raise ImportError("ntkit.sklearn needs scikit-learn >= 1.6; install it with `pip install 'ntkit[sklearn]'` "
-                      "(or `pip install scikit-learn`).") from e
+    raise ImportError(
+        "ntkit.sklearn needs scikit-learn >= 1.6; install it with `pip install 'ntkit[sklearn]'` "
+        "(or `pip install scikit-learn`)."
+    ) from e
 
 from ntkit._inputs import parse_dtype
 from ntkit.architectures import SQRT2, fc_net
@@ -40,8 +44,16 @@ from ntkit.nets import Net
 from ntkit.predict import gp_inference, gradient_descent_mse
 from ntkit.tiling import kernel_matrix
 
-__all__ = ["NTKRegressor", "NTKClassifier", "NNGPRegressor", "NTKSVC", "NetKernel", "kernel", "fc_net",
-           "compute_kernels"]
+__all__ = [
+    "NTKRegressor",
+    "NTKClassifier",
+    "NNGPRegressor",
+    "NTKSVC",
+    "NetKernel",
+    "kernel",
+    "fc_net",
+    "compute_kernels",
+]
 
 
 def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -50,9 +62,15 @@ def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float64)).to(dtype)  # a writable copy
 
 
-def compute_kernels(net: Net, x1: Any, x2: Any = None, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
-                    dtype: Union[str, torch.dtype] = "float64", device: Union[str, torch.device, None] = None,
-                    progress: Optional[bool] = False) -> dict[str, torch.Tensor]:
+def compute_kernels(
+    net: Net,
+    x1: Any,
+    x2: Any = None,
+    get: Union[str, Sequence[str]] = ("nngp", "ntk"),
+    dtype: Union[str, torch.dtype] = "float64",
+    device: Union[str, torch.device, None] = None,
+    progress: Optional[bool] = False,
+) -> dict[str, torch.Tensor]:
     """Kernels of ``net`` between ``x1`` and ``x2`` (numpy or torch) as float tensors, tile by tile.
 
     Returns ``{name: tensor}`` for the names in ``get``.
@@ -96,9 +114,18 @@ class _NTKFlow(_KernelEstimator):
 
     _get = "ntk"
 
-    def __init__(self, net: Optional[Net] = None, depth: int = 3, W_std: float = SQRT2,
-                 b_std: Optional[float] = 0.05, diag_reg: float = 1e-6, t: Optional[float] = None,
-                 learning_rate: float = 1.0, dtype: str = "float64", device: Optional[str] = None):
+    def __init__(
+        self,
+        net: Optional[Net] = None,
+        depth: int = 3,
+        W_std: float = SQRT2,
+        b_std: Optional[float] = 0.05,
+        diag_reg: float = 1e-6,
+        t: Optional[float] = None,
+        learning_rate: float = 1.0,
+        dtype: str = "float64",
+        device: Optional[str] = None,
+    ):
         self.net = net
         self.depth = depth
         self.W_std = W_std
@@ -110,12 +137,15 @@ class _NTKFlow(_KernelEstimator):
         self.device = device
 
     def _fit_targets(self, X, Y: np.ndarray):
-        if self.t is not None and not (np.isscalar(self.t) and float(self.t) >= 0):
+        # numpy's isscalar is a TypeGuard to generic | complex | str | bytes | memoryview, not all of which float()
+        # accepts (typeshed); at run time such a t (e.g. complex) raises TypeError here, as it always has
+        if self.t is not None and not (np.isscalar(self.t) and float(self.t) >= 0):  # type: ignore[arg-type]
             raise ValueError(f"t={self.t!r} must be None (infinite time) or a number >= 0.")
         k = self._kernels(X, None, (self._get,))[self._get]
         self.X_fit_ = X
-        self.predictor_ = gradient_descent_mse(k, _as_tensor(Y, torch.float64),
-                                               learning_rate=self.learning_rate, diag_reg=self.diag_reg)
+        self.predictor_ = gradient_descent_mse(
+            k, _as_tensor(Y, torch.float64), learning_rate=self.learning_rate, diag_reg=self.diag_reg
+        )
         return self
 
     def _scores(self, X) -> np.ndarray:
@@ -187,16 +217,16 @@ class NTKClassifier(ClassifierMixin, _NTKFlow):
     def decision_function(self, X) -> np.ndarray:
         """Network outputs per class (``(n, K)``; for two classes the difference, positive for ``classes_[1]``)."""
         s = self._scores(X)
-        return s[:, 1] - s[:, 0] if len(self.classes_) == 2 else s[:, :len(self.classes_)]
+        return s[:, 1] - s[:, 0] if len(self.classes_) == 2 else s[:, : len(self.classes_)]
 
     def predict(self, X) -> np.ndarray:
-        s = self._scores(X)[:, :len(self.classes_)]
+        s = self._scores(X)[:, : len(self.classes_)]
         return self.classes_[np.argmax(s, axis=1)]
 
     def predict_proba(self, X) -> np.ndarray:
         s = self._scores(X)
         k = s.shape[1]
-        p = np.clip(s[:, :len(self.classes_)] + 1.0 / k, 0.0, 1.0)
+        p = np.clip(s[:, : len(self.classes_)] + 1.0 / k, 0.0, 1.0)
         total = p.sum(axis=1, keepdims=True)
         return np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / p.shape[1])
 
@@ -218,9 +248,16 @@ class NNGPRegressor(RegressorMixin, _KernelEstimator):
       device: where kernels are computed (``None``: CPU).
     """
 
-    def __init__(self, net: Optional[Net] = None, depth: int = 3, W_std: float = SQRT2,
-                 b_std: Optional[float] = 0.05, diag_reg: float = 1e-6, dtype: str = "float64",
-                 device: Optional[str] = None):
+    def __init__(
+        self,
+        net: Optional[Net] = None,
+        depth: int = 3,
+        W_std: float = SQRT2,
+        b_std: Optional[float] = 0.05,
+        diag_reg: float = 1e-6,
+        dtype: str = "float64",
+        device: Optional[str] = None,
+    ):
         self.net = net
         self.depth = depth
         self.W_std = W_std
@@ -293,9 +330,17 @@ class NTKSVC(ClassifierMixin, _KernelEstimator):
     replacement for ``SVC(probability=True)``).
     """
 
-    def __init__(self, net: Optional[Net] = None, depth: int = 3, W_std: float = SQRT2,
-                 b_std: Optional[float] = 0.05, C: float = 1.0, class_weight: Any = None, dtype: str = "float64",
-                 device: Optional[str] = None):
+    def __init__(
+        self,
+        net: Optional[Net] = None,
+        depth: int = 3,
+        W_std: float = SQRT2,
+        b_std: Optional[float] = 0.05,
+        C: float = 1.0,
+        class_weight: Any = None,
+        dtype: str = "float64",
+        device: Optional[str] = None,
+    ):
         self.net = net
         self.depth = depth
         self.W_std = W_std
@@ -365,8 +410,9 @@ class NetKernel(_SkKernel):
         out = np.empty(len(X))
         block = 256
         for i in range(0, len(X), block):  # diagonal blocks only: O(n · block) work
-            kb = net.kernel_fn(torch.from_numpy(X[i:i + block]), None, self.get)
-            out[i:i + block] = torch.diagonal(kb).numpy()
+            kb = net.kernel_fn(torch.from_numpy(X[i : i + block]), None, self.get)
+            assert isinstance(kb, torch.Tensor), "kernel_fn with one name returns the bare tensor"
+            out[i : i + block] = torch.diagonal(kb).numpy()
         return out
 
     def is_stationary(self) -> bool:

@@ -12,6 +12,7 @@ maximised over them (Lee et al. 2018 tune ``σ_w², σ_b²`` this way), e.g.::
 
 Needs the optional ``gpytorch`` package (``pip install 'ntkit[gpytorch]'``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,8 +24,9 @@ try:
     import gpytorch
     from gpytorch.constraints import Interval, Positive
 except ImportError as e:  # pragma: no cover - exercised only without gpytorch
-    raise ImportError("ntkit.gpytorch needs gpytorch; install it with `pip install 'ntkit[gpytorch]'` "
-                      "(or `pip install gpytorch`).") from e
+    raise ImportError(
+        "ntkit.gpytorch needs gpytorch; install it with `pip install 'ntkit[gpytorch]'` (or `pip install gpytorch`)."
+    ) from e
 
 from ntkit.nets import Net
 
@@ -50,9 +52,16 @@ class NetKernel(gpytorch.kernels.Kernel):
     has_lengthscale = False
     is_stationary = False
 
-    def __init__(self, net: Net, get: str = "nngp", learn_W_std: bool = True, learn_b_std: bool = True,
-                 W_std_constraint: Optional[Interval] = None, b_std_constraint: Optional[Interval] = None,
-                 **kwargs):
+    def __init__(
+        self,
+        net: Net,
+        get: str = "nngp",
+        learn_W_std: bool = True,
+        learn_b_std: bool = True,
+        W_std_constraint: Optional[Interval] = None,
+        b_std_constraint: Optional[Interval] = None,
+        **kwargs,
+    ):
         if not isinstance(net, Net):
             raise TypeError(f"net must be an ntkit network (ntkit.serial(...)), got {type(net).__name__}.")
         if get not in ("nngp", "ntk"):
@@ -105,15 +114,18 @@ class NetKernel(gpytorch.kernels.Kernel):
             raise ValueError(f"expected {len(self._layers)} W_std and {len(self._bias_idx)} b_std values.")
         values = {f"{p}.W_std": W_std[i] for i, p in enumerate(self._layers)}
         values.update({f"{self._layers[i]}.b_std": b_std[j] for j, i in enumerate(self._bias_idx)})
-        return self._net.with_hyperparameters(values).kernel_fn(x1, x2, get=self.get)
+        k = self._net.with_hyperparameters(values).kernel_fn(x1, x2, get=self.get)
+        assert isinstance(k, Tensor), "kernel_fn with one name (get='nngp' or 'ntk') returns the bare tensor"
+        return k
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
-                **params) -> Tensor:
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
         if last_dim_is_batch:
             raise NotImplementedError("ntkit kernels do not support last_dim_is_batch.")
         if x1.dim() != 2 or x2.dim() != 2:
-            raise ValueError(f"expected (n, d) inputs, got {tuple(x1.shape)} and {tuple(x2.shape)}; "
-                             f"batched inputs are not supported.")
+            raise ValueError(
+                f"expected (n, d) inputs, got {tuple(x1.shape)} and {tuple(x2.shape)}; "
+                f"batched inputs are not supported."
+            )
         same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         w = self.W_std.to(x1.dtype)
         b = self.b_std.to(x1.dtype)

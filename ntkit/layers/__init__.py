@@ -1,17 +1,59 @@
 """ntkit layers: one file per family, each layer a kernel rule beside its finite torch module."""
+
 from ntkit.layers.base import Layer, LayerError
 from ntkit.layers.branching import FanInConcat, FanInProd, FanInSum, FanOut
+from ntkit.layers.conv import Conv
 from ntkit.layers.dense import Dense, Identity
-from ntkit.layers.elementwise import (ABRelu, Abs, Elementwise, ElementwiseLayer, Erf, LeakyRelu, Relu,
-                                     Sigmoid_like, Sign)
+from ntkit.layers.elementwise import (
+    ABRelu,
+    Abs,
+    Elementwise,
+    ElementwiseLayer,
+    Erf,
+    LeakyRelu,
+    Relu,
+    Sigmoid_like,
+    Sign,
+)
 from ntkit.layers.elementwise_poly import Hermite, Monomial, Polynomial, RectifiedMonomial
 from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gaussian, Gelu, Rbf, Sin
 from ntkit.layers.norm import LayerNorm
-from ntkit.layers.conv import Conv
 from ntkit.layers.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 
-__all__ = ["Layer", "LayerError", "Dense", "Identity", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
-           "ElementwiseLayer", "Elementwise", "ABRelu", "Relu", "LeakyRelu", "Abs", "Erf",
-           "Sign", "Sigmoid_like", "Gelu", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "ExpNormalized",
-           "Monomial", "RectifiedMonomial", "Polynomial", "Hermite", "LayerNorm",
-           "Conv", "AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten"]
+__all__ = [
+    "Layer",
+    "LayerError",
+    "Dense",
+    "Identity",
+    "FanOut",
+    "FanInSum",
+    "FanInConcat",
+    "FanInProd",
+    "ElementwiseLayer",
+    "Elementwise",
+    "ABRelu",
+    "Relu",
+    "LeakyRelu",
+    "Abs",
+    "Erf",
+    "Sign",
+    "Sigmoid_like",
+    "Gelu",
+    "Sin",
+    "Cos",
+    "Rbf",
+    "Gaussian",
+    "Exp",
+    "ExpNormalized",
+    "Monomial",
+    "RectifiedMonomial",
+    "Polynomial",
+    "Hermite",
+    "LayerNorm",
+    "Conv",
+    "AvgPool",
+    "SumPool",
+    "GlobalAvgPool",
+    "GlobalSumPool",
+    "Flatten",
+]

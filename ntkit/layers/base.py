@@ -41,7 +41,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -161,8 +162,12 @@ class LiftOptions:
             return rms * math.sqrt(fan_in) if kind == "W" else rms
         raise ValueError(f"{kind}_std={value!r}: give a float, 'init' or 'empirical'.")
 
+    @overload
+    def weight_std(self, weight: Tensor, fan_in: int) -> float: ...
+    @overload
+    def weight_std(self, weight: Optional[Tensor], fan_in: int) -> Optional[float]: ...
     def weight_std(self, weight: Optional[Tensor], fan_in: int) -> Optional[float]:
-        """``W_std`` of a layer with this weight and fan-in."""
+        """``W_std`` of a layer with this weight and fan-in (``None`` only for no weight)."""
         return self._std(self.W_std, "W", weight, fan_in)
 
     def bias_std(self, bias: Optional[Tensor], fan_in: int) -> Optional[float]:
@@ -220,7 +225,7 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} must define build(...), its finite twin.")
 
     # -- structure -----------------------------------------------------------------------------------
-    def sublayers(self) -> Sequence["Layer"]:
+    def sublayers(self) -> Sequence[Layer]:
         return ()
 
     def requires_full_spatial(self) -> bool:
@@ -245,7 +250,7 @@ class Layer:
         """Differentiable hyper-parameters by name (e.g. ``{"W_std": 1.5, "b_std": 0.1}``); none by default."""
         return {}
 
-    def with_tunables(self, **values: Any) -> "Layer":
+    def with_tunables(self, **values: Any) -> Layer:
         """A copy of this layer with some :meth:`tunables` replaced (floats or tensors; the layer itself is
         not modified). The kernel rule of the copy is a differentiable function of tensor values."""
         known = self.tunables()

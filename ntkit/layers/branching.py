@@ -7,6 +7,7 @@ NT does:
 * ``FanInConcat`` (channel axis): K = Σ n_i K_i / Σ n_i, same for Θ (``n_i`` the branch widths)
 * ``FanInProd``:   K = Π K_i,   Θ = Σ_i Θ_i Π_{j≠i} K_j   (product rule; output is not Gaussian)
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ __all__ = ["FanOut", "FanInSum", "FanInConcat", "FanInProd"]
 
 def _branches(k, layer: Layer) -> list:
     if not isinstance(k, list):
-        raise LayerError(f"{type(layer).__name__} merges branches but got a single path; "
-                         f"put FanOut(n) and parallel(...) before it.")
+        raise LayerError(
+            f"{type(layer).__name__} merges branches but got a single path; put FanOut(n) and parallel(...) before it."
+        )
     return k
 
 
@@ -32,9 +34,11 @@ def _same_shapes(shapes: list, layer: Layer, skip_axis=None) -> None:
         return tuple(x for i, x in enumerate(s) if i != skip_axis)
 
     if len({strip(s) for s in shapes}) != 1:
-        raise LayerError(f"{type(layer).__name__}: branch output shapes {shapes} differ"
-                         + ("" if skip_axis is None else " outside the concatenation axis")
-                         + "; make every branch end with the same shape.")
+        raise LayerError(
+            f"{type(layer).__name__}: branch output shapes {shapes} differ"
+            + ("" if skip_axis is None else " outside the concatenation axis")
+            + "; make every branch end with the same shape."
+        )
 
 
 class _FanOutModule(nn.Module):
@@ -94,9 +98,14 @@ class FanInSum(Layer):
             vals = [getattr(x, name) for x in ks]
             return None if any(v is None for v in vals) else functools.reduce(operator.add, vals)
 
-        return first.replace(nngp=total("nngp"), ntk=total("ntk"), cov1=total("cov1"), cov2=total("cov2"),
-                             is_gaussian=all(x.is_gaussian for x in ks),
-                             is_input=all(x.is_input for x in ks))
+        return first.replace(
+            nngp=total("nngp"),
+            ntk=total("ntk"),
+            cov1=total("cov1"),
+            cov2=total("cov2"),
+            is_gaussian=all(x.is_gaussian for x in ks),
+            is_input=all(x.is_input for x in ks),
+        )
 
     def build(self, in_shape, width, generator, readout):
         shapes = _branches(in_shape, self)
@@ -117,12 +126,15 @@ class FanInProd(Layer):
 
         ntk = None
         if all(x.ntk is not None for x in ks):
-            ntk = sum(ks[i].ntk * prod([ks[j].nngp for j in range(len(ks)) if j != i]) if len(ks) > 1
-                      else ks[i].ntk for i in range(len(ks)))
+            ntk = sum(
+                ks[i].ntk * prod([ks[j].nngp for j in range(len(ks)) if j != i]) if len(ks) > 1 else ks[i].ntk
+                for i in range(len(ks))
+            )
         cov1 = None if first.cov1 is None else prod([x.cov1 for x in ks])
         cov2 = None if first.cov2 is None else prod([x.cov2 for x in ks])
-        return first.replace(nngp=prod([x.nngp for x in ks]), ntk=ntk, cov1=cov1,
-                             cov2=cov2, is_gaussian=False, is_input=False)
+        return first.replace(
+            nngp=prod([x.nngp for x in ks]), ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, is_input=False
+        )
 
     def build(self, in_shape, width, generator, readout):
         shapes = _branches(in_shape, self)
@@ -146,8 +158,10 @@ class FanInConcat(Layer):
         if ax == 0:
             raise LayerError("FanInConcat(axis=0) would concatenate along the batch axis; use axis=1 (channels).")
         if ax != 1:
-            raise LayerError(f"FanInConcat(axis={self.axis}) concatenates along a spatial axis of "
-                             f"{ndim}-D activations; only channel concatenation (axis=1) has a kernel rule.")
+            raise LayerError(
+                f"FanInConcat(axis={self.axis}) concatenates along a spatial axis of "
+                f"{ndim}-D activations; only channel concatenation (axis=1) has a kernel rule."
+            )
         return ax
 
     def kernel(self, k):
@@ -166,12 +180,18 @@ class FanInConcat(Layer):
         first = ks[0]
         shape1 = (first.shape1[0], int(total_w)) + tuple(first.shape1[2:])
         shape2 = (first.shape2[0], int(total_w)) + tuple(first.shape2[2:])
-        return first.replace(nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"),
-                             shape1=shape1, shape2=shape2,
-                             # channels of different branches have different laws: a nonlinearity of the
-                             # mixture is not the mixture of nonlinearities, so a Dense/Conv must come next
-                             is_gaussian=False,
-                             is_input=all(x.is_input for x in ks))
+        return first.replace(
+            nngp=mix("nngp"),
+            ntk=mix("ntk"),
+            cov1=mix("cov1"),
+            cov2=mix("cov2"),
+            shape1=shape1,
+            shape2=shape2,
+            # channels of different branches have different laws: a nonlinearity of the
+            # mixture is not the mixture of nonlinearities, so a Dense/Conv must come next
+            is_gaussian=False,
+            is_input=all(x.is_input for x in ks),
+        )
 
     def build(self, in_shape, width, generator, readout):
         shapes = _branches(in_shape, self)

@@ -23,11 +23,13 @@ is a constant offset in memory: the op runs over long contiguous stretches, with
 dropping the terms that fall outside the image (1.9× faster per conv layer than strided views on 8×8
 images, 1.2× on 32×32); scale factors and the NTK's ``+ nngp'`` are folded into the first and last passes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +49,17 @@ from ntkit.layers.base import (
 )
 from ntkit.layers.dense import check_parameterization, check_std
 
-__all__ = ["Conv", "ConvModule", "AxisWindow", "plan_windows", "window_sum", "pad_spatial", "patches",
-           "conv_cotangents", "PADDINGS"]
+__all__ = [
+    "Conv",
+    "ConvModule",
+    "AxisWindow",
+    "plan_windows",
+    "window_sum",
+    "pad_spatial",
+    "patches",
+    "conv_cotangents",
+    "PADDINGS",
+]
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 
@@ -59,16 +70,20 @@ PaddingArg = Union[str, int, Sequence[int]]
 # ---------------------------------------------------------------------------------------------------
 # argument checking and per-axis window plans
 # ---------------------------------------------------------------------------------------------------
+@overload
+def _as_tuple(v: IntOrTuple, name: str, layer: str, allow_zero: bool = False) -> tuple: ...
+@overload
+def _as_tuple(v: Optional[IntOrTuple], name: str, layer: str, allow_zero: bool = False) -> Optional[tuple]: ...
 def _as_tuple(v: Optional[IntOrTuple], name: str, layer: str, allow_zero: bool = False) -> Optional[tuple]:
     if v is None:
         return None
     vals = (v,) if isinstance(v, int) else tuple(v)
     low = 0 if allow_zero else 1
-    if not vals or len(vals) > 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= low
-                                            for x in vals):
+    if not vals or len(vals) > 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in vals):
         kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{layer}: {name}={v!r} must be a {kind} int or a tuple of 1 to 3 {kind} ints "
-                         f"(one per spatial axis).")
+        raise ValueError(
+            f"{layer}: {name}={v!r} must be a {kind} int or a tuple of 1 to 3 {kind} ints (one per spatial axis)."
+        )
     return vals
 
 
@@ -77,15 +92,19 @@ def check_padding(padding: PaddingArg, padding_mode: str, layer: str) -> tuple[U
     if isinstance(padding, str):
         p = padding.upper()
         if p not in PADDINGS:
-            raise ValueError(f"{layer}: padding={padding!r}; choose 'VALID', 'SAME', 'CIRCULAR' or explicit "
-                             f"non-negative ints (pixels added on both sides, as torch.nn.Conv2d).")
+            raise ValueError(
+                f"{layer}: padding={padding!r}; choose 'VALID', 'SAME', 'CIRCULAR' or explicit "
+                f"non-negative ints (pixels added on both sides, as torch.nn.Conv2d)."
+            )
         out: Union[str, tuple] = p
     else:
         out = _as_tuple(padding, "padding", layer, allow_zero=True)
     mode = padding_mode.lower()
     if mode not in ("zeros", "circular"):
-        raise ValueError(f"{layer}: padding_mode={padding_mode!r}; choose 'zeros' or 'circular' "
-                         f"(the kernel rules of 'reflect'/'replicate' are not implemented).")
+        raise ValueError(
+            f"{layer}: padding_mode={padding_mode!r}; choose 'zeros' or 'circular' "
+            f"(the kernel rules of 'reflect'/'replicate' are not implemented)."
+        )
     return out, mode
 
 
@@ -117,8 +136,14 @@ def _expand(v: Optional[tuple], n: int, default: int, name: str, layer: str) -> 
     return v
 
 
-def plan_windows(spatial: Sequence[int], window: tuple, strides: Optional[tuple],
-                 padding: Union[str, tuple], padding_mode: str, layer: str) -> list[AxisWindow]:
+def plan_windows(
+    spatial: Sequence[int],
+    window: tuple,
+    strides: Optional[tuple],
+    padding: Union[str, tuple],
+    padding_mode: str,
+    layer: str,
+) -> list[AxisWindow]:
     """Per-axis windows with the padding rules of ``lax.padtype_to_pads`` (NT) and ``torch.nn.Conv*``.
 
     SAME: ``n_out = ceil(n / σ)``, total padding ``max((n_out − 1)σ + f − n, 0)``, the extra pixel at the end.
@@ -139,14 +164,16 @@ def plan_windows(spatial: Sequence[int], window: tuple, strides: Optional[tuple]
             if 2 * lo + size < f:
                 raise LayerError(
                     f"{layer}: window {f} is larger than spatial axis {a} of size {size} plus padding "
-                    f"{lo}+{lo}; the output would be empty. Use more padding, 'SAME', or a smaller window.")
+                    f"{lo}+{lo}; the output would be empty. Use more padding, 'SAME', or a smaller window."
+                )
             n_out = (size + 2 * lo - f) // s + 1
         elif padding == "VALID":
             if f > size:
                 raise LayerError(
                     f"{layer}: window {tuple(window)} is larger than the input's spatial shape "
                     f"{tuple(spatial)} with padding='VALID' (the output would be empty); use padding='SAME' "
-                    f"or a smaller window.")
+                    f"or a smaller window."
+                )
             lo = hi = 0
             n_out = (size - f) // s + 1
         else:  # SAME / CIRCULAR
@@ -190,15 +217,14 @@ def _shift_mask(sizes: tuple, shifted: tuple, delta: int, k: int, dtype, device)
             shape = [1] * len(sizes)
             shape[i] = n
             m = m & ok.reshape(shape)
-        m = m.reshape(-1).repeat(k).to(dtype=dtype, device=device)[:, None]   # (k·|block|, 1)
+        m = m.reshape(-1).repeat(k).to(dtype=dtype, device=device)[:, None]  # (k·|block|, 1)
         if len(_MASKS) > 256:
             _MASKS.clear()
         _MASKS[key] = m
     return m
 
 
-def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float,
-                     base: Optional[Tensor]) -> Tensor:
+def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float, base: Optional[Tensor]) -> Tensor:
     """Fast path of :func:`window_sum` for stride 1 and zero padding that keeps the size (SAME).
 
     A joint shift by ``δ`` of the axes in ``axes`` is a constant offset ``δ·Σ strides`` in memory, so each
@@ -216,11 +242,11 @@ def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float
     r = math.prod(shape[:first])
     shifted = tuple(ax - first for ax in axes)
     step = sum(x.stride(ax) for ax in axes)
-    t = math.prod(shape[last + 1:])
+    t = math.prod(shape[last + 1 :])
     k = 1
     if t >= _MIN_ROW:
         # block (m, t): the mask varies over the shifted dims only and broadcasts along t
-        sizes = shape[first:last + 1]
+        sizes = shape[first : last + 1]
         m, step = math.prod(sizes), step // t
     else:
         # mask the whole block from the first shifted dim on; group k outer rows into one long row
@@ -244,24 +270,25 @@ def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float
         off = abs(delta) * step
         mask = _shift_mask(tuple(sizes), shifted, delta, k, x.dtype, x.device)
         if delta > 0:
-            torch.addcmul(x3[:, :m - off], x3[:, off:], mask[:m - off], out=o3[:, :m - off])
-            o3[:, m - off:].copy_(x3[:, m - off:])
+            torch.addcmul(x3[:, : m - off], x3[:, off:], mask[: m - off], out=o3[:, : m - off])
+            o3[:, m - off :].copy_(x3[:, m - off :])
         else:
-            torch.addcmul(x3[:, off:], x3[:, :m - off], mask[off:], out=o3[:, off:])
+            torch.addcmul(x3[:, off:], x3[:, : m - off], mask[off:], out=o3[:, off:])
             o3[:, :off].copy_(x3[:, :off])
     o3 = out.view(r, m, t)
     for delta in deltas:
         off = abs(delta) * step
         mask = _shift_mask(tuple(sizes), shifted, delta, k, x.dtype, x.device)
         if delta > 0:
-            o3[:, :m - off].addcmul_(x3[:, off:], mask[:m - off], value=alpha)
+            o3[:, : m - off].addcmul_(x3[:, off:], mask[: m - off], value=alpha)
         else:
-            o3[:, off:].addcmul_(x3[:, :m - off], mask[off:], value=alpha)
+            o3[:, off:].addcmul_(x3[:, : m - off], mask[off:], value=alpha)
     return out
 
 
-def window_sum(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float = 1.0,
-               base: Optional[Tensor] = None) -> Tensor:
+def window_sum(
+    x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float = 1.0, base: Optional[Tensor] = None
+) -> Tensor:
     """``base + alpha · Σ_{d < f} x_pad[.., σy + d, ..]`` with the same ``y`` and ``d`` on every axis in
     ``axes`` (``base``: optional tensor of the output's shape, added in the same passes).
 
@@ -280,8 +307,8 @@ def window_sum(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float = 1.0
     f, s, n_out = w.size, w.stride, w.n_out
     pieces = []
     for d in range(f):
-        y0 = max(0, -((d - lo) // s))                      # first y with σy + d − lo ≥ 0
-        y1 = min(n_out, (n - 1 + lo - d) // s + 1)          # one past the last y with σy + d − lo ≤ n − 1
+        y0 = max(0, -((d - lo) // s))  # first y with σy + d − lo ≥ 0
+        y1 = min(n_out, (n - 1 + lo - d) // s + 1)  # one past the last y with σy + d − lo ≤ n − 1
         if y1 > y0:
             start = s * y0 + d - lo
             pieces.append((y0, y1, slice(start, start + s * (y1 - y0 - 1) + 1, s)))
@@ -333,8 +360,9 @@ def pad_spatial(x: Tensor, wins: Sequence[AxisWindow]) -> Tensor:
     return x
 
 
-def patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
-            groups: int) -> Tensor:
+def patches(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], groups: int
+) -> Tensor:
     """Patches of an already padded input ``x (n, Cin, *S)``: ``(n, L, groups, Cin/groups · prod(kernel))``,
     ordered as a convolution weight ``(Cout, Cin/groups, *kernel)`` is (``L`` output pixels)."""
     d = len(kernel_size)
@@ -351,7 +379,7 @@ def patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilati
 
 def conv_cotangents(G: Tensor, n: int, M: int, d: int, groups: int, cout: int) -> Tensor:
     """Output cotangents ``(n, M, ..., Cout, *Lout)`` of a ``d``-D convolution as ``(n, M, L, groups, Cout/groups)``."""
-    g = G.reshape((n, M) + tuple(G.shape[-(d + 1):]))  # (n, M, Cout, *Lout)
+    g = G.reshape((n, M) + tuple(G.shape[-(d + 1) :]))  # (n, M, Cout, *Lout)
     return g.movedim(2, -1).reshape(n, M, -1, groups, cout // groups)
 
 
@@ -365,8 +393,16 @@ class ConvModule(nn.Module):
     """Finite twin of :class:`Conv`. NTK parameterisation: ``W, b ~ N(0, 1)`` and
     ``z = W_std/sqrt(C·|F|) · (W ⋆ x) + b_std·b``; standard: ``W ~ N(0, W_std²/(C|F|))``, ``b ~ N(0, b_std²)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, wins: Sequence[AxisWindow], W_std: float,
-                 b_std: Optional[float], parameterization: str, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        wins: Sequence[AxisWindow],
+        W_std: float,
+        b_std: Optional[float],
+        parameterization: str,
+        generator: Optional[torch.Generator] = None,
+    ):
         super().__init__()
         self.wins = tuple(wins)
         ks = tuple(w.size for w in wins)
@@ -379,7 +415,9 @@ class ConvModule(nn.Module):
         self.scale = W_std / math.sqrt(fan_in)
         if parameterization == "standard":
             w = w * self.scale
-            b = None if b is None else b * b_std
+            if b is not None:
+                assert b_std is not None, "a bias is drawn only with a b_std"
+                b = b * b_std
         self.weight = nn.Parameter(w)
         self.bias = None if b is None else nn.Parameter(b)
 
@@ -389,6 +427,7 @@ class ConvModule(nn.Module):
         if self.parameterization == "ntk":
             y = conv(x, self.weight, None, self.stride) * self.scale
             if self.bias is not None:
+                assert self.b_std is not None, "a bias exists only with a b_std"
                 y = y + (self.b_std * self.bias).reshape((-1,) + (1,) * len(self.wins))
             return y
         return conv(x, self.weight, self.bias, self.stride)
@@ -404,17 +443,20 @@ class ConvModule(nn.Module):
         Gt = conv_cotangents(G, n, M, d, 1, self.out_channels)
         out: dict = {}
         if "weight" in names:
-            xp = pad_spatial(x.reshape((n,) + tuple(x.shape[-(d + 1):])), self.wins)
+            xp = pad_spatial(x.reshape((n,) + tuple(x.shape[-(d + 1) :])), self.wins)
             X = patches(xp, self.kernel_size, self.stride, (1,) * d, 1)
             out["weight"] = LinearUse(X * self.scale if ntk else X, Gt)
         if "bias" in names:
+            assert self.b_std is not None, "a bias exists only with a b_std"
             out["bias"] = Gt.sum(2).reshape(n, M, self.out_channels) * (self.b_std if ntk else 1.0)
         return out
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, W_std={self.W_std}, b_std={self.b_std}, "
-                f"parameterization={self.parameterization!r}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, W_std={self.W_std}, b_std={self.b_std}, "
+            f"parameterization={self.parameterization!r}"
+        )
 
 
 class Conv(Layer):
@@ -439,10 +481,19 @@ class Conv(Layer):
 
     has_params = True
 
-    def __init__(self, out_channels: int, kernel_size: IntOrTuple, strides: Optional[IntOrTuple] = None,
-                 padding: PaddingArg = "VALID", W_std: float = 1.0, b_std: Optional[float] = None,
-                 parameterization: str = "ntk", *, padding_mode: str = "zeros",
-                 in_channels: Optional[int] = None):
+    def __init__(
+        self,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        strides: Optional[IntOrTuple] = None,
+        padding: PaddingArg = "VALID",
+        W_std: float = 1.0,
+        b_std: Optional[float] = None,
+        parameterization: str = "ntk",
+        *,
+        padding_mode: str = "zeros",
+        in_channels: Optional[int] = None,
+    ):
         if not (isinstance(out_channels, int) and out_channels > 0):
             raise ValueError(f"Conv: out_channels={out_channels!r} must be a positive int.")
         if in_channels is not None and not (isinstance(in_channels, int) and in_channels > 0):
@@ -474,16 +525,25 @@ class Conv(Layer):
             raise LayerError(
                 f"Conv(kernel_size={self.kernel_size}) is {want} and needs activations {hint}, but got "
                 f"per-sample shape {tuple(shape)} ({len(spatial)} spatial axes). Give inputs in PyTorch's "
-                f"channels-first layout with the right number of spatial axes, or change kernel_size.")
+                f"channels-first layout with the right number of spatial axes, or change kernel_size."
+            )
         if len(spatial) > 3:
             raise LayerError(f"Conv supports 1 to 3 spatial axes; got per-sample shape {tuple(shape)}.")
-        return plan_windows(spatial, self.kernel_size, self.strides, self.padding, self.padding_mode,
-                            f"Conv(kernel_size={self.kernel_size}, padding={self.padding!r})")
+        return plan_windows(
+            spatial,
+            self.kernel_size,
+            self.strides,
+            self.padding,
+            self.padding_mode,
+            f"Conv(kernel_size={self.kernel_size}, padding={self.padding!r})",
+        )
 
     def _check_channels(self, c: int) -> None:
         if self.in_channels is not None and c != self.in_channels:
-            raise LayerError(f"Conv(in_channels={self.in_channels}) got activations with {c} channels; "
-                             f"the channel axis is axis 1 (PyTorch layout). Fix the input or in_channels.")
+            raise LayerError(
+                f"Conv(in_channels={self.in_channels}) got activations with {c} channels; "
+                f"the channel axis is axis 1 (PyTorch layout). Fix the input or in_channels."
+            )
 
     def kernel(self, k):
         k = single(k, self)
@@ -496,15 +556,19 @@ class Conv(Layer):
         # strided axes first: they shrink the tensor for the passes after them
         order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
 
-        def T(x: Optional[Tensor], batch_ndim: int, alpha: float,
-              base: Optional[Tensor] = None) -> Optional[Tensor]:
+        def T(x: Optional[Tensor], batch_ndim: int, alpha: float, base: Optional[Tensor] = None) -> Optional[Tensor]:
             """``base + alpha · |F| · T(x)``: the joint-shift window sums, scaled in the first pass and
             ``base`` added in the last."""
             if x is None:
                 return None
             for i, a in enumerate(order):
-                x = window_sum(x, spatial_axes(batch_ndim, a, full), wins[a], alpha if i == 0 else 1.0,
-                               base if i == len(order) - 1 else None)
+                x = window_sum(
+                    x,
+                    spatial_axes(batch_ndim, a, full),
+                    wins[a],
+                    alpha if i == 0 else 1.0,
+                    base if i == len(order) - 1 else None,
+                )
             return x
 
         if isinstance(w2, Tensor) or isinstance(b2, Tensor):
@@ -512,13 +576,20 @@ class Conv(Layer):
         else:
             nngp, ntk, cov1, cov2 = self._rule(k, T, w2, b2, f_size)
         spatial = tuple(w.n_out for w in wins)
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
-                         shape1=(k.shape1[0], self.out_channels) + spatial,
-                         shape2=(k.shape2[0], self.out_channels) + spatial,
-                         is_gaussian=True, is_input=False)
+        return k.replace(
+            nngp=nngp,
+            ntk=ntk,
+            cov1=cov1,
+            cov2=cov2,
+            shape1=(k.shape1[0], self.out_channels) + spatial,
+            shape2=(k.shape2[0], self.out_channels) + spatial,
+            is_gaussian=True,
+            is_input=False,
+        )
 
     def _rule(self, k: Kernel, T, w2: float, b2: float, f_size: int):
         """The rule with float hyper-parameters: scale factors and ``+ nngp'`` folded into the window passes."""
+
         def affine(x: Optional[Tensor], batch_ndim: int) -> Optional[Tensor]:
             x = T(x, batch_ndim, w2 / f_size)
             return x.add_(b2) if (x is not None and b2) else x
@@ -528,10 +599,11 @@ class Conv(Layer):
         if self.parameterization == "ntk":
             nngp = affine(k.nngp, 2)
             if k.ntk is not None:
+                assert nngp is not None, "the NTK recursion needs the NNGP"
                 # Θ' = W² T(Θ) + K' (the inputs carry Θ = 0)
                 ntk = nngp.clone() if k.is_input else T(k.ntk, 2, w2 / f_size, base=nngp)
         else:
-            mean = T(k.nngp, 2, 1.0 / f_size)                     # T(nngp)
+            mean = T(k.nngp, 2, 1.0 / f_size)  # T(nngp)
             nngp = torch.mul(mean, w2)
             if b2:
                 nngp.add_(b2)
@@ -544,6 +616,7 @@ class Conv(Layer):
 
     def _tensor_rule(self, k: Kernel, T, w2, b2, f_size: int):
         """The same rule with tensor hyper-parameters (:meth:`with_tunables`): out-of-place, differentiable."""
+
         def affine(x: Optional[Tensor], batch_ndim: int) -> Optional[Tensor]:
             return None if x is None else T(x, batch_ndim, 1.0 / f_size) * w2 + b2
 
@@ -552,6 +625,7 @@ class Conv(Layer):
         if self.parameterization == "ntk":
             nngp = affine(k.nngp, 2)
             if k.ntk is not None:
+                assert nngp is not None, "the NTK recursion needs the NNGP"
                 ntk = nngp.clone() if k.is_input else nngp + w2 * T(k.ntk, 2, 1.0 / f_size)
         else:
             mean = T(k.nngp, 2, 1.0 / f_size)
@@ -575,9 +649,11 @@ class Conv(Layer):
     def __repr__(self):
         extra = "" if self.in_channels is None else f", in_channels={self.in_channels}"
         mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
-        return (f"Conv({self.out_channels}, {self.kernel_size if not self._int_kernel else self.kernel_size[0]}, "
-                f"strides={self.strides}, padding={self.padding!r}, W_std={self.W_std}, b_std={self.b_std}, "
-                f"parameterization={self.parameterization!r}{mode}{extra})")
+        return (
+            f"Conv({self.out_channels}, {self.kernel_size if not self._int_kernel else self.kernel_size[0]}, "
+            f"strides={self.strides}, padding={self.padding!r}, W_std={self.W_std}, b_std={self.b_std}, "
+            f"parameterization={self.parameterization!r}{mode}{extra})"
+        )
 
     def tunables(self) -> dict:
         return {"W_std": self.W_std} if self.b_std is None else {"W_std": self.W_std, "b_std": self.b_std}
@@ -599,6 +675,14 @@ def _lift_conv(m: nn.Module, opts: LiftOptions) -> Layer:
     else:
         padding = tuple(int(p) for p in m.padding)
     fan_in = m.in_channels * math.prod(m.kernel_size)
-    return Conv(m.out_channels, tuple(m.kernel_size), strides=tuple(m.stride), padding=padding,
-                W_std=opts.weight_std(m.weight, fan_in), b_std=opts.bias_std(m.bias, fan_in),
-                parameterization=opts.parameterization, padding_mode=m.padding_mode, in_channels=m.in_channels)
+    return Conv(
+        m.out_channels,
+        tuple(m.kernel_size),
+        strides=tuple(m.stride),
+        padding=padding,
+        W_std=opts.weight_std(m.weight, fan_in),
+        b_std=opts.bias_std(m.bias, fan_in),
+        parameterization=opts.parameterization,
+        padding_mode=m.padding_mode,
+        in_channels=m.in_channels,
+    )

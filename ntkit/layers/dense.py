@@ -14,6 +14,7 @@ parameterisation). With input covariance ``K``, input NTK ``Θ`` and input width
 Applied along the channel axis (axis 1), pixel by pixel for spatial inputs, as ``nn.Linear`` on the
 channel dimension would be.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,15 +57,16 @@ def check_std(W_std: float, b_std: Optional[float]) -> None:
         raise ValueError(f"b_std={b_std!r} must be None (no bias) or a finite number >= 0.")
 
 
-def affine_rule(k: Kernel, W_std: float, b_std: Optional[float], parameterization: str,
-                fan_in_scale: float, out_width: int) -> Kernel:
+def affine_rule(
+    k: Kernel, W_std: float, b_std: Optional[float], parameterization: str, fan_in_scale: float, out_width: int
+) -> Kernel:
     """The Dense/Conv rule on already-channel-contracted kernels (see module docstring).
 
     ``fan_in_scale`` is the ``n`` in the standard parameterisation's NTK term (input width times the
     receptive field for a convolution is handled by the caller through the transformed kernel).
     """
-    w2 = W_std ** 2
-    b2 = 0.0 if b_std is None else b_std ** 2
+    w2 = W_std**2
+    b2 = 0.0 if b_std is None else b_std**2
 
     def aff(x):
         if not b2 and not isinstance(w2, torch.Tensor) and w2 == 1.0:
@@ -76,11 +78,15 @@ def affine_rule(k: Kernel, W_std: float, b_std: Optional[float], parameterizatio
     out = map_kernels(k, aff)
     ntk = k.ntk
     if ntk is not None:
+        assert nngp_in is not None and out.nngp is not None, "the NTK recursion needs the NNGP"
         if parameterization == "ntk":
             ntk = out.nngp + w2 * ntk if isinstance(w2, torch.Tensor) else torch.add(out.nngp, ntk, alpha=w2)
         else:
-            ntk = (nngp_in * fan_in_scale + w2 * ntk if isinstance(w2, torch.Tensor)
-                   else torch.add(nngp_in * fan_in_scale, ntk, alpha=w2))
+            ntk = (
+                nngp_in * fan_in_scale + w2 * ntk
+                if isinstance(w2, torch.Tensor)
+                else torch.add(nngp_in * fan_in_scale, ntk, alpha=w2)
+            )
             if b_std is not None:
                 ntk = ntk + 1.0
     shape1 = (k.shape1[0], out_width) + tuple(k.shape1[2:])
@@ -95,8 +101,15 @@ class DenseModule(nn.Module):
     Standard: ``W ~ N(0, W_std²/n)``, ``b ~ N(0, b_std²)``, ``z = W x + b``.
     """
 
-    def __init__(self, in_features: int, out_features: int, W_std: float, b_std: Optional[float],
-                 parameterization: str, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        W_std: float,
+        b_std: Optional[float],
+        parameterization: str,
+        generator: Optional[torch.Generator] = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
@@ -104,7 +117,9 @@ class DenseModule(nn.Module):
         b = None if b_std is None else gaussian((out_features,), generator)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(in_features))
-            b = None if b is None else b * b_std
+            if b is not None:
+                assert b_std is not None, "a bias is drawn only with a b_std"
+                b = b * b_std
         self.weight = nn.Parameter(w)
         self.bias = None if b is None else nn.Parameter(b)
 
@@ -113,6 +128,7 @@ class DenseModule(nn.Module):
         if self.parameterization == "ntk":
             y = (xc @ self.weight.T) * (self.W_std / math.sqrt(self.in_features))
             if self.bias is not None:
+                assert self.b_std is not None, "a bias exists only with a b_std"
                 y = y + self.b_std * self.bias
         else:
             y = xc @ self.weight.T
@@ -136,12 +152,15 @@ class DenseModule(nn.Module):
             X = (xi.movedim(1, -1) if xi.dim() > 2 else xi).reshape(n, -1, 1, fin)
             out["weight"] = LinearUse(X * (self.W_std / math.sqrt(fin)) if ntk else X, Gt)
         if "bias" in names:
+            assert self.b_std is not None, "a bias exists only with a b_std"
             out["bias"] = Gt.sum(2).reshape(n, M, fout) * (self.b_std if ntk else 1.0)
         return out
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, W_std={self.W_std}, b_std={self.b_std}, "
-                f"parameterization={self.parameterization!r}")
+        return (
+            f"{self.in_features}, {self.out_features}, W_std={self.W_std}, b_std={self.b_std}, "
+            f"parameterization={self.parameterization!r}"
+        )
 
 
 class Dense(Layer):
@@ -153,8 +172,9 @@ class Dense(Layer):
 
     has_params = True
 
-    def __init__(self, out_features: int, W_std: float = 1.0, b_std: Optional[float] = None,
-                 parameterization: str = "ntk"):
+    def __init__(
+        self, out_features: int, W_std: float = 1.0, b_std: Optional[float] = None, parameterization: str = "ntk"
+    ):
         if not (isinstance(out_features, int) and out_features > 0):
             raise ValueError(f"out_features={out_features!r} must be a positive int.")
         check_std(W_std, b_std)
@@ -165,8 +185,7 @@ class Dense(Layer):
 
     def kernel(self, k):
         k = single(k, self)
-        return affine_rule(k, self.W_std, self.b_std, self.parameterization, float(k.width),
-                           self.out_features)
+        return affine_rule(k, self.W_std, self.b_std, self.parameterization, float(k.width), self.out_features)
 
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)

@@ -42,11 +42,13 @@ Numerics: correlations ``ρ = q12/√(q11 q22)`` are clamped to ``[−1, 1]``, a
 a few ulps of it (kernels with a ``√(1 − ρ²)`` term would otherwise turn the round-off of duplicated
 inputs into errors of order ``√eps``); a zero variance gives ``ρ = 0`` instead of ``0/0``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import torch
@@ -65,7 +67,15 @@ from ntkit.layers.base import (
 )
 
 __all__ = [
-    "ElementwiseLayer", "Elementwise", "ABRelu", "Relu", "LeakyRelu", "Abs", "Sign", "Erf", "Sigmoid_like",
+    "ElementwiseLayer",
+    "Elementwise",
+    "ABRelu",
+    "Relu",
+    "LeakyRelu",
+    "Abs",
+    "Sign",
+    "Erf",
+    "Sigmoid_like",
     "gauss_hermite_expectation",
 ]
 
@@ -164,15 +174,22 @@ class ElementwiseLayer(Layer):
     def kernel(self, k):
         k = single(k, self)
         if not k.is_gaussian:
-            where = ("the raw inputs" if k.is_input else
-                     "non-Gaussian activations (a nonlinearity's output, FanInProd or FanInConcat)")
+            where = (
+                "the raw inputs"
+                if k.is_input
+                else "non-Gaussian activations (a nonlinearity's output, FanInProd or FanInConcat)"
+            )
             raise LayerError(
                 f"{type(self).__name__} needs Gaussian pre-activations but is applied to {where}. "
-                f"Put a Dense or Conv layer before it.")
+                f"Put a Dense or Conv layer before it."
+            )
         q11, q22 = k.variances()
         nngp, dot = self.rule(k.nngp, q11, q22, k.ntk is not None)
-        ntk = None if k.ntk is None else (dot.mul_(k.ntk) if dot.shape == nngp.shape and
-                                          can_inplace(dot, k.ntk) else k.ntk * dot)
+        if k.ntk is None:
+            ntk = None
+        else:
+            assert dot is not None, "rule(..., need_dot=True) returns the derivative kernel"
+            ntk = dot.mul_(k.ntk) if dot.shape == nngp.shape and can_inplace(dot, k.ntk) else k.ntk * dot
         cov1 = None if k.cov1 is None else self._self_rule(k, 1)
         cov2 = None if k.cov2 is None else self._self_rule(k, 2)
         out = k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, is_input=False)
@@ -180,6 +197,7 @@ class ElementwiseLayer(Layer):
 
     def _self_rule(self, k: Kernel, which: int) -> Tensor:
         cov = k.cov1 if which == 1 else k.cov2
+        assert cov is not None, "_self_rule runs only for a self-covariance the record carries"
         if k.diagonal_spatial or k.spatial_ndim == 0:
             return self.var_fn(cov)
         qa, qb = k.self_variances(which)
@@ -195,6 +213,7 @@ class ElementwiseLayer(Layer):
         if not spec.gaussian:
             raise LayerError(f"{type(self).__name__} needs Gaussian pre-activations; put a Dense layer before it.")
         m, ntk = spec.num_features, spec.get == "ntk"
+
         def draw(*shape: int) -> Tensor:
             return torch.randn(shape, generator=generator, dtype=spec.dtype)
 
@@ -272,8 +291,11 @@ class ABRelu(RuleLayer):
         sin = ipc(torch.addcmul(rho.new_ones(()), rho, rho, value=-1.0), ip, "sqrt")
         # K̇ = ((a²+b²)(π − θ) + 2ab θ)/(2π) = (a²+b²)/2 + (2ab − (a²+b²))/(2π) · θ
         alpha = (2 * ab - s2) / (2 * _PI)
-        dot = (torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha, out=theta) if ip
-               else torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha))
+        dot = (
+            torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha, out=theta)
+            if ip
+            else torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha)
+        )
         # K' = (a²+b²) J1 − 2ab J2 = √(q11 q22)/(2π) · [c1 sin θ + 2π K̇ ρ],  c1 = (a − b)²
         if c1:
             nngp = ipc(sin, ip, "addcmul", dot, rho, value=2 * _PI / c1)
@@ -285,7 +307,7 @@ class ABRelu(RuleLayer):
         return nngp, (dot if need_dot else None)
 
     def var_fn(self, q):
-        return (self.a ** 2 + self.b ** 2) / 2 * q
+        return (self.a**2 + self.b**2) / 2 * q
 
 
 class Relu(ABRelu):
@@ -377,7 +399,7 @@ class Erf(RuleLayer):
         return nngp, dot
 
 
-class Sigmoid_like(Erf):  # noqa: N801 - NT's name
+class Sigmoid_like(Erf):
     """A sigmoid-like erf, ``φ(x) = erf(x / 2.4020563531719796)/2 + 1/2`` (NT's ``Sigmoid_like``).
 
     The constant makes ``φ`` the least-squares fit of the logistic sigmoid on ``[−5, 5]``; the kernel is
@@ -405,8 +427,9 @@ def _hermite_nodes(deg: int, dtype: torch.dtype, device: torch.device) -> tuple[
 _QUAD_CHUNK_EVALS = 1 << 22
 
 
-def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], q12: Tensor, q11: Tensor, q22: Tensor,
-                              deg: int = 25) -> Tensor:
+def gauss_hermite_expectation(
+    f: Callable[[Tensor], Tensor], q12: Tensor, q11: Tensor, q22: Tensor, deg: int = 25
+) -> Tensor:
     """``E[f(u) f(v)]`` for ``(u, v) ~ N(0, [[q11, q12], [q12, q22]])`` by a ``deg × deg`` tensor-product
     Gauss–Hermite rule on the Cholesky factorisation ``u = √q11·z1``,
     ``v = √q22·(ρ z1 + √(1−ρ²) z2)``.
@@ -429,14 +452,14 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], q12: Tensor, q11: T
     out = torch.empty_like(flat12)
     chunk = max(1, _QUAD_CHUNK_EVALS // (deg * deg))
     for s in range(0, flat12.numel(), chunk):
-        a, b, c = flat12[s:s + chunk], flat11[s:s + chunk], flat22[s:s + chunk]
+        a, b, c = flat12[s : s + chunk], flat11[s : s + chunk], flat22[s : s + chunk]
         sq1, sq2 = torch.sqrt(b), torch.sqrt(c)
         _, rho = _safe_rho(a, b, c)
         perp = torch.sqrt((1 - rho * rho).clamp_min(0))
-        fu = f(sq1[:, None] * z[None, :])                                    # (m, deg): f(u_i)
+        fu = f(sq1[:, None] * z[None, :])  # (m, deg): f(u_i)
         v = sq2[:, None, None] * (rho[:, None, None] * z[None, :, None] + perp[:, None, None] * z[None, None, :])
-        fv = f(v)                                                             # (m, deg_i, deg_j)
-        out[s:s + chunk] = torch.einsum("mi,mij,i,j->m", fu, fv, w, w)
+        fv = f(v)  # (m, deg_i, deg_j)
+        out[s : s + chunk] = torch.einsum("mi,mij,i,j->m", fu, fv, w, w)
     return out.reshape(shape)
 
 
@@ -451,8 +474,14 @@ class Elementwise(ElementwiseLayer):
     Example: ``Elementwise(torch.tanh)``, ``Elementwise(torch.nn.functional.silu, deg=40)``.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], nngp_fn: Optional[Callable] = None,
-                 d_nngp_fn: Optional[Callable] = None, deg: int = 25, name: Optional[str] = None):
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        nngp_fn: Optional[Callable] = None,
+        d_nngp_fn: Optional[Callable] = None,
+        deg: int = 25,
+        name: Optional[str] = None,
+    ):
         if not callable(fn):
             raise TypeError("fn must be a callable mapping a tensor to a tensor of the same shape.")
         if not (isinstance(deg, int) and deg >= 2):

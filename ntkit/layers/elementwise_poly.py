@@ -11,11 +11,12 @@ correlation ``ρ`` (Mehler's formula; O'Donnell 2014, "Analysis of Boolean Funct
 
 No square roots and no division: exact at zero variance, and stable in float32 for moderate degrees.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -47,9 +48,13 @@ class Polynomial(RuleLayer):
         self.coef = tuple(coef)
         n = len(coef)
         # _alpha[k][m] = c_{k+2m}·(k+2m)!/(k!·2^m·m!)  (the integer count of pairings, times the coefficient)
-        self._alpha = [[coef[k + 2 * m] * (math.factorial(k + 2 * m) // (math.factorial(k) * 2 ** m
-                                                                           * math.factorial(m)))
-                        for m in range((n - 1 - k) // 2 + 1)] for k in range(n)]
+        self._alpha = [
+            [
+                coef[k + 2 * m] * (math.factorial(k + 2 * m) // (math.factorial(k) * 2**m * math.factorial(m)))
+                for m in range((n - 1 - k) // 2 + 1)
+            ]
+            for k in range(n)
+        ]
         self._kfact = [float(math.factorial(k)) for k in range(n)]
 
     def fn(self, x):
@@ -88,7 +93,7 @@ class Monomial(Polynomial):
         super().__init__([0.0] * degree + [1.0])
 
     def fn(self, x):
-        return x ** self.degree
+        return x**self.degree
 
     def __repr__(self):
         return f"Monomial(degree={self.degree})"
@@ -130,19 +135,20 @@ class Hermite(RuleLayer):
                     f"{self!r} needs unit-variance pre-activations (its kernel is q12^n), but the variances "
                     f"range over [{lo:.6g}, {hi:.6g}]. Put LayerNorm() right before it (a zero input row "
                     f"stays at variance 0 even then), or use Polynomial(...) with the Hermite coefficients "
-                    f"for the exact kernel at any variance.")
+                    f"for the exact kernel at any variance."
+                )
         return super().kernel(k)
 
     def rule(self, q12, q11, q22, need_dot):
         n = self.degree
-        nngp = q12 ** n if n else torch.ones_like(q12)
+        nngp = q12**n if n else torch.ones_like(q12)
         dot = None
         if need_dot:
             dot = n * q12 ** (n - 1) if n else torch.zeros_like(q12)
         return nngp, dot
 
     def var_fn(self, q):
-        return q ** self.degree if self.degree else torch.ones_like(q)
+        return q**self.degree if self.degree else torch.ones_like(q)
 
     def __repr__(self):
         return f"Hermite(degree={self.degree})"
@@ -208,16 +214,15 @@ class RectifiedMonomial(RuleLayer):
         prod, rho = _safe_rho(q12, q11, q22)
         sin = torch.sqrt((1 - rho * rho).clamp_min(0))
         psi = _PI - torch.arccos(rho)
-        nngp = prod ** n * self._kappa(self._j, rho, sin, psi)
+        nngp = prod**n * self._kappa(self._j, rho, sin, psi)
         dot = None
         if need_dot:
-            dot = (n * n * prod ** (n - 1) * self._kappa(self._j_dot, rho, sin, psi) if n
-                   else torch.zeros_like(nngp))
+            dot = n * n * prod ** (n - 1) * self._kappa(self._j_dot, rho, sin, psi) if n else torch.zeros_like(nngp)
         return nngp, dot
 
     def var_fn(self, q):
         n = self.degree
-        return math.prod(range(2 * n - 1, 0, -2)) / 2 * q ** n
+        return math.prod(range(2 * n - 1, 0, -2)) / 2 * q**n
 
     def __repr__(self):
         return f"RectifiedMonomial(degree={self.degree})"

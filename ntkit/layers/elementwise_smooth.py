@@ -7,6 +7,7 @@ covariance ``K' = E[φ(u) φ(v)]`` and ``K̇ = E[φ'(u) φ'(v)] = ∂K'/∂q12``
 most of them is the Gaussian moment-generating function ``E[exp(s·u + t·v)] = exp((s²q11 + 2st·q12 + t²q22)/2)``
 (and its characteristic-function twin for ``sin``/``cos``). Parameters and defaults are neural-tangents'.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ _PI = math.pi
 def _check_finite(t: Tensor, layer: RuleLayer, hint: str) -> Tensor:
     """One clear error instead of an Inf that later turns into NaN."""
     if not bool(torch.isfinite(t).all()):
-        raise LayerError(f"{layer!r}: the kernel overflows {t.dtype} ({hint}). Scale the inputs or W_std down, "
-                         f"or compute in float64.")
+        raise LayerError(
+            f"{layer!r}: the kernel overflows {t.dtype} ({hint}). Scale the inputs or W_std down, "
+            f"or compute in float64."
+        )
     return t
 
 
@@ -92,16 +95,16 @@ class Sin(RuleLayer):
         return self.a * torch.sin(self.b * x + self._phase)
 
     def rule(self, q12, q11, q22, need_dot):
-        h, b2, cos2c = self.a ** 2 / 2, self.b ** 2, math.cos(2 * self._phase)
+        h, b2, cos2c = self.a**2 / 2, self.b**2, math.cos(2 * self._phase)
         half_sum = (q11 + q22) / 2
-        e_minus = torch.exp(b2 * (q12 - half_sum))    # exp(−b²(S − 2q12)/2)
-        e_plus = torch.exp(-b2 * (q12 + half_sum))    # exp(−b²(S + 2q12)/2)
+        e_minus = torch.exp(b2 * (q12 - half_sum))  # exp(−b²(S − 2q12)/2)
+        e_plus = torch.exp(-b2 * (q12 + half_sum))  # exp(−b²(S + 2q12)/2)
         nngp = h * (e_minus - cos2c * e_plus)
         dot = h * b2 * (e_minus + cos2c * e_plus) if need_dot else None
         return nngp, dot
 
     def var_fn(self, q):
-        return self.a ** 2 / 2 * (1 - math.cos(2 * self._phase) * torch.exp(-2 * self.b ** 2 * q))
+        return self.a**2 / 2 * (1 - math.cos(2 * self._phase) * torch.exp(-2 * self.b**2 * q))
 
 
 class Cos(Sin):
@@ -167,18 +170,19 @@ class Gaussian(RuleLayer):
             raise LayerError(
                 f"{self!r}: E[exp(b·u²)·exp(b·v²)] is infinite when 4b·q ≥ 1 (b={b}, largest variance "
                 f"{float(torch.maximum(q11.max(), q22.max())):.4g}). Use b <= 0, or scale the pre-activations "
-                f"down (smaller W_std / inputs).")
+                f"down (smaller W_std / inputs)."
+            )
         return det2.clamp_min(torch.finfo(q12.dtype).tiny)
 
     def rule(self, q12, q11, q22, need_dot):
-        a2, b = self.a ** 2, self.b
+        a2, b = self.a**2, self.b
         inv = torch.rsqrt(self._det2(q12, q11, q22))
         nngp = a2 * inv
-        dot = 4 * a2 * b * b * q12 * inv ** 3 if need_dot else None
+        dot = 4 * a2 * b * b * q12 * inv**3 if need_dot else None
         return nngp, dot
 
     def var_fn(self, q):
-        return self.a ** 2 * torch.rsqrt(self._det2(q, q, q))
+        return self.a**2 * torch.rsqrt(self._det2(q, q, q))
 
 
 class Exp(RuleLayer):
@@ -196,12 +200,12 @@ class Exp(RuleLayer):
         return self.a * torch.exp(self.b * x)
 
     def rule(self, q12, q11, q22, need_dot):
-        b2 = self.b ** 2
-        nngp = _check_finite(self.a ** 2 * torch.exp(b2 * ((q11 + q22) / 2 + q12)), self, "exp(b²·q) too large")
+        b2 = self.b**2
+        nngp = _check_finite(self.a**2 * torch.exp(b2 * ((q11 + q22) / 2 + q12)), self, "exp(b²·q) too large")
         return nngp, (b2 * nngp if need_dot else None)
 
     def var_fn(self, q):
-        return _check_finite(self.a ** 2 * torch.exp(2 * self.b ** 2 * q), self, "exp(2b²·q) too large")
+        return _check_finite(self.a**2 * torch.exp(2 * self.b**2 * q), self, "exp(2b²·q) too large")
 
 
 class ExpNormalized(RuleLayer):
@@ -229,8 +233,10 @@ class ExpNormalized(RuleLayer):
     def __init__(self, gamma: float = 1.0, shift: float = -1.0, do_clip: bool = False):
         gamma, shift = float(gamma), float(shift)
         if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma={gamma!r} must be a finite number >= 0 (exp(gamma*rho) is a positive "
-                             f"definite function of rho only for gamma >= 0).")
+            raise ValueError(
+                f"gamma={gamma!r} must be a finite number >= 0 (exp(gamma*rho) is a positive "
+                f"definite function of rho only for gamma >= 0)."
+            )
         if not math.isfinite(shift):
             raise ValueError(f"shift={shift!r} must be finite.")
         self.gamma, self.shift, self.do_clip = gamma, shift, bool(do_clip)

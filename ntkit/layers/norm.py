@@ -15,10 +15,12 @@ contribution vanishes with the width)::
 The output is still Gaussian, now with unit variance: what :class:`~ntkit.layers.elementwise_poly.Hermite`
 needs.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -34,16 +36,22 @@ def _resolve_axes(axis: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     out = []
     for a in axis:
         if not -ndim <= a < ndim:
-            raise LayerError(f"LayerNorm(axis={axis}): axis {a} is out of range for {ndim}-D activations "
-                             f"(batch, channels{', spatial' * (ndim - 2)}).")
+            raise LayerError(
+                f"LayerNorm(axis={axis}): axis {a} is out of range for {ndim}-D activations "
+                f"(batch, channels{', spatial' * (ndim - 2)})."
+            )
         out.append(a % ndim)
     out = sorted(set(out))
     if 0 in out:
-        raise LayerError(f"LayerNorm(axis={axis}) normalises over the batch axis 0, which ntkit does not support "
-                         f"(it would couple samples); use the channel axis 1 and optionally spatial axes 2, 3, ...")
+        raise LayerError(
+            f"LayerNorm(axis={axis}) normalises over the batch axis 0, which ntkit does not support "
+            f"(it would couple samples); use the channel axis 1 and optionally spatial axes 2, 3, ..."
+        )
     if 1 not in out:
-        raise LayerError(f"LayerNorm(axis={axis}) must normalise over the channel axis 1 (PyTorch layout "
-                         f"N, C, *spatial) for an infinite-width limit to exist; e.g. axis=1 or axis=(1, 2, 3).")
+        raise LayerError(
+            f"LayerNorm(axis={axis}) must normalise over the channel axis 1 (PyTorch layout "
+            f"N, C, *spatial) for an infinite-width limit to exist; e.g. axis=1 or axis=(1, 2, 3)."
+        )
     return tuple(out)
 
 
@@ -90,8 +98,10 @@ class LayerNorm(Layer):
         spatial = [a - 2 for a in _resolve_axes(self.axis, len(k.shape1)) if a >= 2]
         if k.diagonal_spatial or k.spatial_ndim == 0:
             return [2 + t for t in spatial], [1 + t for t in spatial]
-        return ([d for t in spatial for d in (2 + 2 * t, 3 + 2 * t)],
-                [d for t in spatial for d in (1 + 2 * t, 2 + 2 * t)])
+        return (
+            [d for t in spatial for d in (2 + 2 * t, 3 + 2 * t)],
+            [d for t in spatial for d in (1 + 2 * t, 2 + 2 * t)],
+        )
 
     def _scale(self, v: Tensor, dims: list[int]) -> Tensor:
         """``√(eps + mean_dims(v))``; a zero variance with ``eps = 0`` gives a tiny scale, not a 0/0."""
@@ -103,8 +113,10 @@ class LayerNorm(Layer):
         k = single(k, self)
         if not k.is_gaussian:
             where = "the raw inputs" if k.is_input else "non-Gaussian activations (e.g. a nonlinearity's output)"
-            raise LayerError(f"LayerNorm is applied to {where}; its kernel rule needs zero-mean Gaussian "
-                             f"pre-activations (as in NT). Put a Dense or Conv layer right before it.")
+            raise LayerError(
+                f"LayerNorm is applied to {where}; its kernel rule needs zero-mean Gaussian "
+                f"pre-activations (as in NT). Put a Dense or Conv layer right before it."
+            )
         pair_dims, self_dims = self._dims(k)
         q11, q22 = k.variances()
         den = self._scale(q11, pair_dims) * self._scale(q22, pair_dims)
@@ -114,10 +126,13 @@ class LayerNorm(Layer):
             cov = k.cov1 if which == 1 else k.cov2
             return cov / (self._scale(qa, self_dims) * self._scale(qb, self_dims))
 
-        out = k.replace(nngp=None if k.nngp is None else k.nngp / den,
-                        ntk=None if k.ntk is None else k.ntk / den,
-                        cov1=None if k.cov1 is None else self_cov(1), cov2=None if k.cov2 is None else self_cov(2),
-                        is_input=False)
+        out = k.replace(
+            nngp=None if k.nngp is None else k.nngp / den,
+            ntk=None if k.ntk is None else k.ntk / den,
+            cov1=None if k.cov1 is None else self_cov(1),
+            cov2=None if k.cov2 is None else self_cov(2),
+            is_input=False,
+        )
         return out.with_exact_diagonal()
 
     def build(self, in_shape, width, generator, readout):

@@ -14,10 +14,12 @@ they set ``needs_full_spatial``, and a network containing one tracks it from the
 its entries as the next Dense layer sees it, is the mean over pixels of the same-pixel covariance
 ``K[y, y]`` (NT's convention). On fully-connected inputs ``(N, d)`` it is the identity.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,17 @@ from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
 from ntkit.layers.base import Lambda, Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
-from ntkit.layers.conv import (AxisWindow, IntOrTuple, PaddingArg, _as_tuple, check_padding, pad_spatial,
-                               plan_windows, spatial_axes, window_sum)
+from ntkit.layers.conv import (
+    AxisWindow,
+    IntOrTuple,
+    PaddingArg,
+    _as_tuple,
+    check_padding,
+    pad_spatial,
+    plan_windows,
+    spatial_axes,
+    window_sum,
+)
 
 __all__ = ["AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten", "PoolModule"]
 
@@ -41,20 +52,23 @@ def _fields(k: Kernel):
 
 def _need_full(k: Kernel, layer: Layer) -> None:
     if k.spatial_ndim == 0:
-        raise LayerError(f"{type(layer).__name__} pools spatial axes but its input has none "
-                         f"(per-sample shape {k.shape1[1:]}); remove it or move it before Flatten/GlobalAvgPool.")
+        raise LayerError(
+            f"{type(layer).__name__} pools spatial axes but its input has none "
+            f"(per-sample shape {k.shape1[1:]}); remove it or move it before Flatten/GlobalAvgPool."
+        )
     if k.diagonal_spatial:
         raise LayerError(
             f"{type(layer).__name__} needs the full pixel-pixel covariance, but the kernel tracks only the "
             f"diagonal. Call it through a network (serial(...).kernel_fn), which tracks the full covariance "
-            f"whenever a pooling layer is present.")
+            f"whenever a pooling layer is present."
+        )
 
 
 def _edge_counts(w: AxisWindow, dtype, device) -> Tensor:
     """Number of real (non-padding) pixels in each of the ``n_out`` windows of one axis."""
     ones = torch.zeros(w.n_in + w.lo + w.hi, dtype=dtype, device=device)
-    ones[w.lo:w.lo + w.n_in] = 1
-    return ones.unfold(0, w.size, w.stride)[:w.n_out].sum(-1)
+    ones[w.lo : w.lo + w.n_in] = 1
+    return ones.unfold(0, w.size, w.stride)[: w.n_out].sum(-1)
 
 
 class PoolModule(nn.Module):
@@ -69,26 +83,32 @@ class PoolModule(nn.Module):
         ks = tuple(w.size for w in self.wins)
         pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(ks)]
         stride = tuple(w.stride for w in self.wins)
-        y = pool(xp, ks, stride)                     # mean over the padded window
+        y = pool(xp, ks, stride)  # mean over the padded window
         if not self.average:
             return y * math.prod(ks)
         if self.normalize_edges and not any(w.circular for w in self.wins):
-            mask = pad_spatial(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device),
-                               self.wins)
-            y = y / pool(mask, ks, stride)           # mean over the real pixels only
+            mask = pad_spatial(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device), self.wins)
+            y = y / pool(mask, ks, stride)  # mean over the real pixels only
         return y
 
     def extra_repr(self) -> str:
-        return (f"{'avg' if self.average else 'sum'}, window={tuple(w.size for w in self.wins)}, "
-                f"stride={tuple(w.stride for w in self.wins)}")
+        return (
+            f"{'avg' if self.average else 'sum'}, window={tuple(w.size for w in self.wins)}, "
+            f"stride={tuple(w.stride for w in self.wins)}"
+        )
 
 
 class _Pool(Layer):
     needs_full_spatial = True
     _average = True
 
-    def __init__(self, window_shape: IntOrTuple, strides: Optional[IntOrTuple] = None,
-                 padding: PaddingArg = "VALID", normalize_edges: bool = False):
+    def __init__(
+        self,
+        window_shape: IntOrTuple,
+        strides: Optional[IntOrTuple] = None,
+        padding: PaddingArg = "VALID",
+        normalize_edges: bool = False,
+    ):
         name = type(self).__name__
         self.window_shape = _as_tuple(window_shape, "window_shape", name)
         self._int_window = isinstance(window_shape, int)
@@ -104,8 +124,10 @@ class _Pool(Layer):
         spatial = tuple(shape[1:])
         rank = self.input_rank()
         if not spatial or (rank is not None and len(spatial) != rank - 2) or len(spatial) > 3:
-            raise LayerError(f"{name} needs activations with {rank - 2 if rank else '1 to 3'} spatial axes "
-                             f"(channels first) but got per-sample shape {tuple(shape)}.")
+            raise LayerError(
+                f"{name} needs activations with {rank - 2 if rank else '1 to 3'} spatial axes "
+                f"(channels first) but got per-sample shape {tuple(shape)}."
+            )
         return plan_windows(spatial, self.window_shape, self.strides, self.padding, "zeros", name)
 
     def kernel(self, k):
@@ -114,7 +136,7 @@ class _Pool(Layer):
         wins = self._plan(k.shape1[1:])
         edges = self._average and self.normalize_edges and self.padding != "CIRCULAR"
         # the average's 1/Π w² is applied in the last pass, on the smallest tensor
-        scale = 1.0 / math.prod(w.size ** 2 for w in wins) if (self._average and not edges) else 1.0
+        scale = 1.0 / math.prod(w.size**2 for w in wins) if (self._average and not edges) else 1.0
         passes = [(a, side) for a in range(len(wins)) for side in (0, 1)]
         out = {}
         for name, t, nd in _fields(k):
@@ -137,8 +159,11 @@ class _Pool(Layer):
         return PoolModule(wins, self._average, self.normalize_edges), (s[0],) + tuple(w.n_out for w in wins)
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.window_shape}, strides={self.strides}, padding={self.padding!r}"
-                + (", normalize_edges=True" if self.normalize_edges else "") + ")")
+        return (
+            f"{type(self).__name__}({self.window_shape}, strides={self.strides}, padding={self.padding!r}"
+            + (", normalize_edges=True" if self.normalize_edges else "")
+            + ")"
+        )
 
 
 class AvgPool(_Pool):
@@ -156,8 +181,7 @@ class SumPool(_Pool):
 
     _average = False
 
-    def __init__(self, window_shape: IntOrTuple, strides: Optional[IntOrTuple] = None,
-                 padding: PaddingArg = "VALID"):
+    def __init__(self, window_shape: IntOrTuple, strides: Optional[IntOrTuple] = None, padding: PaddingArg = "VALID"):
         super().__init__(window_shape, strides, padding, False)
 
 
@@ -177,8 +201,10 @@ class _GlobalPool(Layer):
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)
         if len(s) < 2:
-            raise LayerError(f"{type(self).__name__} pools spatial axes but its input has per-sample shape "
-                             f"{tuple(s)} (no spatial axes).")
+            raise LayerError(
+                f"{type(self).__name__} pools spatial axes but its input has per-sample shape "
+                f"{tuple(s)} (no spatial axes)."
+            )
         red = torch.mean if self._average else torch.sum
         return Lambda(lambda x: red(x, dim=tuple(range(2, x.dim()))), repr(self)), (s[0],)
 
@@ -211,11 +237,12 @@ class Flatten(Layer):
         for name, t, nd in _fields(k):
             if not k.diagonal_spatial:
                 for _ in range(k.spatial_ndim):
-                    t = torch.diagonal(t, dim1=nd, dim2=nd + 1)   # the pair (a, a') -> its diagonal, last
+                    t = torch.diagonal(t, dim1=nd, dim2=nd + 1)  # the pair (a, a') -> its diagonal, last
             out[name] = t.mean(tuple(range(nd, t.dim())))
         c = math.prod(k.shape1[1:])
-        return k.replace(**out, shape1=(k.shape1[0], c), shape2=(k.shape2[0], c), diagonal_spatial=True,
-                         is_gaussian=False)
+        return k.replace(
+            **out, shape1=(k.shape1[0], c), shape2=(k.shape2[0], c), diagonal_spatial=True, is_gaussian=False
+        )
 
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)
@@ -238,16 +265,19 @@ def _lift_avg_pool(m: nn.Module, opts: LiftOptions) -> Layer:
 
     if getattr(m, "ceil_mode", False) or getattr(m, "divisor_override", None) is not None:
         raise unsupported(m, "ceil_mode=True and divisor_override have no kernel rule; use the defaults.")
-    pad = tup(getattr(m, "padding"))
-    return AvgPool(tup(getattr(m, "kernel_size")), strides=tup(getattr(m, "stride") or getattr(m, "kernel_size")),
-                   padding=pad if any(pad) else "VALID",
-                   normalize_edges=not getattr(m, "count_include_pad") and any(pad))
+    pad = tup(m.padding)
+    return AvgPool(
+        tup(m.kernel_size),
+        strides=tup(m.stride or m.kernel_size),
+        padding=pad if any(pad) else "VALID",
+        normalize_edges=not m.count_include_pad and any(pad),
+    )
 
 
 @lift_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def _lift_adaptive_avg_pool(m: nn.Module, opts: LiftOptions) -> Layer:
     """``nn.AdaptiveAvgPool{1,2,3}d(1)`` -> ``GlobalAvgPool`` (other output sizes are not supported)."""
-    out = getattr(m, "output_size")
+    out = m.output_size
     size = out if isinstance(out, (tuple, list)) else (out,)
     if any(s != 1 for s in size):
         raise unsupported(m, "only output_size=1 (global average pooling) is supported.")

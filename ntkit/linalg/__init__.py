@@ -23,9 +23,9 @@ from ntkit.linalg.dense import (
     symmetry_rtol,
 )
 from ntkit.linalg.falkon import FalkonResult, falkon
+from ntkit.linalg.lowrank import LowRankPreconditioner
 from ntkit.linalg.nystrom import NystromApprox, nystrom, ridge_leverage_scores, rls_sample
 from ntkit.linalg.operators import DenseOperator, KernelOperator, MatvecOperator, TiledOperator, as_operator, tmm
-from ntkit.linalg.lowrank import LowRankPreconditioner
 from ntkit.linalg.precond import make_preconditioner, pivoted_cholesky
 
 __all__ = [

@@ -21,21 +21,23 @@ every ``checkpoint_every`` iterations (atomically) and a rerun resumes from it.
 For matrices that fit in memory a dense factorisation (``ntkit.linalg.PSDMatrix``) is faster and
 exact; CG is for the rest. Preconditioners live in :mod:`ntkit.linalg.precond`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ntkit.distributed import barrier, context
-from ntkit.linalg.operators import KernelOperator, as_operator
 from ntkit.linalg.lowrank import LowRankPreconditioner
+from ntkit.linalg.operators import KernelOperator, as_operator
 from ntkit.linalg.precond import make_preconditioner
 
 __all__ = ["cg", "CGResult"]
@@ -61,11 +63,23 @@ class CGResult:
     history: list
 
 
-def cg(a: Any, b: Tensor, lam: float = 0.0, *, tol: float = 1e-6, maxiter: Optional[int] = None,
-       preconditioner: Union[None, str, LowRankPreconditioner, Callable[[Tensor], Tensor]] = None,
-       rank: int = 200, seed: int = 0, sampling: str = "uniform", x0: Optional[Tensor] = None,
-       checkpoint: Union[None, str, os.PathLike] = None, checkpoint_every: int = 10,
-       callback: Optional[Callable[[int, Tensor], None]] = None, n: Optional[int] = None) -> CGResult:
+def cg(
+    a: Any,
+    b: Tensor,
+    lam: float = 0.0,
+    *,
+    tol: float = 1e-6,
+    maxiter: Optional[int] = None,
+    preconditioner: Union[str, LowRankPreconditioner, Callable[[Tensor], Tensor], None] = None,
+    rank: int = 200,
+    seed: int = 0,
+    sampling: str = "uniform",
+    x0: Optional[Tensor] = None,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    checkpoint_every: int = 10,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+    n: Optional[int] = None,
+) -> CGResult:
     """Solve ``(K + λI) X = B`` by (preconditioned) conjugate gradients, all columns of ``B`` at once.
 
     Args:
@@ -127,7 +141,8 @@ def cg(a: Any, b: Tensor, lam: float = 0.0, *, tol: float = 1e-6, maxiter: Optio
         if bool((pap[active] <= 0).any()):
             raise ValueError(
                 f"K + lam*I is not positive definite along a CG direction (pᵀ(K+λI)p = {float(pap.min()):.3e}); "
-                f"the kernel is not PSD or lam is too small for its round-off: increase lam.")
+                f"the kernel is not PSD or lam is too small for its round-off: increase lam."
+            )
         alpha = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * ap
@@ -157,8 +172,14 @@ def cg(a: Any, b: Tensor, lam: float = 0.0, *, tol: float = 1e-6, maxiter: Optio
 # ---------------------------------------------------------------------------------------------------
 def _fingerprint(b: Tensor, lam: float, tol: float, op: KernelOperator, pdesc: str) -> dict:
     h = hashlib.sha256(b.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return {"n": op.shape[0], "k": b.shape[1], "lam": float(lam), "b_sha256": h, "operator": type(op).__name__,
-            "preconditioner": pdesc}
+    return {
+        "n": op.shape[0],
+        "k": b.shape[1],
+        "lam": float(lam),
+        "b_sha256": h,
+        "operator": type(op).__name__,
+        "preconditioner": pdesc,
+    }
 
 
 def _load(path: Path, fp: dict) -> Optional[dict]:
@@ -167,8 +188,10 @@ def _load(path: Path, fp: dict) -> Optional[dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fp") != fp:
         diff = [k for k in fp if state.get("fp", {}).get(k) != fp[k]]
-        raise ValueError(f"the CG checkpoint {path} was made for a different problem (differs in {diff}); "
-                         f"delete it or pass another checkpoint path.")
+        raise ValueError(
+            f"the CG checkpoint {path} was made for a different problem (differs in {diff}); "
+            f"delete it or pass another checkpoint path."
+        )
     return state
 
 

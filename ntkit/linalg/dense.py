@@ -17,6 +17,7 @@ works in float64 by default (inputs are upcast, callers cast results back) and f
 The eigendecomposition (:meth:`PSDMatrix.eigh`) and the Cholesky factor are each computed at most once per
 :class:`PSDMatrix` and cached, so one object serves every time ``t`` and every right-hand side.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,17 @@ import torch
 from torch import Tensor
 
 from ntkit._inputs import all_finite
-from ntkit._memory import check_fits
+from ntkit._memory import Device, check_fits
 
-__all__ = ["NumericalWarning", "PSDMatrix", "as_kernel_matrix", "add_diagonal_regularizer", "psd_rtol",
-           "symmetry_rtol", "check_memory"]
+__all__ = [
+    "NumericalWarning",
+    "PSDMatrix",
+    "as_kernel_matrix",
+    "add_diagonal_regularizer",
+    "psd_rtol",
+    "symmetry_rtol",
+    "check_memory",
+]
 
 
 class NumericalWarning(RuntimeWarning):
@@ -59,7 +67,7 @@ def psd_rtol(dtype: torch.dtype, n: int) -> float:
 # -------------------------------------------------------------------------------------------------
 # memory planning
 # -------------------------------------------------------------------------------------------------
-def check_memory(nbytes: int, device: torch.device, what: str) -> None:
+def check_memory(nbytes: int, device: Device, what: str) -> None:
     """Raise ``MemoryError`` naming ``what`` if ``nbytes`` do not fit in the memory ``device`` has free
     (:func:`ntkit._memory.check_fits`)."""
     check_fits(nbytes, device, what, "use fewer points or fewer times per call.")
@@ -84,8 +92,10 @@ def as_kernel_matrix(a: Any, name: str, *, check_symmetric: bool = True) -> Tens
         raise ValueError(f"{name} must be a square (n, n) matrix with n >= 1, got shape {tuple(a.shape)}.")
     if not all_finite(a):
         finite = torch.isfinite(a)
-        raise ValueError(f"{name} contains {int((~finite).sum())} NaN/Inf entries; the kernel must be finite "
-                         f"(check the inputs and the kernel function).")
+        raise ValueError(
+            f"{name} contains {int((~finite).sum())} NaN/Inf entries; the kernel must be finite "
+            f"(check the inputs and the kernel function)."
+        )
     if check_symmetric and not torch.equal(a, a.mT):  # one pass when exactly symmetric (kernel_fn's are)
         scale = float(a.abs().max())
         diff = a - a.T
@@ -95,7 +105,8 @@ def as_kernel_matrix(a: Any, name: str, *, check_symmetric: bool = True) -> Tens
             raise ValueError(
                 f"{name} is not symmetric: max|K - Kᵀ| = {asym:.3e} is {asym / max(scale, 1e-300):.2e} of "
                 f"max|K| (round-off of {a.dtype} allows {tol:.1e}). A train-train kernel must be "
-                f"kernel_fn(x_train, None) (or x_train against itself), not a test-train kernel.")
+                f"kernel_fn(x_train, None) (or x_train against itself), not a test-train kernel."
+            )
         if asym > 0:
             a = a - 0.5 * diff
     return a
@@ -133,15 +144,25 @@ class PSDMatrix:
       ``None`` if the eigendecomposition fallback was used.
     """
 
-    def __init__(self, a: Any, name: str = "k_train_train", *, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False, dtype: torch.dtype = torch.float64,
-                 checked: bool = False):
+    def __init__(
+        self,
+        a: Any,
+        name: str = "k_train_train",
+        *,
+        diag_reg: float = 0.0,
+        diag_reg_absolute_scale: bool = False,
+        dtype: torch.dtype = torch.float64,
+        checked: bool = False,
+    ):
         a = a if checked else as_kernel_matrix(a, name)
         self.name = name
         self.input_dtype = a.dtype
         self.n = a.shape[0]
-        check_memory(4 * self.n * self.n * torch.empty((), dtype=dtype).element_size(), a.device,
-                     f"factorising the {self.n}x{self.n} {name}")
+        check_memory(
+            4 * self.n * self.n * torch.empty((), dtype=dtype).element_size(),
+            a.device,
+            f"factorising the {self.n}x{self.n} {name}",
+        )
         self.matrix = add_diagonal_regularizer(a.to(dtype), diag_reg, diag_reg_absolute_scale)
         self.diag_reg = diag_reg
         self._chol: Optional[Tensor] = None
@@ -178,7 +199,8 @@ class PSDMatrix:
                 f"{self.name} is not positive semi-definite: smallest eigenvalue {lmin:.4e}, largest "
                 f"{lmax:.4e} (ratio {lmin / scale:.2e}; round-off of {self.input_dtype} at n={self.n} allows "
                 f"{-self.rtol:.1e}). Kernel matrices of a network are PSD: check that it is a kernel "
-                f"between the same inputs, computed in float64.")
+                f"between the same inputs, computed in float64."
+            )
 
     # -- Cholesky with jitter ladder ----------------------------------------------------------------
     def _jitter_ladder(self) -> list[float]:
@@ -211,7 +233,10 @@ class PSDMatrix:
                     warnings.warn(
                         f"{self.name} is numerically singular; added jitter {rel * scale:.2e} "
                         f"({rel:.0e} x its mean diagonal) to factorise it. Pass diag_reg > 0 to regularise "
-                        f"explicitly.", NumericalWarning, stacklevel=3)
+                        f"explicitly.",
+                        NumericalWarning,
+                        stacklevel=3,
+                    )
                     self._chol = L
                     return L
             # Not factorisable: the eigendecomposition decides between "not PSD" and "singular".
@@ -220,7 +245,10 @@ class PSDMatrix:
             warnings.warn(
                 f"{self.name} is numerically singular and Cholesky failed even with jitter; solving with its "
                 f"pseudo-inverse (eigenvalues <= {self.rank_cutoff:.2e} treated as 0). Pass diag_reg > 0 to "
-                f"regularise explicitly.", NumericalWarning, stacklevel=3)
+                f"regularise explicitly.",
+                NumericalWarning,
+                stacklevel=3,
+            )
         return self._chol
 
     def _pinv_eigenvalues(self, power: float) -> tuple[Tensor, Tensor]:

@@ -36,8 +36,18 @@ class FalkonResult:
         return k_test_centres.to(self.alpha) @ self.alpha
 
 
-def falkon(a: Any, y: Tensor, lam: float, m: int = 1000, *, sampling: str = "uniform", seed: int = 0,
-           centres: Optional[Tensor] = None, tol: float = 1e-8, maxiter: int = 200) -> FalkonResult:
+def falkon(
+    a: Any,
+    y: Tensor,
+    lam: float,
+    m: int = 1000,
+    *,
+    sampling: str = "uniform",
+    seed: int = 0,
+    centres: Optional[Tensor] = None,
+    tol: float = 1e-8,
+    maxiter: int = 200,
+) -> FalkonResult:
     """Nyström kernel ridge regression with Falkon's preconditioner (Rudi, Carratino & Rosasco 2017).
 
     Minimises ``‖K_nm α − y‖² + λ αᵀ K_mm α`` (the Nyström restriction of ``min ‖f − y‖² + λ‖f‖²``, i.e.
@@ -68,8 +78,9 @@ def falkon(a: Any, y: Tensor, lam: float, m: int = 1000, *, sampling: str = "uni
     amat = torch.linalg.cholesky(t @ t.T / mm + lam_n * eye, upper=True)
 
     def b_apply(v):  # B v
-        return torch.linalg.solve_triangular(t, torch.linalg.solve_triangular(amat, v, upper=True),
-                                             upper=True) / math.sqrt(n)
+        return torch.linalg.solve_triangular(
+            t, torch.linalg.solve_triangular(amat, v, upper=True), upper=True
+        ) / math.sqrt(n)
 
     def bt_apply(u):  # Bᵀ u
         w = torch.linalg.solve_triangular(t.T, u, upper=False)
@@ -83,5 +94,4 @@ def falkon(a: Any, y: Tensor, lam: float, m: int = 1000, *, sampling: str = "uni
     res = cg(MatvecOperator(h, mm), rhs, 0.0, tol=tol, maxiter=maxiter)
     beta = res.x if res.x.dim() == 2 else res.x[:, None]
     alpha = b_apply(beta)
-    return FalkonResult(alpha=alpha, idx=idx, iterations=res.iterations, residual=res.residual,
-                        fitted=knm @ alpha)
+    return FalkonResult(alpha=alpha, idx=idx, iterations=res.iterations, residual=res.residual, fitted=knm @ alpha)

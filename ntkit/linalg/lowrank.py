@@ -25,7 +25,7 @@ class LowRankPreconditioner:
         self.description = description
 
     @classmethod
-    def from_factor(cls, f: Tensor, lam: float, description: str = "lowrank") -> "LowRankPreconditioner":
+    def from_factor(cls, f: Tensor, lam: float, description: str = "lowrank") -> LowRankPreconditioner:
         """From ``K ≈ F Fᵀ``: the thin SVD of ``F`` through the ``r x r`` Gram matrix ``FᵀF = V S² Vᵀ``."""
         s2, v = torch.linalg.eigh(f.T @ f)
         keep = s2 > s2.max().clamp_min(0) * 1e-12

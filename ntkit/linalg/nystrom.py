@@ -20,11 +20,12 @@ Sampling the centres:
 :func:`ntkit.linalg.falkon` solves Nyström KRR with the preconditioner of Falkon (Rudi, Carratino & Rosasco
 2017).
 """
+
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -61,8 +62,15 @@ def _factor(c: Tensor, idx: Tensor, rcond: float = 1e-12) -> Tensor:
     return (c @ v[:, keep]) / torch.sqrt(lam[keep])
 
 
-def nystrom(a: Any, m: int, *, sampling: str = "uniform", lam: Optional[float] = None, seed: int = 0,
-            centres: Optional[Union[Tensor, Sequence[int]]] = None) -> NystromApprox:
+def nystrom(
+    a: Any,
+    m: int,
+    *,
+    sampling: str = "uniform",
+    lam: Optional[float] = None,
+    seed: int = 0,
+    centres: Optional[Union[Tensor, Sequence[int]]] = None,
+) -> NystromApprox:
     """Nyström approximation of ``K`` with ``m`` centres.
 
     Args:
@@ -98,7 +106,7 @@ def ridge_leverage_scores(k: Tensor, lam: float) -> Tensor:
     """Exact ``ℓ_i(λ) = [K (K + λI)⁻¹]_ii`` of a dense PSD matrix (``O(n³)``; for checks and small n)."""
     ev, v = torch.linalg.eigh(k.to(torch.float64))
     ev = ev.clamp_min(0)
-    return ((v ** 2) * (ev / (ev + lam))).sum(1)
+    return ((v**2) * (ev / (ev + lam))).sum(1)
 
 
 def _rls_estimate(c: Tensor, idx: Tensor, diag: Tensor, weights: Tensor, lam: float) -> Tensor:
@@ -111,11 +119,12 @@ def _rls_estimate(c: Tensor, idx: Tensor, diag: Tensor, weights: Tensor, lam: fl
     if int(info) != 0:  # round-off: lift by a relative jitter
         L = torch.linalg.cholesky(ws + 1e-10 * float(ws.diagonal().mean()) * torch.eye(len(idx), dtype=c.dtype))
     z = torch.linalg.solve_triangular(L, cs.T, upper=False)
-    return ((diag - (z ** 2).sum(0)) / lam).clamp(0.0, 1.0)
+    return ((diag - (z**2).sum(0)) / lam).clamp(0.0, 1.0)
 
 
-def rls_sample(a: Any, m: int, lam: Optional[float] = None, seed: int = 0, growth: float = 4.0,
-               max_stages: int = 8) -> tuple[Tensor, Tensor]:
+def rls_sample(
+    a: Any, m: int, lam: Optional[float] = None, seed: int = 0, growth: float = 4.0, max_stages: int = 8
+) -> tuple[Tensor, Tensor]:
     """``m`` centres drawn by sequentially estimated ridge leverage scores (module docstring).
 
     Returns ``(idx, scores)``: the centres and the final estimated scores of all ``n`` points. Each stage
@@ -126,7 +135,7 @@ def rls_sample(a: Any, m: int, lam: Optional[float] = None, seed: int = 0, growt
     g = torch.Generator().manual_seed(int(seed))
     diag = op.diagonal()
     lam0 = float(diag.sum()) / m
-    target = lam0 / growth ** max_stages if lam is None else float(lam)
+    target = lam0 / growth**max_stages if lam is None else float(lam)
     if target <= 0:
         raise ValueError(f"lam={lam} must be > 0 for ridge-leverage sampling.")
     ratio = max(growth, (lam0 / target) ** (1.0 / max_stages)) if lam0 > target else 1.0

@@ -12,10 +12,12 @@ pivoted Cholesky). :func:`as_operator` turns each accepted form into a :class:`K
 Under ``torchrun`` the tiled operators split their tiles across ranks and sum the partial products with one
 ``all_reduce`` (each rank owns whole tiles, hence block rows); every rank gets the full product.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -69,7 +71,7 @@ class KernelOperator:
         out = torch.empty(n, dtype=self.dtype, device=self.device)
         for s in range(0, n, 256):
             idx = torch.arange(s, min(n, s + 256))
-            out[s:s + len(idx)] = self.columns(idx)[idx, torch.arange(len(idx))]
+            out[s : s + len(idx)] = self.columns(idx)[idx, torch.arange(len(idx))]
         return out
 
     def to_tensor(self) -> Tensor:
@@ -137,9 +139,16 @@ class MatvecOperator(KernelOperator):
     The function is called on every rank as is (it does its own distribution, if any).
     """
 
-    def __init__(self, matvec: Callable[[Tensor], Tensor], n: int, *, n1: Optional[int] = None,
-                 diagonal: Optional[Tensor] = None, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        n: int,
+        *,
+        n1: Optional[int] = None,
+        diagonal: Optional[Tensor] = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ):
         self.fn = matvec
         self.shape = (n if n1 is None else n1, n)
         self.dtype = dtype
@@ -181,9 +190,9 @@ class TiledOperator(KernelOperator):
         out = torch.zeros(self.shape[0], v.shape[1], dtype=self.dtype, device=self.device)
         for t in self._my_tiles():
             k = self._tile(t)
-            out[t.r0:t.r1] += k @ v[t.c0:t.c1]
+            out[t.r0 : t.r1] += k @ v[t.c0 : t.c1]
             if self.plan.symmetric and not t.diagonal:
-                out[t.c0:t.c1] += tmm(k, v[t.r0:t.r1])
+                out[t.c0 : t.c1] += tmm(k, v[t.r0 : t.r1])
         return all_reduce_(out) if self.distributed else out
 
 
@@ -202,8 +211,11 @@ def as_operator(a: Any, n: Optional[int] = None) -> KernelOperator:
         return DenseOperator(a)
     if callable(a):
         if n is None:
-            raise ValueError("a matvec function needs its size: pass n=..., or wrap it as "
-                             "MatvecOperator(fn, n, diagonal=...).")
+            raise ValueError(
+                "a matvec function needs its size: pass n=..., or wrap it as MatvecOperator(fn, n, diagonal=...)."
+            )
         return MatvecOperator(a, n)
-    raise TypeError(f"cannot use a {type(a).__name__} as a kernel matrix: pass a tensor, a KernelStore, a "
-                    f"KernelOperator or a matvec function.")
+    raise TypeError(
+        f"cannot use a {type(a).__name__} as a kernel matrix: pass a tensor, a KernelStore, a "
+        f"KernelOperator or a matvec function."
+    )

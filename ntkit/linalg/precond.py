@@ -44,8 +44,9 @@ def pivoted_cholesky(a: Any, rank: int, tol: float = 0.0) -> tuple[Tensor, Tenso
     return f, torch.tensor(piv, dtype=torch.long)
 
 
-def make_preconditioner(a: Any, lam: float, kind: str = "nystrom", rank: int = 200, seed: int = 0,
-                        sampling: str = "uniform") -> LowRankPreconditioner:
+def make_preconditioner(
+    a: Any, lam: float, kind: str = "nystrom", rank: int = 200, seed: int = 0, sampling: str = "uniform"
+) -> LowRankPreconditioner:
     """A :class:`LowRankPreconditioner` for ``K + λI``: ``kind="nystrom"`` (``sampling`` "uniform" or "rls")
     or ``"pivchol"``."""
     op = as_operator(a)
@@ -55,5 +56,4 @@ def make_preconditioner(a: Any, lam: float, kind: str = "nystrom", rank: int = 2
     if kind == "pivchol":
         f, _ = pivoted_cholesky(op, rank)
         return LowRankPreconditioner.from_factor(f, lam, f"pivchol(rank={rank})")
-    raise ValueError(f"preconditioner={kind!r}: choose 'nystrom', 'pivchol', None, or pass an object with "
-                     f".solve(R).")
+    raise ValueError(f"preconditioner={kind!r}: choose 'nystrom', 'pivchol', None, or pass an object with .solve(R).")

@@ -3,16 +3,19 @@
 ``net.kernel_fn(x1, x2=None, get=("nngp", "ntk"))`` gives the exact infinite-width kernels;
 ``net.module(in_features, width=None, seed=None)`` gives the finite ``torch.nn.Module`` whose limit they are.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ntkit._inputs import kernel_inputs
-from ntkit._memory import CACHE_TILE_ENTRIES, WORK_FACTOR, memory_budget as _memory_budget, plan_tile
+from ntkit._memory import CACHE_TILE_ENTRIES, WORK_FACTOR, plan_tile
+from ntkit._memory import memory_budget as _memory_budget
 from ntkit.kernel import Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.base import Layer, LayerError
 from ntkit.nets.tiler import apply_layer, run_tiled, tape_bytes, tape_pays
@@ -40,9 +43,15 @@ class Net(Layer):
 
     is_combinator = True
 
-    def kernel_fn(self, x1: Any, x2: Any = None,
-                  get: Union[str, Sequence[str], None] = ("nngp", "ntk"), *,
-                  tile_size: Optional[int] = None, memory_budget: Optional[int] = None) -> Union[Kernel, Tensor]:
+    def kernel_fn(
+        self,
+        x1: Any,
+        x2: Any = None,
+        get: Union[str, Sequence[str], None] = ("nngp", "ntk"),
+        *,
+        tile_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+    ) -> Union[Kernel, Tensor]:
         """Infinite-width kernels of this network between ``x1`` and ``x2``.
 
         Args:
@@ -66,7 +75,8 @@ class Net(Layer):
         if expected is not None and x1.dim() != expected:
             raise LayerError(
                 f"this network expects {expected}-D inputs (batch, channels{', spatial' * (expected - 2)}) "
-                f"but x1 has shape {tuple(x1.shape)}.")
+                f"but x1 has shape {tuple(x1.shape)}."
+            )
         diagonal = not self.requires_full_spatial()
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
@@ -87,8 +97,7 @@ class Net(Layer):
         )
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
-            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names,
-                                   pair_only=pair_only)
+            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, pair_only=pair_only)
             out = self.kernel(k)
             if isinstance(out, list):
                 raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
@@ -98,12 +107,19 @@ class Net(Layer):
             out = run(x1, x2)
         else:
             # full pixel covariances: propagate each sample's self-covariance once, not once per tile
-            use_tape = (not diagonal and pixels > 1 and tape_pays(n1, None if x2 is None else n2, tile)
-                        and tape_bytes(self, pixels, x1, n1 + (0 if x2 is None else n2)) <= budget)
+            use_tape = (
+                not diagonal
+                and pixels > 1
+                and tape_pays(n1, None if x2 is None else n2, tile)
+                and tape_bytes(self, pixels, x1, n1 + (0 if x2 is None else n2)) <= budget
+            )
             out = run_tiled(run, x1, x2, tile, names, use_tape)
-        res = out.replace(nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
-                          ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
-                          cov1=_cast(out.cov1, out_dtype), cov2=_cast(out.cov2, out_dtype))
+        res = out.replace(
+            nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
+            ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
+            cov1=_cast(out.cov1, out_dtype),
+            cov2=_cast(out.cov2, out_dtype),
+        )
         return getattr(res, names[0]) if single_out else res
 
     def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk")):
@@ -127,7 +143,7 @@ class Net(Layer):
             out.update({f"{i}.{k}": v for k, v in sub.items()})
         return out
 
-    def with_hyperparameters(self, values: Mapping[str, Any]) -> "Net":
+    def with_hyperparameters(self, values: Mapping[str, Any]) -> Net:
         """A copy of this net with some :meth:`hyperparameters` replaced (floats or tensors: the kernel is then a
         differentiable function of them, e.g. for GPyTorch). Neither this net nor its layers are modified."""
         known = self.hyperparameters()
@@ -136,20 +152,25 @@ class Net(Layer):
             raise LayerError(f"unknown hyper-parameters {bad}; this net has {sorted(known)}.")
         groups: dict[int, dict[str, Any]] = {}
         for path, v in values.items():
-            i, rest = path.split(".", 1)
-            groups.setdefault(int(i), {})[rest] = v
+            index, rest = path.split(".", 1)
+            groups.setdefault(int(index), {})[rest] = v
         layers = list(self.sublayers())
         for i, vals in groups.items():
             layer = layers[i]
             layers[i] = layer.with_hyperparameters(vals) if isinstance(layer, Net) else layer.with_tunables(**vals)
         return self._with_sublayers(layers)
 
-    def _with_sublayers(self, layers: Sequence[Layer]) -> "Net":
+    def _with_sublayers(self, layers: Sequence[Layer]) -> Net:
         raise NotImplementedError
 
-    def module(self, in_features: Union[int, Sequence[int]], width: Optional[int] = None,
-               seed: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-               device: Union[str, torch.device, None] = None) -> nn.Module:
+    def module(
+        self,
+        in_features: Union[int, Sequence[int]],
+        width: Optional[int] = None,
+        seed: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> nn.Module:
         """The finite network this kernel describes (same parameterisation, W_std/b_std; N(0,1) parameters
         under the NTK parameterisation).
 
@@ -165,7 +186,7 @@ class Net(Layer):
             raise ValueError(f"width={width!r} must be a positive int or None.")
         gen = torch.Generator()
         if seed is None:
-            gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         else:
             gen.manual_seed(int(seed))
         mod, _ = self.build(in_shape, width, gen, readout=True)  # parameters drawn in float64 (layers.base.gaussian)
@@ -219,8 +240,9 @@ class Parallel(Net):
     def kernel(self, k):
         if not isinstance(k, list) or len(k) != len(self.layers):
             got = len(k) if isinstance(k, list) else 1
-            raise LayerError(f"parallel of {len(self.layers)} layers got {got} branch(es); "
-                             f"put FanOut({len(self.layers)}) before it.")
+            raise LayerError(
+                f"parallel of {len(self.layers)} layers got {got} branch(es); put FanOut({len(self.layers)}) before it."
+            )
         return [apply_layer(layer, x) for layer, x in zip(self.layers, k)]
 
     def _with_sublayers(self, layers):

@@ -15,7 +15,9 @@ run on cross-covariances alone (*pair-only* records, see :mod:`ntkit.layers.base
 from __future__ import annotations
 
 import contextvars
-from typing import Callable, Optional, Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from torch import Tensor
 
@@ -118,6 +120,7 @@ def run_tiled(run: Run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequ
             tuple(rows(("tape", side, s, b), n, a0, a1, t) for b, t in enumerate(step))
             for s, step in enumerate(tape.steps)
         ]
+        assert k.cov1 is not None, "a block run against itself carries cov1"
         rows(("cov", side), n, a0, a1, k.cov1)
         return k
 
@@ -136,12 +139,14 @@ def run_tiled(run: Run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequ
         other = None if (sym and t.diagonal) else (x1 if x2 is None else x2)[t.c0 : t.c1]
         if use_tape:
             tape = Tape((tapes[1, i], tapes[1 if sym else 2, j]))
-            k = _taped(lambda: run(x1[t.r0 : t.r1], other, True), tape)
+            k = _taped(functools.partial(run, x1[t.r0 : t.r1], other, True), tape)
         else:
             k = run(x1[t.r0 : t.r1], other, False)
             if j == (i if sym else 0):
+                assert k.cov1 is not None, "a tile that is not pair-only carries cov1"
                 rows(("cov", 1), n1, t.r0, t.r1, k.cov1)
             if not sym and i == 0:
+                assert k.cov2 is not None, "a tile against x2 that is not pair-only carries cov2"
                 rows(("cov", 2), n2, t.c0, t.c1, k.cov2)
         put(t, k)
     k0 = first[0]

@@ -31,6 +31,19 @@ from ntkit.predict.ode import ODEPredictor, gradient_descent
 from ntkit.predict.student_t import StudentTPredictor, student_t_inference
 from ntkit.predict.types import Gaussian, ODEState, StudentT
 
-__all__ = ["gradient_descent_mse", "gradient_descent_mse_ensemble", "gp_inference", "gradient_descent",
-           "max_learning_rate", "student_t_inference", "Gaussian", "StudentT", "ODEState", "MSEPredictor",
-           "EnsemblePredictor", "GPInference", "StudentTPredictor", "ODEPredictor"]
+__all__ = [
+    "gradient_descent_mse",
+    "gradient_descent_mse_ensemble",
+    "gp_inference",
+    "gradient_descent",
+    "max_learning_rate",
+    "student_t_inference",
+    "Gaussian",
+    "StudentT",
+    "ODEState",
+    "MSEPredictor",
+    "EnsemblePredictor",
+    "GPInference",
+    "StudentTPredictor",
+    "ODEPredictor",
+]

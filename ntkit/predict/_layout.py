@@ -7,11 +7,13 @@ non-traced per-sample axes ``(a, b, ...)``. Internally everything is flattened t
 ``y -> (M, T)`` with ``M = n·prod(non-traced)`` rows and ``T = prod(traced)`` independent columns, and
 kernels to ``(M1, M2)``.
 """
+
 from __future__ import annotations
 
 import collections
 import math
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ def package(out: dict, single: bool):
     return _RECORDS[names](**out)
 
 
-def get_attr(k: Any, g: str, name: str) -> Tensor:
+def get_attr(k: Any, g: str, name: str) -> Union[Tensor, np.ndarray]:
     """``k.nngp``/``k.ntk`` of a Kernel-like record, or ``k`` itself if it is a plain matrix."""
     if isinstance(k, (Tensor, np.ndarray)):
         return k
@@ -74,8 +76,10 @@ class Layout:
                 trace.append(int(a) % nd)
             trace = sorted(set(trace))
             if 0 in trace:
-                raise ValueError(f"trace_axes={trace_axes!r} includes the batch axis 0 of y_train "
-                                 f"(shape {y_shape}); only output axes can be traced.")
+                raise ValueError(
+                    f"trace_axes={trace_axes!r} includes the batch axis 0 of y_train "
+                    f"(shape {y_shape}); only output axes can be traced."
+                )
         self.trace = tuple(trace)
         self.non = tuple(a for a in range(nd) if a not in trace)
         self.perm = self.non + self.trace
@@ -114,11 +118,16 @@ class Layout:
         n1 = k.shape[0] if n1 is None else n1
         want = self.kernel_shape(n1, n2)
         if tuple(k.shape) != want:
-            hint = ("" if not self.rest_shape else
-                    f" (non-traced output axes {self.rest_shape} of y_train appear zipped, once per side)")
-            raise ValueError(f"{name} has shape {tuple(k.shape)} but y_train of shape {self.y_shape} with "
-                             f"trace_axes={self.trace} needs {want}{hint}. Check that the kernel and the "
-                             f"targets describe the same samples and that trace_axes matches the kernel.")
+            hint = (
+                ""
+                if not self.rest_shape
+                else f" (non-traced output axes {self.rest_shape} of y_train appear zipped, once per side)"
+            )
+            raise ValueError(
+                f"{name} has shape {tuple(k.shape)} but y_train of shape {self.y_shape} with "
+                f"trace_axes={self.trace} needs {want}{hint}. Check that the kernel and the "
+                f"targets describe the same samples and that trace_axes matches the kernel."
+            )
         p = len(self.rest_shape) + 1
         if p > 1:
             k = k.permute(tuple(range(0, 2 * p, 2)) + tuple(range(1, 2 * p, 2)))
@@ -146,8 +155,11 @@ def as_times(t: Any, learning_rate: float, dtype: torch.dtype, device) -> tuple[
         raise ValueError(f"learning_rate={learning_rate!r} must be a finite number > 0.")
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(t)
-    t = torch.as_tensor(t, dtype=dtype, device=device) if not isinstance(t, Tensor) else t.to(dtype=dtype,
-                                                                                                device=device)
+    t = (
+        torch.as_tensor(t, dtype=dtype, device=device)
+        if not isinstance(t, Tensor)
+        else t.to(dtype=dtype, device=device)
+    )
     if bool(torch.isnan(t).any()):
         raise ValueError("t contains NaN; pass times >= 0 (t=None or inf for infinite time).")
     if bool((t < 0).any()):

@@ -4,8 +4,9 @@ section 2.3): Gaussian predictions from the NNGP (only the readout trained) and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -13,8 +14,7 @@ from torch import Tensor
 
 from ntkit.kernel import normalize_get
 from ntkit.linalg.dense import check_memory
-from ntkit.predict._layout import (F64, Axes, as_times, bytes64, decay, expm1_factor, get_attr, inv_expm1_factor,
-                                   package)
+from ntkit.predict._layout import F64, Axes, as_times, bytes64, decay, expm1_factor, get_attr, inv_expm1_factor, package
 from ntkit.predict.gp import GPInference
 from ntkit.predict.types import Gaussian
 
@@ -25,30 +25,43 @@ class EnsemblePredictor:
     """Predictor returned by :func:`gradient_descent_mse_ensemble`;
     ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``."""
 
-    def __init__(self, kernel_fn, x_train, y_train, learning_rate, diag_reg, diag_reg_absolute_scale,
-                 trace_axes, kernel_fn_kwargs):
+    def __init__(
+        self,
+        kernel_fn,
+        x_train,
+        y_train,
+        learning_rate,
+        diag_reg,
+        diag_reg_absolute_scale,
+        trace_axes,
+        kernel_fn_kwargs,
+    ):
         if not callable(kernel_fn):
             raise TypeError("kernel_fn must be callable as kernel_fn(x1, x2, get), e.g. net.kernel_fn.")
         self.kernel_fn, self.kwargs = kernel_fn, kernel_fn_kwargs
         self.x_train = x_train
         as_times(0.0, learning_rate, F64, "cpu")
         self.learning_rate = float(learning_rate)
-        self._k_dd: dict[str, Tensor] = {}
+        self._k_dd: dict[str, Union[Tensor, np.ndarray]] = {}
         self._spec: dict[str, dict] = {}
         device = x_train.device if isinstance(x_train, Tensor) else torch.device("cpu")
-        dtype = x_train.dtype if isinstance(x_train, Tensor) else (
-            torch.from_numpy(x_train).dtype if isinstance(x_train, np.ndarray) else torch.get_default_dtype())
-        self.gp = GPInference.from_kernel_source(self._train_kernel, y_train, diag_reg, diag_reg_absolute_scale,
-                                                 trace_axes, dtype, device)
+        dtype = (
+            x_train.dtype
+            if isinstance(x_train, Tensor)
+            else (torch.from_numpy(x_train).dtype if isinstance(x_train, np.ndarray) else torch.get_default_dtype())
+        )
+        self.gp = GPInference.from_kernel_source(
+            self._train_kernel, y_train, diag_reg, diag_reg_absolute_scale, trace_axes, dtype, device
+        )
         self.layout, self.n = self.gp.layout, self.gp.n
         self.norm = float(self.gp.y.numel())
 
     # -- kernels (train-train cached) ------------------------------------------------------------------
-    def _call(self, x1, x2, names: tuple[str, ...]) -> dict[str, Tensor]:
+    def _call(self, x1, x2, names: tuple[str, ...]) -> dict[str, Union[Tensor, np.ndarray]]:
         k = self.kernel_fn(x1, x2, names, **self.kwargs)
         return {g: get_attr(k, g, "kernel_fn's output") for g in names}
 
-    def _train_kernel(self, g: str) -> Tensor:
+    def _train_kernel(self, g: str) -> Union[Tensor, np.ndarray]:
         if g not in self._k_dd:
             self._k_dd.update(self._call(self.x_train, None, (g,)))
         return self._k_dd[g]
@@ -58,8 +71,9 @@ class EnsemblePredictor:
         if missing:
             self._k_dd.update(self._call(self.x_train, None, missing))
 
-    def __call__(self, t: Any = None, x_test: Any = None, get: Union[None, str, Sequence[str]] = None,
-                 compute_cov: bool = False):
+    def __call__(
+        self, t: Any = None, x_test: Any = None, get: Union[str, Sequence[str], None] = None, compute_cov: bool = False
+    ):
         """Mean (and covariance) over random initialisations of infinitely wide networks trained for time ``t``.
 
         Args:
@@ -80,8 +94,11 @@ class EnsemblePredictor:
             if compute_cov:
                 nngp_tt = self._call(x_test, None, ("nngp",))["nngp"]
         if t is None:
-            return self.gp(names if not single else names[0], k_test_train=k_td,
-                           k_test_test=nngp_tt if x_test is not None else (True if compute_cov else None))
+            return self.gp(
+                names if not single else names[0],
+                k_test_train=k_td,
+                k_test_test=nngp_tt if x_test is not None else (True if compute_cov else None),
+            )
         ts, t_shape = as_times(t, self.learning_rate, F64, self.gp.device)
         out = {g: self._finite(g, ts, t_shape, k_td, nngp_tt, compute_cov) for g in names}
         return package(out, single)
@@ -105,8 +122,11 @@ class EnsemblePredictor:
         T = ts.numel()
         if k_td is None:
             m, M = self.n, y.shape[0]
-            check_memory(bytes64(T, M, M) * (3 if compute_cov else 0) + bytes64(T, *y.shape), self.gp.device,
-                         "ensemble predictions on the training set")
+            check_memory(
+                bytes64(T, M, M) * (3 if compute_cov else 0) + bytes64(T, *y.shape),
+                self.gp.device,
+                "ensemble predictions on the training set",
+            )
             mean = vec @ (-expm1_factor(lam, ts, norm)[:, :, None] * c)
             cov = None
             if compute_cov:
@@ -120,8 +140,11 @@ class EnsemblePredictor:
             ktd = self.gp.test_kernel(k_td, g, "k_test_train")
             m = ktd.shape[0] // max(1, math.prod(lay.rest_shape))
             mt = ktd.shape[0]
-            check_memory(bytes64(T, mt, mt) * (3 if compute_cov else 0) + bytes64(T, mt, y.shape[1]),
-                         self.gp.device, "ensemble test predictions")
+            check_memory(
+                bytes64(T, mt, mt) * (3 if compute_cov else 0) + bytes64(T, mt, y.shape[1]),
+                self.gp.device,
+                "ensemble test predictions",
+            )
             p = ktd @ vec  # (m, M)
             neg = -inv_expm1_factor(lam, ts, norm, cutoff)  # (T, M)
             mean = p @ (neg[:, :, None] * c)
@@ -145,9 +168,16 @@ class EnsemblePredictor:
         return Gaussian(mean, cov)
 
 
-def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train: Any, y_train: Any, learning_rate: float = 1.0,
-                                  diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
-                                  trace_axes: Axes = (-1,), **kernel_fn_train_train_kwargs) -> EnsemblePredictor:
+def gradient_descent_mse_ensemble(
+    kernel_fn: Callable,
+    x_train: Any,
+    y_train: Any,
+    learning_rate: float = 1.0,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    trace_axes: Axes = (-1,),
+    **kernel_fn_train_train_kwargs,
+) -> EnsemblePredictor:
     """Gaussian over an infinite ensemble of infinitely wide networks trained on MSE for time ``t``
     (Lee et al. 2019, section 2.3): NNGP (only the readout trained) and NTK (all layers).
 
@@ -161,5 +191,13 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train: Any, y_train: An
     ``kernel_fn(x1, x2, get)`` (e.g. ``net.kernel_fn``) is called once on ``(x_train, None)`` per kernel; the
     train kernels and their factorisations are cached across calls of the returned predictor.
     """
-    return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg, diag_reg_absolute_scale,
-                             trace_axes, kernel_fn_train_train_kwargs)
+    return EnsemblePredictor(
+        kernel_fn,
+        x_train,
+        y_train,
+        learning_rate,
+        diag_reg,
+        diag_reg_absolute_scale,
+        trace_axes,
+        kernel_fn_train_train_kwargs,
+    )

@@ -4,7 +4,8 @@ to convergence (Lee et al. 2019) and the NTK-GP (He et al. 2020); NT's ``gp_infe
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -25,26 +26,61 @@ class GPInference:
     Train-train factorisations and ``K⁻¹ y`` are cached per kernel name.
     """
 
-    def __init__(self, k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False, trace_axes: Axes = (-1,)):
-        first = k_train_train if isinstance(k_train_train, (Tensor, np.ndarray)) else (
-            getattr(k_train_train, "nngp", None) if getattr(k_train_train, "nngp", None) is not None
-            else get_attr(k_train_train, "ntk", "k_train_train"))
+    def __init__(
+        self,
+        k_train_train: Any,
+        y_train: Any,
+        diag_reg: float = 0.0,
+        diag_reg_absolute_scale: bool = False,
+        trace_axes: Axes = (-1,),
+    ):
+        first = (
+            k_train_train
+            if isinstance(k_train_train, (Tensor, np.ndarray))
+            else (
+                getattr(k_train_train, "nngp", None)
+                if getattr(k_train_train, "nngp", None) is not None
+                else get_attr(k_train_train, "ntk", "k_train_train")
+            )
+        )
         first = to_tensor(first, "k_train_train", check_finite=False)
-        self._setup(lambda g: get_attr(k_train_train, g, "k_train_train"), y_train, diag_reg,
-                    diag_reg_absolute_scale, trace_axes, first.dtype, first.device)
+        self._setup(
+            lambda g: get_attr(k_train_train, g, "k_train_train"),
+            y_train,
+            diag_reg,
+            diag_reg_absolute_scale,
+            trace_axes,
+            first.dtype,
+            first.device,
+        )
 
     @classmethod
-    def from_kernel_source(cls, source: Callable[[str], Any], y_train: Any, diag_reg: float, diag_reg_absolute_scale: bool,
-                           trace_axes: Axes, dtype: torch.dtype, device: torch.device) -> "GPInference":
+    def from_kernel_source(
+        cls,
+        source: Callable[[str], Any],
+        y_train: Any,
+        diag_reg: float,
+        diag_reg_absolute_scale: bool,
+        trace_axes: Axes,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> GPInference:
         """A posterior whose train-train kernels are computed on first use by ``source(name)`` (e.g. by a
         ``kernel_fn``), returned in ``dtype`` on ``device``."""
         self = cls.__new__(cls)
         self._setup(source, y_train, diag_reg, diag_reg_absolute_scale, trace_axes, dtype, device)
         return self
 
-    def _setup(self, source: Callable[[str], Any], y_train: Any, diag_reg: float, absolute: bool, trace_axes: Axes,
-               dtype: torch.dtype, device: torch.device) -> None:
+    def _setup(
+        self,
+        source: Callable[[str], Any],
+        y_train: Any,
+        diag_reg: float,
+        absolute: bool,
+        trace_axes: Axes,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self._source = source
         self.dtype, self.device = out_dtype(dtype), device
         self.y, self.layout = targets(y_train, trace_axes, device)
@@ -68,8 +104,13 @@ class GPInference:
 
     def factor(self, g: str) -> PSDMatrix:
         if g not in self._factors:
-            self._factors[g] = PSDMatrix(self._checked(g), f"k_train_train.{g}", diag_reg=self.diag_reg,
-                                         diag_reg_absolute_scale=self.absolute, checked=True)
+            self._factors[g] = PSDMatrix(
+                self._checked(g),
+                f"k_train_train.{g}",
+                diag_reg=self.diag_reg,
+                diag_reg_absolute_scale=self.absolute,
+                checked=True,
+            )
         return self._factors[g]
 
     def kinv_y(self, g: str) -> Tensor:
@@ -89,8 +130,7 @@ class GPInference:
         t = to_tensor(get_attr(k, g, "k_test_test"), "k_test_test", dtype=F64, device=self.device)
         return self.layout.kernel_2d(t, "k_test_test", n2=m, n1=m)
 
-    def __call__(self, get: Union[None, str, Sequence[str]] = None, k_test_train: Any = None,
-                 k_test_test: Any = None):
+    def __call__(self, get: Union[str, Sequence[str], None] = None, k_test_train: Any = None, k_test_test: Any = None):
         """Posterior on a test set: the mean, and the covariance when ``k_test_test`` is given.
 
         Args:
@@ -104,7 +144,7 @@ class GPInference:
         Returns: per name a mean tensor, or a :class:`Gaussian` ``(mean, covariance)`` with ``k_test_test``.
         """
         names, single = normalize_get(get, ("nngp", "ntk", "ntkgp"), default=("nngp", "ntk"))
-        out = {}
+        out: dict[str, Union[Tensor, Gaussian]] = {}
         for g in names:
             kg = "ntk" if g == "ntkgp" else g
             if k_test_train is None:
@@ -134,8 +174,10 @@ class GPInference:
         # ntk: the infinite ensemble trained to convergence (Lee et al. 2019, eq. 16):
         #   Σ = K_tt + A K_dd Aᵀ - (A K_td,nngpᵀ + transpose),   A = Θ_td Θ_dd⁻¹
         if isinstance(k_test_train, (Tensor, np.ndarray)):
-            raise ValueError("the NTK posterior covariance needs both the NTK and the NNGP: pass k_test_train "
-                             "(and k_train_train) as Kernels computed with get=('nngp', 'ntk').")
+            raise ValueError(
+                "the NTK posterior covariance needs both the NTK and the NNGP: pass k_test_train "
+                "(and k_train_train) as Kernels computed with get=('nngp', 'ntk')."
+            )
         nngp_td = self.test_kernel(k_test_train, "nngp", "k_test_train")
         k_tt = self.test_test_kernel(k_test_test, "nngp", m)
         a_t = self.factor("ntk").solve(k_td.T)  # Θ_dd⁻¹ Θ_dt = Aᵀ, (M, m)
@@ -143,8 +185,13 @@ class GPInference:
         return k_tt + a_t.T @ (self.k_dd("nngp") @ a_t) - term2 - term2.T
 
 
-def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
-                 trace_axes: Axes = (-1,)) -> GPInference:
+def gp_inference(
+    k_train_train: Any,
+    y_train: Any,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    trace_axes: Axes = (-1,),
+) -> GPInference:
     """Posterior of the NNGP / infinite NTK ensemble / NTK-GP given training data (NT's ``gp_inference``).
 
     ``mean = K_td (K_dd + r I)⁻¹ y``; NNGP covariance ``K_tt - K_td (K_dd + r I)⁻¹ K_dt``; the NTK

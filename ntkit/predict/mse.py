@@ -23,8 +23,19 @@ from torch import Tensor
 
 from ntkit._inputs import to_tensor
 from ntkit.linalg.dense import PSDMatrix, as_kernel_matrix, check_memory
-from ntkit.predict._layout import (F64, Axes, as_times, bytes64, check_train_kernel, decay, expm1_factor,
-                                   inv_expm1_factor, ntk_of, out_dtype, targets)
+from ntkit.predict._layout import (
+    F64,
+    Axes,
+    as_times,
+    bytes64,
+    check_train_kernel,
+    decay,
+    expm1_factor,
+    inv_expm1_factor,
+    ntk_of,
+    out_dtype,
+    targets,
+)
 
 __all__ = ["MSEPredictor", "gradient_descent_mse", "max_learning_rate"]
 
@@ -43,8 +54,7 @@ class MSEPredictor:
         self.dtype, self.device = k.dtype, k.device
         self.y, self.layout = targets(y_train, trace_axes, k.device)
         k2 = check_train_kernel(k, self.layout, "k_train_train")
-        self.factor = PSDMatrix(k2, "k_train_train", diag_reg=diag_reg,
-                                diag_reg_absolute_scale=diag_reg_absolute_scale)
+        self.factor = PSDMatrix(k2, "k_train_train", diag_reg=diag_reg, diag_reg_absolute_scale=diag_reg_absolute_scale)
         as_times(0.0, learning_rate, F64, k.device)  # validates learning_rate
         self.learning_rate = float(learning_rate)
         self.y_flat = self.layout.flatten(self.y.to(F64))
@@ -58,21 +68,23 @@ class MSEPredictor:
         try:
             f = torch.broadcast_to(f, shape)
         except RuntimeError as e:
-            raise ValueError(f"{name} has shape {tuple(f.shape)}, which does not broadcast to the outputs' "
-                             f"shape {shape}.") from e
+            raise ValueError(
+                f"{name} has shape {tuple(f.shape)}, which does not broadcast to the outputs' shape {shape}."
+            ) from e
         return self.layout.flatten(f)
 
     def _k_test(self, k_test_train: Any) -> tuple[Tensor, int]:
         k = to_tensor(ntk_of(k_test_train), "k_test_train", dtype=F64, device=self.device)
         if k.dim() < 2:
-            raise ValueError(f"k_test_train must be (n_test, n_train{', ...' if self.layout.rest_shape else ''})"
-                             f", got shape {tuple(k.shape)}.")
+            raise ValueError(
+                f"k_test_train must be (n_test, n_train{', ...' if self.layout.rest_shape else ''})"
+                f", got shape {tuple(k.shape)}."
+            )
         m = k.shape[0]
         return self.layout.kernel_2d(k, "k_test_train", n2=self.n, n1=m), m
 
     # -- prediction ----------------------------------------------------------------------------------
-    def __call__(self, t: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
-                 k_test_train: Any = None):
+    def __call__(self, t: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None, k_test_train: Any = None):
         """Outputs at time(s) ``t`` of gradient flow from ``fx_train_0`` (and ``fx_test_0``).
 
         Args:
@@ -90,7 +102,9 @@ class MSEPredictor:
         if fx_test_0 is not None and k_test_train is None:
             raise ValueError("fx_test_0 is given but k_test_train is not; pass the test-train kernel.")
         f0 = None if fx_train_0 is None else self._fx(fx_train_0, self.n, "fx_train_0")
-        k_td, m, ft0 = None, 0, None
+        k_td: Optional[Tensor] = None
+        ft0: Optional[Tensor] = None
+        m = 0
         if fx_test_0 is not None:
             k_td, m = self._k_test(k_test_train)
             ft0 = self._fx(fx_test_0, m, "fx_test_0")
@@ -99,6 +113,7 @@ class MSEPredictor:
             tr = None if f0 is None else self.y_flat.clone()
             te = None
             if ft0 is not None:
+                assert k_td is not None, "k_test_train is read together with fx_test_0"
                 rhs = self.y_flat if f0 is None else self.y_flat - f0
                 te = ft0 + k_td @ self.factor.solve(rhs)
             t_shape: tuple[int, ...] = ()
@@ -112,6 +127,7 @@ class MSEPredictor:
                 check_memory(bytes64(ts.numel(), *self.y_flat.shape), self.device, "train predictions")
                 tr = f0 + vec @ (expm1_factor(lam, ts, self.norm)[:, :, None] * c)
             if ft0 is not None:
+                assert k_td is not None, "k_test_train is read together with fx_test_0"
                 check_memory(bytes64(ts.numel(), m, self.layout.T), self.device, "test predictions")
                 g = inv_expm1_factor(lam, ts, self.norm, self.factor.rank_cutoff)
                 te = ft0 + (k_td @ vec) @ (g[:, :, None] * c)
@@ -120,8 +136,11 @@ class MSEPredictor:
             if te is not None:
                 te = te.reshape(t_shape + tuple(te.shape[1:])) if t_shape else te[0]
 
-        outs = [self.layout.unflatten(flat, n).to(out_dtype(self.dtype))
-                for flat, n in ((tr, self.n), (te, m)) if flat is not None]
+        outs = [
+            self.layout.unflatten(flat, n).to(out_dtype(self.dtype))
+            for flat, n in ((tr, self.n), (te, m))
+            if flat is not None
+        ]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # -- the spectral view ---------------------------------------------------------------------------
@@ -155,8 +174,14 @@ class MSEPredictor:
         return r.to(out_dtype(self.dtype))
 
 
-def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float = 1.0, diag_reg: float = 0.0,
-                         diag_reg_absolute_scale: bool = False, trace_axes: Axes = (-1,)) -> MSEPredictor:
+def gradient_descent_mse(
+    k_train_train: Any,
+    y_train: Any,
+    learning_rate: float = 1.0,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    trace_axes: Axes = (-1,),
+) -> MSEPredictor:
     """Closed-form gradient flow on MSE in function space (Jacot et al. 2018; Lee et al. 2019).
 
     Args:
@@ -176,8 +201,9 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
     return MSEPredictor(k_train_train, y_train, learning_rate, diag_reg, diag_reg_absolute_scale, trace_axes)
 
 
-def max_learning_rate(ntk_train_train: Any, y_train_size: Optional[int] = None, momentum: float = 0.0,
-                      eps: float = 1e-12) -> float:
+def max_learning_rate(
+    ntk_train_train: Any, y_train_size: Optional[int] = None, momentum: float = 0.0, eps: float = 1e-12
+) -> float:
     """Largest learning rate for which full-batch (momentum) GD on ``||f - y||²/(2·N)`` is stable at infinite
     width: ``2·(1 + momentum)·N / (λ_max(Θ) + eps)`` (NT's ``max_learning_rate``).
 

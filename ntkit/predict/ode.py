@@ -14,10 +14,12 @@ written as a first-order system in ``(f, q = f')``. The loss is a torch function
 ``torch.autograd``; it must normalise itself (NT: e.g. ``0.5 * mean((f - y)**2)`` reproduces
 :func:`ntkit.predict.gradient_descent_mse`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from scipy.integrate import solve_ivp
@@ -82,8 +84,7 @@ class ODEPredictor:
         except RuntimeError as e:
             raise ValueError(f"{name} has shape {tuple(f.shape)}, which does not broadcast to {shape}.") from e
 
-    def __call__(self, t: Any = None, fx_train_or_state_0: Any = 0.0, fx_test_0: Any = None,
-                 k_test_train: Any = None):
+    def __call__(self, t: Any = None, fx_train_or_state_0: Any = 0.0, fx_test_0: Any = None, k_test_train: Any = None):
         """Outputs (or the full :class:`ODEState`) at times ``t`` (any shape ``S``, ``>= 0``, any order).
 
         ``fx_train_or_state_0``: train outputs at ``t = 0``, ``None`` for test outputs only, or an
@@ -91,9 +92,11 @@ class ODEPredictor:
         ``fx_test_t`` or both as NT, with leading axes ``S``.
         """
         if t is None:
-            raise ValueError("gradient_descent integrates to finite times: pass t (a number or an array). "
-                             "Infinite time may not exist for a general loss (cross-entropy diverges); for MSE "
-                             "use gradient_descent_mse(...)(t=None).")
+            raise ValueError(
+                "gradient_descent integrates to finite times: pass t (a number or an array). "
+                "Infinite time may not exist for a general loss (cross-entropy diverges); for MSE "
+                "use gradient_descent_mse(...)(t=None)."
+            )
         is_state = isinstance(fx_train_or_state_0, ODEState)
         if is_state:
             if fx_test_0 is not None:
@@ -111,7 +114,8 @@ class ODEPredictor:
 
         f_tr = self._broadcast(0.0 if fx_train_0 is None else fx_train_0, self.n, "fx_train_0")
         parts = [f_tr]
-        k_td, m = None, 0
+        k_td: Optional[Tensor] = None
+        m = 0
         if fx_test_0 is not None:
             kt = to_tensor(ntk_of(k_test_train), "k_test_train", dtype=F64, device=self.device)
             if kt.dim() < 2:
@@ -134,24 +138,25 @@ class ODEPredictor:
         check_memory(8 * ts.numel() * y0.size, "cpu", "the ODE solution at the requested times")
         uniq, inverse = torch.unique(ts, return_inverse=True)
 
-        has_test = k_td is not None
-
         def rhs(_s, state):
             st = torch.split(torch.from_numpy(state).to(self.device), sizes)
             g = self.grad_flat(st[0].reshape(shapes[0]))
-            d = [-(self.k @ g)] + ([-(k_td @ g)] if has_test else [])  # -Θ ∇L on train (and test)
+            d = [-(self.k @ g)] + ([-(k_td @ g)] if k_td is not None else [])  # -Θ ∇L on train (and test)
             if self.momentum is not None:
-                q = st[len(d):]  # velocities, same order as the outputs
-                d = [qi for qi in q] + [di - self.damping * qi.reshape(di.shape) for di, qi in zip(d, q)]
+                q = st[len(d) :]  # velocities, same order as the outputs
+                d = list(q) + [di - self.damping * qi.reshape(di.shape) for di, qi in zip(d, q)]
             return torch.cat([x.reshape(-1) for x in d]).cpu().numpy()
 
         t_end = float(uniq[-1])
         if t_end > 0:
-            sol = solve_ivp(rhs, (0.0, t_end), y0, method=self.method, t_eval=uniq.numpy(),
-                            rtol=self.rtol, atol=self.atol)
+            sol = solve_ivp(
+                rhs, (0.0, t_end), y0, method=self.method, t_eval=uniq.numpy(), rtol=self.rtol, atol=self.atol
+            )
             if not sol.success:
-                raise RuntimeError(f"the ODE solver ({self.method}) failed: {sol.message} Try method='LSODA' "
-                                   f"or 'BDF' for stiff problems, or a smaller t.")
+                raise RuntimeError(
+                    f"the ODE solver ({self.method}) failed: {sol.message} Try method='LSODA' "
+                    f"or 'BDF' for stiff problems, or a smaller t."
+                )
             traj = torch.from_numpy(sol.y.T.copy())  # (len(uniq), state); t_eval includes 0 if asked
         else:
             traj = torch.from_numpy(y0)[None].repeat(uniq.numel(), 1)
@@ -179,10 +184,18 @@ class ODEPredictor:
         return res_tr, res_te
 
 
-def gradient_descent(loss: Callable[[Tensor, Tensor], Tensor], k_train_train: Any, y_train: Any,
-                     learning_rate: float = 1.0, momentum: Optional[float] = None,
-                     trace_axes: Union[int, Sequence[int]] = (-1,), *, method: str = "DOP853",
-                     rtol: float = 1e-9, atol: float = 1e-11) -> ODEPredictor:
+def gradient_descent(
+    loss: Callable[[Tensor, Tensor], Tensor],
+    k_train_train: Any,
+    y_train: Any,
+    learning_rate: float = 1.0,
+    momentum: Optional[float] = None,
+    trace_axes: Union[int, Sequence[int]] = (-1,),
+    *,
+    method: str = "DOP853",
+    rtol: float = 1e-9,
+    atol: float = 1e-11,
+) -> ODEPredictor:
     """Function-space (momentum) gradient descent on any differentiable ``loss`` (NT's ``gradient_descent``).
 
     Args:

@@ -27,8 +27,11 @@ class StudentTPredictor:
         for name, v in (("alpha", alpha), ("beta", beta)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} must be a finite number > 0 (inverse-gamma prior on σ²).")
-        k = k_train_train if isinstance(k_train_train, (Tensor, np.ndarray)) else get_attr(
-            k_train_train, "nngp", "k_train_train")
+        k = (
+            k_train_train
+            if isinstance(k_train_train, (Tensor, np.ndarray))
+            else get_attr(k_train_train, "nngp", "k_train_train")
+        )
         self.gp = GPInference(k, y_train, diag_reg, diag_reg_absolute_scale, trace_axes)
         n_obs = self.gp.y_flat.numel()
         quad = float((self.gp.y_flat * self.gp.kinv_y("nngp")).sum())
@@ -49,9 +52,15 @@ class StudentTPredictor:
         return StudentT(r.mean, r.covariance * (self.beta / self.alpha), self.df)
 
 
-def student_t_inference(k_train_train: Any, y_train: Any, alpha: float = 2.0, beta: float = 1.0,
-                        diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
-                        trace_axes: Axes = (-1,)) -> StudentTPredictor:
+def student_t_inference(
+    k_train_train: Any,
+    y_train: Any,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    trace_axes: Axes = (-1,),
+) -> StudentTPredictor:
     """Closed-form posterior of a scale mixture of NNGPs with an inverse-gamma prior (Lee et al. 2022,
     "Scale mixtures of neural network Gaussian processes"): a Student-t process.
 

@@ -19,6 +19,7 @@ class Gaussian(NamedTuple):
 
 class StudentT(NamedTuple):
     """Multivariate Student-t ``t_df(mean, scale)``; ``covariance = df/(df-2)·scale`` (``df > 2``)."""
+
     mean: Tensor
     scale: Optional[Tensor]
     df: float

@@ -4,8 +4,8 @@ from ntkit._deprecation import moved
 
 moved("ntkit.solvers", "ntkit.linalg (random features: ntkit.random_features)")
 
-from ntkit.linalg import *  # noqa: E402,F403
-from ntkit.linalg import __all__ as _linalg_all  # noqa: E402
-from ntkit.random_features import RandomFeatures, random_features  # noqa: E402
+from ntkit.linalg import *
+from ntkit.linalg import __all__ as _linalg_all
+from ntkit.random_features import RandomFeatures, random_features
 
 __all__ = [*_linalg_all, "RandomFeatures", "random_features"]

@@ -4,5 +4,5 @@ from ntkit._deprecation import moved
 
 moved("ntkit.solvers.linalg", "ntkit.linalg.dense")
 
-from ntkit.linalg.dense import *  # noqa: E402,F403
-from ntkit.linalg.dense import __all__  # noqa: E402,F401
+from ntkit.linalg.dense import *
+from ntkit.linalg.dense import __all__

@@ -4,7 +4,7 @@ from ntkit._deprecation import moved
 
 moved("ntkit.solvers.nystrom", "ntkit.linalg.nystrom and ntkit.linalg.falkon")
 
-from ntkit.linalg.falkon import FalkonResult, falkon  # noqa: E402
-from ntkit.linalg.nystrom import NystromApprox, nystrom, ridge_leverage_scores, rls_sample  # noqa: E402
+from ntkit.linalg.falkon import FalkonResult, falkon
+from ntkit.linalg.nystrom import NystromApprox, nystrom, ridge_leverage_scores, rls_sample
 
 __all__ = ["nystrom", "NystromApprox", "rls_sample", "ridge_leverage_scores", "falkon", "FalkonResult"]

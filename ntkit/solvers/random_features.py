@@ -4,6 +4,6 @@ from ntkit._deprecation import moved
 
 moved("ntkit.solvers.random_features", "ntkit.random_features")
 
-from ntkit.random_features import RandomFeatures, random_features  # noqa: E402
+from ntkit.random_features import RandomFeatures, random_features
 
 __all__ = ["RandomFeatures", "random_features"]

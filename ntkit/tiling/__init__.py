@@ -20,8 +20,19 @@ from ntkit.tiling.plan import choose_tile_size
 from ntkit.tiling.store import CorruptTileError, KernelStore, StoredMatrix, StoreMismatchError
 from ntkit.tiling.tiles import kernel_matrix
 
-__all__ = ["kernel_matrix", "KernelStore", "StoredMatrix", "StoreMismatchError", "CorruptTileError",
-           "KernelFnOperator", "Tile", "TilePlan", "choose_tile_size", "DistContext", "context"]
+__all__ = [
+    "kernel_matrix",
+    "KernelStore",
+    "StoredMatrix",
+    "StoreMismatchError",
+    "CorruptTileError",
+    "KernelFnOperator",
+    "Tile",
+    "TilePlan",
+    "choose_tile_size",
+    "DistContext",
+    "context",
+]
 
 _MOVED = {"KernelOperator", "DenseOperator", "MatvecOperator", "TiledOperator", "as_operator", "tmm"}
 
@@ -29,7 +40,10 @@ _MOVED = {"KernelOperator", "DenseOperator", "MatvecOperator", "TiledOperator", 
 def __getattr__(name: str):
     """The operators moved to :mod:`ntkit.linalg` in 0.2; their old names here still work for one release."""
     if name in _MOVED:
-        _warnings.warn(f"ntkit.tiling.{name} moved to ntkit.linalg.{name}; the old name is removed in 0.3.",
-                       DeprecationWarning, stacklevel=2)
+        _warnings.warn(
+            f"ntkit.tiling.{name} moved to ntkit.linalg.{name}; the old name is removed in 0.3.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(_operators, name)
     raise AttributeError(f"module 'ntkit.tiling' has no attribute {name!r}")

@@ -15,5 +15,12 @@ from ntkit.linalg.operators import (  # noqa: E402
 )
 from ntkit.tiling.operators import KernelFnOperator  # noqa: E402
 
-__all__ = ["KernelOperator", "TiledOperator", "DenseOperator", "MatvecOperator", "KernelFnOperator",
-           "as_operator", "tmm"]
+__all__ = [
+    "KernelOperator",
+    "TiledOperator",
+    "DenseOperator",
+    "MatvecOperator",
+    "KernelFnOperator",
+    "as_operator",
+    "tmm",
+]

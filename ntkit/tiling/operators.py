@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
 
 from ntkit._inputs import as_batch
 from ntkit._tiles import TilePlan
@@ -25,9 +25,17 @@ class KernelFnOperator(TiledOperator):
     and multiplied in ``dtype`` (float64 by default).
     """
 
-    def __init__(self, kernel_fn: Callable, x1: Any, x2: Any = None, get: str = "nngp",
-                 tile_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                 dtype: torch.dtype = torch.float64, device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        kernel_fn: Callable,
+        x1: Any,
+        x2: Any = None,
+        get: str = "nngp",
+        tile_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        dtype: torch.dtype = torch.float64,
+        device: Optional[torch.device | str] = None,
+    ):
         names, _ = normalize_get(get)
         if len(names) != 1:
             raise ValueError(f"an operator is one matrix: pass get='nngp' or get='ntk', not {get!r}.")
@@ -48,8 +56,10 @@ class KernelFnOperator(TiledOperator):
     def _tile(self, t):
         k = compute_tile(self.kernel_fn, self.x1, self.x2, t, (self.name,), self.compute_device)[self.name]
         if k.dim() != 2:
-            raise ValueError(f"kernel_fn returned tiles of shape {tuple(k.shape)}; an operator needs a 2-D "
-                             f"(N1, N2) kernel (add a readout/Flatten so no spatial axes remain).")
+            raise ValueError(
+                f"kernel_fn returned tiles of shape {tuple(k.shape)}; an operator needs a 2-D "
+                f"(N1, N2) kernel (add a readout/Flatten so no spatial axes remain)."
+            )
         return k.to(device=self.device, dtype=self.dtype)
 
     def columns(self, idx):
@@ -58,9 +68,8 @@ class KernelFnOperator(TiledOperator):
         out = torch.empty(self.shape[0], len(idx), dtype=self.dtype, device=self.device)
         step = self.plan.tile_size
         for r0 in range(0, self.shape[0], step):
-            k = self.kernel_fn(self.x1[r0:r0 + step].to(self.compute_device), xc.to(self.compute_device),
-                               self.name)
-            out[r0:r0 + step] = k.to(device=self.device, dtype=self.dtype)
+            k = self.kernel_fn(self.x1[r0 : r0 + step].to(self.compute_device), xc.to(self.compute_device), self.name)
+            out[r0 : r0 + step] = k.to(device=self.device, dtype=self.dtype)
         return out
 
     def diagonal(self):
@@ -68,6 +77,6 @@ class KernelFnOperator(TiledOperator):
         out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
         step = self.plan.tile_size
         for r0 in range(0, self.shape[0], step):
-            xb = self.x1[r0:r0 + step].to(self.compute_device)
-            out[r0:r0 + step] = torch.diagonal(self.kernel_fn(xb, None, self.name)).to(self.dtype)
+            xb = self.x1[r0 : r0 + step].to(self.compute_device)
+            out[r0 : r0 + step] = torch.diagonal(self.kernel_fn(xb, None, self.name)).to(self.dtype)
         return out

@@ -4,11 +4,13 @@ A kernel matrix ``K(X1, X2)`` of ``n1 x n2`` entries is cut into tiles of ``tile
 (:class:`~ntkit._tiles.TilePlan`, re-exported here); with ``x2=None`` only tiles on or above the block diagonal
 are computed. Tile sizes come from the one planner, :func:`ntkit._memory.plan_tile`.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -17,8 +19,16 @@ from ntkit._memory import WORK_FACTOR, memory_budget, plan_tile
 from ntkit._tiles import Tile, TilePlan
 from ntkit.layers.base import Layer
 
-__all__ = ["Tile", "TilePlan", "choose_tile_size", "entries_per_pair", "describe_kernel_fn", "input_digest",
-           "compute_tile", "extract_kernels"]
+__all__ = [
+    "Tile",
+    "TilePlan",
+    "choose_tile_size",
+    "entries_per_pair",
+    "describe_kernel_fn",
+    "input_digest",
+    "compute_tile",
+    "extract_kernels",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -35,9 +45,16 @@ def entries_per_pair(kernel_fn: Callable, x: Tensor) -> int:
     return pixels * pixels if full else pixels
 
 
-def choose_tile_size(kernel_fn: Callable, x: Tensor, n1: int, n2: int, n_get: int,
-                     budget: Optional[int] = None, device: Optional[torch.device] = None,
-                     cap: int = 4096) -> int:
+def choose_tile_size(
+    kernel_fn: Callable,
+    x: Tensor,
+    n1: int,
+    n2: int,
+    n_get: int,
+    budget: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    cap: int = 4096,
+) -> int:
     """Largest square tile whose working set ``t² · entries · itemsize · WORK_FACTOR · n_get`` fits the
     budget (default: :func:`ntkit._memory.memory_budget`), at most ``cap`` and ``max(n1, n2)``. Large tiles
     suit stores (fewer chunk files); an ntkit net still runs each tile in cache-sized pieces itself."""
@@ -66,7 +83,8 @@ def describe_kernel_fn(kernel_fn: Callable, description: Optional[str] = None) -
     if "<lambda>" in name or "<locals>" in name:
         raise ValueError(
             f"cannot name the kernel {name!r} stably across runs (a lambda or closure); pass "
-            f"description='...' naming the kernel and its hyperparameters so a store can be resumed safely.")
+            f"description='...' naming the kernel and its hyperparameters so a store can be resumed safely."
+        )
     return f"{mod}.{name}"
 
 
@@ -79,25 +97,31 @@ def input_digest(x: Optional[Tensor]) -> Optional[dict[str, Any]]:
     flat = arr.reshape(-1).view(torch.uint8) if arr.numel() else arr.reshape(-1)
     step = 1 << 26
     for i in range(0, flat.numel(), step):
-        h.update(flat[i:i + step].numpy().tobytes())
+        h.update(flat[i : i + step].numpy().tobytes())
     return {"shape": list(arr.shape), "dtype": str(arr.dtype).replace("torch.", ""), "sha256": h.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------------
 # one tile
 # ---------------------------------------------------------------------------------------------------
-def compute_tile(kernel_fn: Callable, x1: Tensor, x2: Optional[Tensor], tile: Tile, names: Sequence[str],
-                 device: Optional[torch.device] = None) -> dict[str, Tensor]:
+def compute_tile(
+    kernel_fn: Callable,
+    x1: Tensor,
+    x2: Optional[Tensor],
+    tile: Tile,
+    names: Sequence[str],
+    device: Optional[torch.device] = None,
+) -> dict[str, Tensor]:
     """``K(x1[r0:r1], x2[c0:c1])`` for each name in ``names``.
 
     ``x2=None`` means the symmetric matrix ``K(x1, x1)``: a diagonal tile is computed as ``kernel_fn(block,
     None)`` (exactly symmetric, exact diagonal), the others as ``kernel_fn(rows, cols)``.
     """
-    a = x1[tile.r0:tile.r1]
+    a = x1[tile.r0 : tile.r1]
     if x2 is None and tile.diagonal:
         b = None
     else:
-        b = (x1 if x2 is None else x2)[tile.c0:tile.c1]
+        b = (x1 if x2 is None else x2)[tile.c0 : tile.c1]
     if device is not None:
         a = a.to(device)
         b = None if b is None else b.to(device)

@@ -17,6 +17,7 @@ verify each tile's CRC against its marker, so a chunk damaged later (disk error,
 
 A store made for other inputs, another kernel, dtype or tile size is refused (:class:`StoreMismatchError`).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ import shutil
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -84,11 +86,10 @@ def _fsync_path(path: Path) -> None:
 
 
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data) & 0xFFFFFFFF
 
 
-_TORCH_TO_NP = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
-                torch.bfloat16: None}
+_TORCH_TO_NP = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: None}
 
 
 class KernelStore:
@@ -103,8 +104,10 @@ class KernelStore:
         self.path = Path(path)
         mf = self.path / "manifest.json"
         if not mf.exists():
-            raise FileNotFoundError(f"{self.path} is not a kernel store (no manifest.json); make one with "
-                                    f"ntkit.tiling.kernel_matrix(..., store='{self.path}').")
+            raise FileNotFoundError(
+                f"{self.path} is not a kernel store (no manifest.json); make one with "
+                f"ntkit.tiling.kernel_matrix(..., store='{self.path}')."
+            )
         self.manifest = json.loads(mf.read_text())
         if self.manifest.get("format") != FORMAT:
             raise StoreMismatchError(f"{self.path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}.")
@@ -119,7 +122,7 @@ class KernelStore:
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Union[str, os.PathLike], manifest: dict) -> "KernelStore":
+    def create(cls, path: Union[str, os.PathLike], manifest: dict) -> KernelStore:
         """Make an empty store for ``manifest`` (an existing directory must be empty)."""
         zarr = _zarr()
         path = Path(path)
@@ -133,9 +136,15 @@ class KernelStore:
         t = int(manifest["tile_size"])
         trailing = tuple(manifest["trailing"])
         for name in manifest["get"]:
-            g.create_array(name, shape=(manifest["n1"], manifest["n2"]) + trailing, chunks=(t, t) + trailing,
-                           dtype=np_dtype, compressors=None, fill_value=0.0,
-                           config={"write_empty_chunks": True})
+            g.create_array(
+                name,
+                shape=(manifest["n1"], manifest["n2"]) + trailing,
+                chunks=(t, t) + trailing,
+                dtype=np_dtype,
+                compressors=None,
+                fill_value=0.0,
+                config={"write_empty_chunks": True},
+            )
         (path / "tiles").mkdir()  # after zarr: mode="w" clears the directory
         manifest = dict(manifest, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         _atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
@@ -145,11 +154,13 @@ class KernelStore:
         """Refuse a job whose identity differs from this store's (lists every differing field)."""
         diff = [k for k in IDENTITY if _norm(self.manifest.get(k)) != _norm(manifest.get(k))]
         if diff:
-            detail = "; ".join(f"{k}: store has {_short(self.manifest.get(k))}, job has {_short(manifest.get(k))}"
-                               for k in diff)
+            detail = "; ".join(
+                f"{k}: store has {_short(self.manifest.get(k))}, job has {_short(manifest.get(k))}" for k in diff
+            )
             raise StoreMismatchError(
                 f"the store at {self.path} was made for a different job ({detail}). Use a new store path, "
-                f"or delete this one to recompute.")
+                f"or delete this one to recompute."
+            )
 
     # -- zarr ------------------------------------------------------------------------------------
     def _array(self, name: str):
@@ -195,7 +206,7 @@ class KernelStore:
             want = (tile.r1 - tile.r0, tile.c1 - tile.c0) + self.trailing
             if v.shape != want:
                 raise ValueError(f"tile {tile.key} of {name} has shape {v.shape}, expected {want}.")
-            self._array(name)[tile.r0:tile.r1, tile.c0:tile.c1] = v
+            self._array(name)[tile.r0 : tile.r1, tile.c0 : tile.c1] = v
             _fsync_path(self._chunk_path(name, tile))
             crcs[name] = _crc(v)
         rec = {"rows": [tile.r0, tile.r1], "cols": [tile.c0, tile.c1], "crc32": crcs, **info}
@@ -211,19 +222,20 @@ class KernelStore:
         try:
             rec = json.loads(self._marker(tile).read_text())
         except FileNotFoundError:
-            raise KeyError(f"tile {tile.key} of {self.path} is not finished; resume the job that fills it.")
-        v = self._array(name)[tile.r0:tile.r1, tile.c0:tile.c1]
+            raise KeyError(f"tile {tile.key} of {self.path} is not finished; resume the job that fills it.") from None
+        v = self._array(name)[tile.r0 : tile.r1, tile.c0 : tile.c1]
         if verify and _crc(v) != rec["crc32"][name]:
             raise CorruptTileError(
                 f"tile {tile.key} ({name}) of {self.path} does not match its checksum: the chunk was damaged "
-                f"after it was written. Resume the job with verify=True to recompute it.")
+                f"after it was written. Resume the job with verify=True to recompute it."
+            )
         return torch.from_numpy(np.ascontiguousarray(v))
 
     def verify(self, tiles: Optional[Iterable[Tile]] = None) -> list[Tile]:
         """Finished tiles (all by default) whose values fail their checksum."""
         done = self.finished()
         bad = []
-        for t in (self.plan if tiles is None else tiles):
+        for t in self.plan if tiles is None else tiles:
             if t.key not in done:
                 continue
             for name in self.names:
@@ -245,12 +257,13 @@ class KernelStore:
                         pass
 
     # -- reading ---------------------------------------------------------------------------------------
-    def matrix(self, name: Optional[str] = None, dtype: torch.dtype = torch.float64,
-               verify: bool = True) -> "StoredMatrix":
+    def matrix(
+        self, name: Optional[str] = None, dtype: torch.dtype = torch.float64, verify: bool = True
+    ) -> StoredMatrix:
         """The stored kernel ``name`` as a lazy matrix for the solvers (block matvecs, nothing loaded whole)."""
         return StoredMatrix(self, self._name(name), dtype=dtype, verify=verify)
 
-    def __getitem__(self, name: str) -> "StoredMatrix":
+    def __getitem__(self, name: str) -> StoredMatrix:
         return self.matrix(name)
 
     def to_tensor(self, name: Optional[str] = None, verify: bool = True) -> Tensor:
@@ -260,9 +273,9 @@ class KernelStore:
         out = torch.empty(self.shape + self.trailing, dtype=self.dtype)
         for t in self.plan:
             v = self.read_tile(t, name, verify)
-            out[t.r0:t.r1, t.c0:t.c1] = v
+            out[t.r0 : t.r1, t.c0 : t.c1] = v
             if self.symmetric and not t.diagonal:
-                out[t.c0:t.c1, t.r0:t.r1] = v.transpose(0, 1)
+                out[t.c0 : t.c1, t.r0 : t.r1] = v.transpose(0, 1)
         return out
 
     def matmat(self, v: Tensor, name: Optional[str] = None) -> Tensor:
@@ -275,16 +288,20 @@ class KernelStore:
     def _require_complete(self) -> None:
         missing = len(self.plan) - len(self.finished())
         if missing:
-            raise RuntimeError(f"the store at {self.path} is missing {missing} of {len(self.plan)} tiles; "
-                               f"resume the job (same kernel_matrix call) to finish it.")
+            raise RuntimeError(
+                f"the store at {self.path} is missing {missing} of {len(self.plan)} tiles; "
+                f"resume the job (same kernel_matrix call) to finish it."
+            )
 
     def remove(self) -> None:
         """Delete the store from disk."""
         shutil.rmtree(self.path)
 
     def __repr__(self) -> str:
-        return (f"KernelStore({str(self.path)!r}, {self.names}, shape={self.shape}, tiles "
-                f"{len(self.finished())}/{len(self.plan)}, tile_size={self.plan.tile_size})")
+        return (
+            f"KernelStore({str(self.path)!r}, {self.names}, shape={self.shape}, tiles "
+            f"{len(self.finished())}/{len(self.plan)}, tile_size={self.plan.tile_size})"
+        )
 
 
 class StoredMatrix(TiledOperator):
@@ -297,8 +314,9 @@ class StoredMatrix(TiledOperator):
 
     def __init__(self, store: KernelStore, name: str, dtype: torch.dtype = torch.float64, verify: bool = True):
         if store.trailing:
-            raise ValueError(f"the stored kernel has trailing axes {store.trailing}; solvers need a 2-D "
-                             f"(N1, N2) kernel.")
+            raise ValueError(
+                f"the stored kernel has trailing axes {store.trailing}; solvers need a 2-D (N1, N2) kernel."
+            )
         store._require_complete()
         self.store, self.name = store, name
         self.plan = store.plan
@@ -326,10 +344,10 @@ class StoredMatrix(TiledOperator):
             for bi in range(g1):
                 if self.store.symmetric and bi > bj:
                     t = plan.tile(bj, bi)
-                    out[t.c0:t.c1, sel] = self._tile(t)[local].T
+                    out[t.c0 : t.c1, sel] = self._tile(t)[local].T
                 else:
                     t = plan.tile(bi, bj)
-                    out[t.r0:t.r1, sel] = self._tile(t)[:, local]
+                    out[t.r0 : t.r1, sel] = self._tile(t)[:, local]
         return out
 
     def diagonal(self):
@@ -338,7 +356,7 @@ class StoredMatrix(TiledOperator):
         g1, g2 = self.store.plan.grid
         for b in range(min(g1, g2)):
             t = self.store.plan.tile(b, b)
-            out[t.r0:t.r1] = torch.diagonal(self._tile(t))
+            out[t.r0 : t.r1] = torch.diagonal(self._tile(t))
         return out
 
     def to_tensor(self):

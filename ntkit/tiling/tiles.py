@@ -6,13 +6,15 @@ Under ``torchrun`` the tiles are split across ranks: a static round-robin over t
 each rank that runs out steals unclaimed tiles from the tail of the others' lists. A tile is claimed with an
 exclusive-create file before it is computed, so no tile is computed twice within a run.
 """
+
 from __future__ import annotations
 
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -23,15 +25,28 @@ from ntkit.kernel import normalize_get
 from ntkit.tiling.plan import choose_tile_size, compute_tile, describe_kernel_fn, input_digest
 from ntkit.tiling.store import FORMAT, KernelStore
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 __all__ = ["kernel_matrix"]
 
 
-def kernel_matrix(kernel_fn: Callable, x1: Any, x2: Any = None, get: Union[str, Sequence[str]] = "ntk",
-                  tile_size: Optional[int] = None, store: Union[None, str, os.PathLike, KernelStore] = None,
-                  memory_budget: Optional[int] = None, *, description: Optional[str] = None,
-                  dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
-                  progress: Optional[bool] = None, verify: bool = True,
-                  on_tile: Optional[Callable[[Tile], None]] = None):
+def kernel_matrix(
+    kernel_fn: Callable,
+    x1: Any,
+    x2: Any = None,
+    get: Union[str, Sequence[str]] = "ntk",
+    tile_size: Optional[int] = None,
+    store: Union[str, os.PathLike, KernelStore, None] = None,
+    memory_budget: Optional[int] = None,
+    *,
+    description: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[bool] = None,
+    verify: bool = True,
+    on_tile: Optional[Callable[[Tile], None]] = None,
+):
     """``K(x1, x2)`` of any ``kernel_fn(x1, x2, get)`` (an ntkit net's ``kernel_fn``, or an empirical one),
     computed in tiles.
 
@@ -108,10 +123,17 @@ def _probe(kernel_fn, x1, x2, names, device) -> tuple[tuple[int, ...], torch.dty
 
 def _in_memory(kernel_fn, x1, x2, names, plan: TilePlan, ctx: DistContext, dtype, show, on_tile):
     trailing, kdtype = _probe(kernel_fn, x1, x2, names, ctx.device)
-    out = Assembler(plan, names, lambda t: t.transpose(0, 1), device=x1.device, dtype=dtype or kdtype,
-                    zeros=ctx.active, what="the kernel matrix",
-                    fix="pass store='some/dir' to compute it out of core (solvers read it lazily), or use float32.")
-    out.allocate({n: trailing for n in names}, dtype or kdtype, x1.device)
+    out = Assembler(
+        plan,
+        names,
+        lambda t: t.transpose(0, 1),
+        device=x1.device,
+        dtype=dtype or kdtype,
+        zeros=ctx.active,
+        what="the kernel matrix",
+        fix="pass store='some/dir' to compute it out of core (solvers read it lazily), or use float32.",
+    )
+    out.allocate(dict.fromkeys(names, trailing), dtype or kdtype, x1.device)
     tiles = [t for i, t in enumerate(plan) if i % ctx.world_size == ctx.rank]
     with _Progress(show, len(plan), 0) as bar:
         for t in tiles:
@@ -125,14 +147,24 @@ def _in_memory(kernel_fn, x1, x2, names, plan: TilePlan, ctx: DistContext, dtype
 
 
 def _manifest(kdesc, x1, x2, names, tile_size, trailing, dtype) -> dict:
-    return {"format": FORMAT, "kernel": kdesc, "get": list(names), "dtype": str(dtype).replace("torch.", ""),
-            "n1": x1.shape[0], "n2": (x1 if x2 is None else x2).shape[0], "symmetric": x2 is None,
-            "tile_size": int(tile_size), "trailing": list(trailing),
-            "x1": input_digest(x1), "x2": input_digest(x2)}
+    return {
+        "format": FORMAT,
+        "kernel": kdesc,
+        "get": list(names),
+        "dtype": str(dtype).replace("torch.", ""),
+        "n1": x1.shape[0],
+        "n2": (x1 if x2 is None else x2).shape[0],
+        "symmetric": x2 is None,
+        "tile_size": int(tile_size),
+        "trailing": list(trailing),
+        "x1": input_digest(x1),
+        "x2": input_digest(x2),
+    }
 
 
-def _open_store(path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify,
-                ctx: DistContext) -> KernelStore:
+def _open_store(
+    path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx: DistContext
+) -> KernelStore:
     """Rank 0 makes or checks the store (and repairs damaged tiles); every rank then opens it. An error on
     rank 0 is raised on every rank."""
     err = None
@@ -157,7 +189,7 @@ def _open_store(path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget,
                         ks.invalidate(t)
             else:
                 ks = KernelStore.create(path, man)
-        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+        except Exception as e:
             err = e
     msg = broadcast_object(None if err is None else (type(err).__name__, str(err)))
     if err is not None:
@@ -178,10 +210,10 @@ def _fill_store(ks: KernelStore, kernel_fn, x1, x2, names, ctx: DistContext, sho
         if ctx.is_main:
             claims.mkdir(parents=True, exist_ok=True)
         barrier()
-    own = todo[ctx.rank::ctx.world_size]
-    steal = []  # other ranks' tiles, from the tail of their lists
+    own = todo[ctx.rank :: ctx.world_size]
+    steal: list[Tile] = []  # other ranks' tiles, from the tail of their lists
     for r in range(1, ctx.world_size):
-        steal.extend(reversed(todo[(ctx.rank + r) % ctx.world_size::ctx.world_size]))
+        steal.extend(reversed(todo[(ctx.rank + r) % ctx.world_size :: ctx.world_size]))
     done0 = len(ks.plan) - len(todo)
     with _Progress(show, len(ks.plan), done0) as bar:
         for t in own + steal:
@@ -204,8 +236,10 @@ def _fill_store(ks: KernelStore, kernel_fn, x1, x2, names, ctx: DistContext, sho
             pass
     missing = len(ks.missing_tiles())
     if missing:
-        raise RuntimeError(f"{missing} tiles of {ks.path} are still missing after the run (a rank failed?); "
-                           f"re-run the same job to resume.")
+        raise RuntimeError(
+            f"{missing} tiles of {ks.path} are still missing after the run (a rank failed?); "
+            f"re-run the same job to resume."
+        )
 
 
 def _claim(claims: Path, t: Tile) -> bool:
@@ -222,21 +256,35 @@ class _Progress:
 
     def __init__(self, show: bool, total: int, done: int):
         self.show, self.total, self.done = show, total, done
-        self.bar = None
+        self.bar: Optional[Progress] = None
 
     def __enter__(self):
         if self.show:
             try:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    ProgressColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
                 from rich.text import Text
 
                 class _Rate(ProgressColumn):
                     def render(self, task):
                         return Text(f"{task.speed:.2f} tiles/s" if task.speed else "-- tiles/s")
 
-                self.bar = Progress(TextColumn("kernel tiles"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+                self.bar = Progress(
+                    TextColumn("kernel tiles"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    _Rate(),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                )
                 self.bar.start()
                 self.task = self.bar.add_task("tiles", total=self.total, completed=self.done)
             except ImportError:  # rich is optional
