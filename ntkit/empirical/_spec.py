@@ -102,10 +102,6 @@ class OutSpec:
         yet divided by the trace size)."""
         return torch.einsum(f"{self.s1}{extra},{self.s2}{extra}->{self.out}", a, b)
 
-    def from_full(self, full: Tensor) -> Tensor:
-        """Apply the spec to a full kernel laid out ``(N1, *O, N2, *O)``."""
-        return torch.einsum(f"{self.s1}{self.s2}->{self.out}", full) / self.trace_size
-
     def swap_perm(self) -> list[int]:
         """Permutation exchanging the roles of x1 and x2 (for filling the lower blocks of x1 vs x1)."""
         perm, pos = [], 0

@@ -10,13 +10,13 @@ import torch
 from helpers import rel_err
 
 import ntkit
+from ntkit.linalg import as_operator
 from ntkit.tiling import (
     CorruptTileError,
     KernelFnOperator,
     KernelStore,
     StoreMismatchError,
     TilePlan,
-    as_operator,
     kernel_matrix,
 )
 
