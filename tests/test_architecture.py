@@ -21,13 +21,13 @@ PKG = Path(__file__).resolve().parents[1] / "ntkit"
 
 #: units from the bottom up; a unit may import the units of lower rows only (ARCHITECTURE.md)
 LAYERS: list[list[str]] = [
-    ["ntkit._version", "ntkit._inputs", "ntkit._memory", "ntkit._deprecation", "ntkit.distributed", "ntkit.theory"],
-    ["ntkit._tiles", "ntkit.memory", "ntkit.kernel"],
+    ["ntkit._version", "ntkit._inputs", "ntkit._memory", "ntkit._deprecation", "ntkit.distributed"],
+    ["ntkit._tiles", "ntkit.memory", "ntkit.kernel", "ntkit.theory"],
     ["ntkit.linalg", "ntkit.layers"],
     ["ntkit.nets", "ntkit.tiling", "ntkit.empirical", "ntkit.predict"],
     ["ntkit.architectures", "ntkit.lift", "ntkit.random_features", "ntkit.monte_carlo"],
-    ["ntkit.stax", "ntkit.nt", "ntkit.feature_learning", "ntkit.datasets", "ntkit.plots"],
-    ["ntkit.integrations"],
+    ["ntkit.stax", "ntkit.feature_learning", "ntkit.datasets", "ntkit.plots"],
+    ["ntkit.nt", "ntkit.integrations"],
     ["ntkit.cli"],
     ["ntkit.__main__"],
     ["ntkit._compat"],
