@@ -4,7 +4,8 @@ that measures a model's output shape, FLOPs and activation memory."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "single_fn",
     "Probe",
     "probe",
+    "check_independent",
 ]
 
 ParamsLike = Union[None, Mapping[str, Tensor], Iterable[Union[str, Tensor]]]
@@ -242,11 +244,18 @@ class _FlopCount(torch.overrides.TorchFunctionMode):
         return out
 
 
-def probe(model: nn.Module, params: dict[str, Tensor], x1: Tensor, fixed: Optional[dict] = None) -> Probe:
+def probe(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    x1: Tensor,
+    fixed: Optional[dict] = None,
+    x2: Optional[Tensor] = None,
+) -> Probe:
     """Run the model on ``x1[:1]``: check it accepts the inputs, preserves the batch axis and returns one
     floating tensor; measure its FLOPs and, from a second pass on ``x1[:2]``, the activation bytes it saves
     for backward per sample (the difference between the two passes: weights and other per-batch constants
-    cancel)."""
+    cancel). When ``x1`` (or ``x2``) holds more than one sample, also check that the model treats samples
+    independently (:func:`check_independent`)."""
     leaves = {n: v.detach().requires_grad_(True) if v.is_floating_point() else v for n, v in params.items()}
     leaves.update(fixed or {})
 
@@ -270,7 +279,7 @@ def probe(model: nn.Module, params: dict[str, Tensor], x1: Tensor, fixed: Option
     except Exception as e:  # the model's own error, re-raised with what we passed
         raise EmpiricalError(
             f"the model rejected inputs of per-sample shape {tuple(x1.shape[1:])} and dtype "
-            f"{x1.dtype}: {type(e).__name__}: {e}"
+            f"{x1.dtype}: {type(e).__name__}: {e}" + _needs_batch(model, leaves, x1)
         ) from e
     if not isinstance(out, Tensor):
         raise EmpiricalError(
@@ -284,8 +293,120 @@ def probe(model: nn.Module, params: dict[str, Tensor], x1: Tensor, fixed: Option
         )
     if not out.is_floating_point():
         raise EmpiricalError(f"the model's output has dtype {out.dtype}; kernels need floating outputs.")
+    if max(x1.shape[0], 0 if x2 is None else x2.shape[0]) > 1:
+        values = {n: v.detach() for n, v in leaves.items()}
+        check_independent(
+            lambda x: torch.func.functional_call(model, values, (x,), tie_weights=True), x1, x2, out.detach()
+        )
 
     def refine() -> int:
         return max(0, run(x1[:2], False)[2] - saved1)
 
     return Probe(tuple(out.shape[1:]), float(flops), saved1, refine if x1.shape[0] > 1 else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# samples must be processed independently
+# ---------------------------------------------------------------------------------------------------
+def _needs_batch(model: nn.Module, leaves: dict, x1: Tensor) -> str:
+    """For the error of a model that rejected one sample: a hint when it accepts the whole batch ``x1``."""
+    if x1.shape[0] == 1:
+        return ""
+    try:
+        with torch.no_grad(), compute_mode():
+            torch.func.functional_call(model, leaves, (x1,), tie_weights=True)
+    except Exception:
+        return ""
+    return (
+        f". It accepts the batch of {x1.shape[0]} samples but not one sample: empirical kernels evaluate the "
+        f"model one sample at a time, as model(x[i:i+1]), so a model whose output for one sample depends on "
+        f"the others (a layer over the batch axis) is not supported; make its forward treat samples independently."
+    )
+
+
+_MIXING_FIX = (
+    "empirical kernels are per-sample quantities, computed one sample at a time as model(x[i:i+1]), so "
+    "they would silently be wrong (all zero for x - x.mean(0)). Make the forward treat samples independently "
+    "(no mean, softmax, cumsum, sort or layer over the batch axis 0; BatchNorm with running statistics: "
+    "model.eval()); for the NTK of the batch as one function, pass the batch as one sample of a wrapper, "
+    "lambda xb: model(xb[0])[None], on x[None] with trace_axes=()."
+)
+
+
+def _mixing_tol(dtype: torch.dtype) -> float:
+    """Normwise relative difference between batched and per-sample outputs taken as round-off: batch sizes
+    may select other kernels (GEMV/GEMM, cuDNN algorithms, TF32 on GPUs), never an O(1) change."""
+    eps = torch.finfo(dtype).eps
+    return 1e-6 if eps < 1e-10 else 1e-2 if eps < 1e-5 else 0.25
+
+
+def _probe_batch(x1: Tensor, x2: Optional[Tensor]) -> Tensor:
+    """The probe batch ``[x0, xk, x0]``: ``x0 = x1[0]`` (the sample of the probe pass) on both sides of ``xk``,
+    the first of ``x1[1:8]`` then ``x2[:8]`` that differs from it (``x0`` again if none does)."""
+    pool = x1[:8] if x2 is None else torch.cat([x1[:8], x2[:8]])
+    differs = (pool != pool[:1]).reshape(pool.shape[0], -1).any(1).nonzero()
+    k = int(differs[0, 0]) if differs.numel() else 0
+    return pool[[0, k, 0]]
+
+
+def check_independent(fn: Callable[[Tensor], Any], x1: Tensor, x2: Optional[Tensor], out0: Tensor) -> None:
+    """Refuse a model whose output for one sample depends on the other samples of its batch.
+
+    ``fn`` is the model on a batch (parameters held fixed), ``out0`` its output on ``x1[:1]`` (the probe
+    pass). One more pass, on the batch ``[x0, xk, x0]`` (:func:`_probe_batch`), must give ``out0`` in rows
+    0 and 2 to round-off (:func:`_mixing_tol`): row 0 sees the samples after it and row 2 those before it, so
+    the one pass catches mixing in either direction (centring, softmax, cumsum or sort over the batch axis,
+    layers applied over it, batch statistics), also through ``torch.no_grad``/``detach`` code, for integer
+    inputs (token ids) too, and factors of the batch size and output shapes that change with it. The
+    comparison is normwise, relative to the largest output of the batch.
+
+    A model that takes one sample but not three (``x.view(1, -1)``) is left alone (it is evaluated one
+    sample at a time anyway). A mismatch that comes from random draws (the same sample twice gives two
+    outputs) is reported as such. Cost: one forward pass on three samples, without autograd.
+
+    (A cross-derivative test, exact where this one needs a tolerance, costs a backward pass more, or a
+    forward-mode JVP, which torch runs ~20x slower than the forward on an MLP; values catch the O(1) mixing
+    that makes per-sample kernels wrong, e.g. an all-zero NTK for ``x - x.mean(0)``.)
+    """
+    X = _probe_batch(x1, x2)
+    try:
+        with torch.no_grad(), compute_mode():
+            out3 = fn(X)
+    except Exception:  # the model takes one sample only: per-sample evaluation is all there is
+        return
+    if not isinstance(out3, Tensor) or out3.shape[:1] != (3,) or out3.shape[1:] != out0.shape[1:]:
+        shape = tuple(out3.shape) if isinstance(out3, Tensor) else type(out3).__name__
+        raise EmpiricalError(
+            f"the model maps a batch of 3 samples to an output of shape {shape} but one sample to "
+            f"{tuple(out0.shape)}: its output depends on the batch; " + _MIXING_FIX
+        )
+    d = _mixing(out3, out0)
+    tol = _mixing_tol(out0.dtype)
+    if d <= tol:
+        return
+    with torch.no_grad(), compute_mode():
+        again = fn(X[:1])
+    if _mixing(again.expand_as(out3), out0) > tol:
+        raise EmpiricalError(
+            "the model gives different outputs for the same input on two calls (random operations in its "
+            "forward: dropout with training=True, torch.rand...); empirical kernels need a deterministic "
+            "model: turn the randomness off (model.eval(), fixed masks)."
+        )
+    raise EmpiricalError(
+        f"the model's output for a sample in a batch of 3 differs from its output for the sample alone (by "
+        f"{d:.1e}, relative): the output for one sample depends on the other samples in its batch; " + _MIXING_FIX
+    )
+
+
+def _mixing(out3: Tensor, out0: Tensor) -> float:
+    """``max(‖out3[0] - out0‖, ‖out3[2] - out0‖) / max(‖out3[r]‖, ‖out0‖)`` in float64 over finite entries
+    (``inf`` where rows 0 and 2 are not finite where ``out0`` is; 0 for all-zero outputs)."""
+    a, b = out3.detach().double(), out0.detach().double()[0]
+    fin = b.isfinite()
+    if not (torch.equal(a[0].isfinite(), fin) and torch.equal(a[2].isfinite(), fin)):
+        return math.inf
+    a = torch.where(a.isfinite(), a, 0.0)
+    b = torch.where(fin, b, 0.0)
+    scale = max(float(a.reshape(3, -1).norm(dim=1).max()), float(b.norm()))
+    diff = max(float((a[0] - b).norm()), float((a[2] - b).norm()))
+    return 0.0 if scale == 0 else diff / scale

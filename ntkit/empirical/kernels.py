@@ -20,8 +20,16 @@ the result, only its cost. Output shapes follow NT (see :mod:`ntkit._empirical_c
 default ``trace_axes=(-1,)`` (the *mean* over outputs), ``(N1, N2, O, O)`` for ``trace_axes=()``.
 
 Computations run with the fused ``nn.MultiheadAttention`` fast path off and attention on its math backend
-(see :func:`~ntkit._empirical_core.compute_mode`); ``"structured"`` temporarily replaces the ``forward`` of
-the model's structured modules, so one model must not be used from another thread meanwhile.
+(see :func:`~ntkit.empirical.compute_mode`); ``"structured"`` attaches forward hooks to the model's
+structured modules for the duration of one computation, so one model must not be used from another thread
+meanwhile.
+
+Kernels are per-sample quantities: every implementation evaluates the model one sample at a time. A model
+whose output for one sample depends on the other samples of its batch (``x - x.mean(0)``, a softmax or
+cumsum over the batch axis, a layer applied over it, BatchNorm in training mode) would get a silently wrong
+kernel (all zero for centring), so it is refused with an :class:`EmpiricalError`: the probe pass also runs
+the model on three samples ``[x0, xk, x0]`` and compares rows 0 and 2 with ``x0`` alone
+(:func:`~ntkit.empirical._model.check_independent`; batches of one sample are exempt, their kernel is exact).
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ def _prepare(model, x1, x2, params, trace_axes, diagonal_axes):
     x1, x2 = _checked_inputs(model, x1, x2)
     p = resolve_params(model, params)
     fixed = fixed_params(model, p)
-    pr = probe(model, p, x1, fixed)
+    pr = probe(model, p, x1, fixed, x2)
     spec = OutSpec(pr.out_shape, trace_axes, diagonal_axes)
     return x1, x2, p, fixed, pr, spec
 
@@ -141,10 +149,12 @@ def ntk_implementation(
     if implementation not in IMPLEMENTATIONS:
         raise EmpiricalError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}.")
     x1t = as_input(x1, "x1")
+    x2t = None if x2 is None else as_input(x2, "x2")
+    check_pair(x1t, x2t)
     p = resolve_params(model, None)
-    pr = probe(model, p, x1t)
+    pr = probe(model, p, x1t, None, x2t)
     spec = OutSpec(pr.out_shape, trace_axes, diagonal_axes)
-    n2 = x1t.shape[0] if x2 is None else int(x2.shape[0])
+    n2 = x1t.shape[0] if x2t is None else x2t.shape[0]
     with compute_mode():
         if implementation == "auto":
             return choose(model, p, spec, pr, x1t, n2, x2 is None), spec

@@ -67,7 +67,8 @@ class NtkVp(Implementation):
 
             return torch.func.vmap(per_dir_fn, chunk_size=min(chunk, m))(eye)
 
-        rows = torch.func.vmap(per_sample, chunk_size=max(1, chunk // m))(x2)  # (n2, *O, n1, *O)
+        rows = torch.func.vmap(per_sample, chunk_size=max(1, chunk // m))(x2)  # (n2, m, n1, *O)
+        rows = rows.reshape((x2.shape[0], *O, x1.shape[0], *O))  # the direction axis as the output axes
         nd = 1 + len(O)
         full = rows.permute(list(range(nd, 2 * nd)) + list(range(nd)))  # (n1, *O, n2, *O)
         return torch.einsum(f"{self.spec.s1}{self.spec.s2}->{self.spec.out}", full)

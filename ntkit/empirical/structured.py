@@ -14,11 +14,15 @@ Jacobians ``Σ_t G ⊙ x̂`` that are built directly.
 The cotangents of every structured use come from one ``jacrev`` of ``f`` with respect to zero
 perturbations ``δ`` added to the uses' outputs (``∂f/∂δ = ∂f/∂y``); the structured parameters are constants
 in it. While a kernel is computed, a forward hook on each structured module records what its rule needs from
-the module's input and adds the perturbation to its output; the hooks are removed when the computation ends
-(also on errors), so the user's modules are never modified. A parameter is only treated this way when a probe
-pass shows that no torch function reads it outside its own module's forward; any other use (a weight read by
-a parent module, ``nn.MultiheadAttention``'s projections) makes it an ordinary parameter, differentiated by
-Jacobian contraction. So results are exact for any model.
+the module's input (passed positionally or by keyword) and adds the perturbation to the output of the module's
+own forward (the hook runs before the user's hooks, the pre-hook after theirs); the hooks are removed when the
+computation ends (also on errors), so the user's modules are never modified. A parameter is only treated this
+way when a probe pass shows that no torch function reads it outside its own module's forward; any other use
+(a weight read by a parent module or a user's hook, ``nn.MultiheadAttention``'s projections) makes it an
+ordinary parameter, differentiated by Jacobian contraction, and so does a call the rule cannot describe (an
+input modified in place after the call, a rule that does not give the parameter's size). The rules read the
+layer's sizes from its parameters and its settings from what its forward reads (never ``in_features``-style
+bookkeeping). So results are exact for any model.
 
 Rules: torch's own modules (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, norm layers) are listed here; an
 ntkit finite twin brings its own (``structured_uses`` beside its ``forward``, in its layer's file).
@@ -75,12 +79,28 @@ def _outer(u: Any) -> Any:
     return _Outer(u.X, u.G) if isinstance(u, LinearUse) else u
 
 
+def _describes(u: Any, numel: int) -> bool:
+    """A use (probe pass, one sample) has the size of its parameter: else the rule does not describe how the
+    module uses it, and the parameter is differentiated as an ordinary one."""
+    if isinstance(u, _Outer):
+        if u.ids is not None:
+            return u.vocab * u.G.shape[-1] == numel
+        assert u.X is not None, "a weight use without token ids has inputs X"
+        X, G = u.X, u.G
+        return X.shape[1:3] == G.shape[2:4] and X.shape[2] * X.shape[3] * G.shape[4] == numel
+    return isinstance(u, Tensor) and u.dim() == 3 and u.shape[-1] == numel
+
+
 def _input(m, x):
     return x
 
 
+# The rules read only what the module's own forward reads: the parameters (their shapes give the layer's
+# sizes) and the call-time settings (stride, padding, groups, ...), never the constructor's bookkeeping
+# (``in_features``, ``kernel_size``, ``num_embeddings``): a subclass that builds its weight itself, or a weight
+# replaced by one of another shape, is described by what its forward computes.
 def _linear_uses(m, rec, G, n, M, names):
-    fin, fout = m.in_features, m.out_features
+    fin, fout = rec.shape[-1], G.shape[-1]
     Gt = G.reshape(n, M, -1, 1, fout)
     out = {"weight": _Outer(rec.reshape(n, -1, 1, fin), Gt)} if "weight" in names else {}
     if "bias" in names:
@@ -88,27 +108,51 @@ def _linear_uses(m, rec, G, n, M, names):
     return out
 
 
+def _per_axis(v: Any, d: int) -> tuple:
+    """A convolution setting (one int, or one per spatial axis) per axis."""
+    return (v,) * d if isinstance(v, int) else tuple(v)
+
+
+def _conv_padding(m: Any, d: int, ks: tuple[int, ...]) -> list[int]:
+    """``F.pad`` widths (last axis first) of the padding ``m``'s forward applies: ``padding_mode`` other than
+    zeros pads by ``_reversed_padding_repeated_twice``, zeros by ``padding`` ('valid', 'same' with torch's
+    split of ``dilation·(k-1)``, left ``⌊·/2⌋``, or per-axis / one int)."""
+    if m.padding_mode != "zeros":
+        return list(m._reversed_padding_repeated_twice)
+    pad, dil = m.padding, _per_axis(m.dilation, d)
+    if pad == "valid":
+        return [0] * (2 * d)
+    if pad == "same":
+        tot = [dil[i] * (ks[i] - 1) for i in range(d)]
+        return [w for i in reversed(range(d)) for w in (tot[i] // 2, tot[i] - tot[i] // 2)]
+    pad = _per_axis(pad, d)
+    return [w for i in reversed(range(d)) for w in (pad[i], pad[i])]
+
+
 def _conv_uses(m, rec, G, n, M, names):
-    d = len(m.kernel_size)
-    Gt = conv_cotangents(G, n, M, d, m.groups, m.out_channels)
+    wshape = m.weight.shape  # (Cout, Cin/groups, *kernel)
+    d, cout, ks = len(wshape) - 2, wshape[0], tuple(wshape[2:])
+    Gt = conv_cotangents(G, n, M, d, m.groups, cout)
     out: dict[str, Union[_Outer, Tensor]] = {}
     if "weight" in names:
         x = rec.reshape((n,) + tuple(rec.shape[-(d + 1) :]))  # (n, Cin, *S)
-        pad = m._reversed_padding_repeated_twice
+        pad = _conv_padding(m, d, ks)
         if any(pad):
             x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-        out["weight"] = _Outer(patches(x, m.kernel_size, m.stride, m.dilation, m.groups), Gt)
+        out["weight"] = _Outer(patches(x, ks, _per_axis(m.stride, d), _per_axis(m.dilation, d), m.groups), Gt)
     if "bias" in names:
-        out["bias"] = Gt.sum(2).reshape(n, M, m.out_channels)
+        out["bias"] = Gt.sum(2).reshape(n, M, cout)
     return out
 
 
 def _emb_uses(m, rec, G, n, M, names):
     ids = rec.reshape(n, -1)
-    Gt = G.reshape(n, M, -1, 1, m.embedding_dim)
-    if m.padding_idx is not None:  # autograd gives no gradient to the padding row; neither do we
-        Gt = Gt * (ids != m.padding_idx).to(Gt.dtype)[:, None, :, None, None]
-    return {"weight": _Outer(None, Gt, ids=ids, vocab=m.num_embeddings)}
+    Gt = G.reshape(n, M, -1, 1, G.shape[-1])
+    vocab, pad = m.weight.shape[0], m.padding_idx
+    if pad is not None:  # autograd gives no gradient to the padding row; neither do we
+        pad = pad + vocab if pad < 0 else pad  # as F.embedding reads a negative index
+        Gt = Gt * (ids != pad).to(Gt.dtype)[:, None, :, None, None]
+    return {"weight": _Outer(None, Gt, ids=ids, vocab=vocab)}
 
 
 def _layernorm_rec(m, x):  # x̂: what the affine parameters multiply
@@ -175,7 +219,7 @@ def _rule(m: nn.Module) -> Optional[Rule]:
     if _own_forward(m, nn.Linear):
         return _input, _linear_uses
     for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if _own_forward(m, base) and isinstance(m.padding, (tuple, str)):
+        if _own_forward(m, base) and isinstance(m.padding, (tuple, list, str, int)):
             return _input, _conv_uses
     if _own_forward(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse:
         return _input, _emb_uses
@@ -203,39 +247,59 @@ class _Ctx:
         self.mode = "off"
         self.deltas: list = []
         self.records: list = []
-        self.calls: list = []
+        self.calls: list = []  # (module, y shape, y dtype, record, its version) per call (probe mode)
         self.stack: list = []  # modules whose forward is running (probe mode)
         self.outside: set = set()  # ids of structured leaves read outside their own module (probe mode)
+        self.unrecorded: set = set()  # ids of modules a call of which the rule cannot describe (probe mode)
+
+
+def _sole_input(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """The one tensor a module was called with, positionally or by keyword (``lin(input=x)``), else None."""
+    vals = (*args, *kwargs.values())
+    return vals[0] if len(vals) == 1 and isinstance(vals[0], Tensor) else None
 
 
 def _hooks(m: nn.Module, record, structured: set, ctx: _Ctx):
     """Forward pre-hook and hook of one structured module: in probe mode they record the call, in run mode
-    they record what its rule needs and add the perturbation to its output."""
+    they record what its rule needs and add the perturbation to its output.
+
+    The pre-hook runs after the module's other pre-hooks and the hook before its other hooks (``prepend``),
+    so the perturbation is added to the output of the module's own forward, and a weight read by a user's
+    hook (before or after the forward) is read outside the module, which makes it an ordinary parameter."""
 
     def pre(mod, args):
         if ctx.mode == "probe":
             ctx.stack.append(mod)
 
-    def post(mod, args, y):
+    def post(mod, args, kwargs, y):
         if ctx.mode == "probe":
             ctx.stack.pop()
-            if structured and len(args) == 1 and isinstance(y, Tensor):
-                ctx.calls.append((mod, tuple(y.shape), record(mod, args[0]).detach()))
+            if structured:
+                x = _sole_input(args, kwargs)
+                try:
+                    rec = None if x is None or not isinstance(y, Tensor) else record(mod, x).detach()
+                except Exception:  # a module the rule cannot describe: its parameters become ordinary ones
+                    rec = None
+                if rec is None:
+                    ctx.unrecorded.add(id(mod))
+                else:  # with its version: an input modified in place later (x += lin(x)) is not the input
+                    ctx.calls.append((mod, tuple(y.shape), y.dtype, rec, rec._version))
             return None
         if ctx.mode == "off" or not structured:
             return None
-        if len(args) != 1 or not isinstance(y, Tensor):
+        x = _sole_input(args, kwargs)
+        if x is None or not isinstance(y, Tensor):
             raise EmpiricalError(
-                f"{type(mod).__name__} was called with {len(args)} inputs; structured "
-                f"derivatives need one. Use implementation='jacobian'."
+                f"{type(mod).__name__} was called with {len(args) + len(kwargs)} inputs where the probe pass saw "
+                f"one; use implementation='jacobian' for data-dependent control flow."
             )
         k = len(ctx.records)
-        if k >= len(ctx.deltas) or tuple(ctx.deltas[k].shape) != tuple(y.shape):
+        if k >= len(ctx.deltas) or ctx.deltas[k].shape != y.shape or ctx.deltas[k].dtype != y.dtype:
             raise EmpiricalError(
                 "the model's forward calls its layers differently from sample to sample; "
                 "use implementation='jacobian' for data-dependent control flow."
             )
-        ctx.records.append(record(mod, args[0]))
+        ctx.records.append(record(mod, x))
         return y + ctx.deltas[k]
 
     return pre, post
@@ -292,7 +356,10 @@ class Structured(Implementation):
             canon.setdefault(id(p), name)
         self.mods: list[tuple[nn.Module, Any, Any, dict]] = []
         for m in model.modules():
-            r = _rule(m)
+            try:
+                r = _rule(m)
+            except AttributeError:  # a subclass without the settings its stock forward reads: no structure
+                r = None
             if r is None:
                 continue
             local = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False) if canon.get(id(p)) in params}
@@ -315,7 +382,7 @@ class Structured(Implementation):
                 names = {ln for ln, c in local.items() if c in self.structured}
                 pre, post = _hooks(m, record, names, self.ctx)
                 handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post))
+                handles.append(m.register_forward_hook(post, prepend=True, with_kwargs=True))
             yield self
         finally:
             for h in handles:
@@ -338,28 +405,47 @@ class Structured(Implementation):
             for c in local.values():
                 owner.setdefault(id(leaves[c]), set()).add(m)
         reads = _ReadsOutside(self.ctx, {k: _Owners(v) for k, v in owner.items()})
+        ctx = self.ctx
         with self.active(), compute_mode():
-            self.ctx.mode, self.ctx.calls, self.ctx.outside = "probe", [], set()
+            ctx.mode, ctx.calls, ctx.outside, ctx.unrecorded = "probe", [], set(), set()
             with reads:
-                out = torch.func.functional_call(self.model, {**self.fixed, **leaves}, (x1[:1],), tie_weights=True)
-            self.ctx.mode = "off"
-        self.structured -= {n for n, v in leaves.items() if id(v) in self.ctx.outside}
-        self.generic = [n for n in self.params if n not in self.structured]
+                torch.func.functional_call(self.model, {**self.fixed, **leaves}, (x1[:1],), tie_weights=True)
+            ctx.mode = "off"
+        # a module whose input was modified in place after the call (``x += lin(x)``): its rule would read the
+        # modified values; its parameters are ordinary ones (autograd then refuses the model, as it does for
+        # the other implementations)
+        ctx.unrecorded |= {id(m) for m, *_, rec, version in ctx.calls if rec._version != version}
+        calls, ctx.calls = [c[:4] for c in ctx.calls], []
         rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
-        self.calls = []  # (module, y shape) of calls that get a perturbation, in call order
+        self.structured -= {n for n, v in leaves.items() if id(v) in ctx.outside}
+        self.structured -= {c for m, *_, local in self.mods if id(m) in ctx.unrecorded for c in local.values()}
         geo: dict[str, list] = {}
-        for m, yshape, rec in self.ctx.calls:
+        for m, yshape, ydtype, rec in calls:
             uses, local = rules[id(m)]
-            if not any(c in self.structured for c in local.values()):
-                continue
-            self.calls.append((m, yshape))
-            G = torch.zeros((1, 1) + yshape, dtype=rec.dtype if rec.is_floating_point() else out.dtype)
             names = {ln for ln, c in local.items() if c in self.structured}
-            for ln, u in uses(m, rec.unsqueeze(0), G, 1, 1, names).items():
-                geo.setdefault(local[ln], []).append(u)
-        self.ctx.calls = []
+            if not names:
+                continue
+            G = torch.zeros((1, 1) + yshape, dtype=ydtype)
+            try:
+                got = uses(m, rec.unsqueeze(0), G, 1, 1, names)
+            except Exception:  # the rule cannot describe this call: the module's parameters are ordinary ones
+                got = {}
+            for ln in names:
+                u = got.get(ln)
+                if u is None or not _describes(u, self.params[local[ln]].numel()):
+                    self.structured.discard(local[ln])
+                else:
+                    geo.setdefault(local[ln], []).append(u)
+        geo = {k: v for k, v in geo.items() if k in self.structured}
         self.structured &= set(geo)  # structured parameters the forward never uses contribute 0
         self.generic = [n for n in self.params if n not in self.structured]
+        # the calls that get a perturbation in run mode (those of modules with a structured parameter left),
+        # in call order, with the shape and dtype of their outputs
+        self.calls = [
+            (m, yshape, ydtype)
+            for m, yshape, ydtype, _ in calls
+            if any(c in self.structured for c in rules[id(m)][1].values())
+        ]
         self._plan(geo, x1.shape[0])
 
     def _plan(self, geo: dict[str, list], n: int) -> None:
@@ -424,8 +510,7 @@ class Structured(Implementation):
         ctx = self.ctx
         gparams = {k: params[k] for k in self.generic}
         svals = {**self.fixed, **{k: v for k, v in params.items() if k not in gparams}}
-        dtype = next(iter(self.params.values())).dtype
-        deltas = [torch.zeros(s, dtype=dtype, device=x.device) for _, s in self.calls]
+        deltas = [torch.zeros(s, dtype=dt, device=x.device) for _, s, dt in self.calls]
 
         def fs(deltas, gp, xi):
             ctx.mode, ctx.deltas, ctx.records = "run", deltas, []
@@ -442,7 +527,7 @@ class Structured(Implementation):
         direct: dict[str, Tensor] = {k: v.reshape(n, M, -1) for k, v in dJ.items()}
         outer: dict[str, list] = {}
         rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
-        for (m, yshape), G, rec in zip(self.calls, dG, recs):
+        for (m, yshape, _), G, rec in zip(self.calls, dG, recs):
             uses, local = rules[id(m)]
             names = {ln for ln, c in local.items() if c in self.structured}
             for ln, u in uses(m, rec, G.reshape((n, M) + yshape), n, M, names).items():
