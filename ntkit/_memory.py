@@ -7,9 +7,15 @@ whatever the number of samples. Every part of ntkit that sizes work — a networ
 :func:`check_fits`:
 
 * budget: an explicit ``memory_budget`` argument, else the environment variable ``NTKIT_MEMORY_BUDGET`` (bytes),
-  else :data:`BUDGET_FRACTION` of the memory available now (``MemAvailable`` on Linux,
-  ``torch.cuda.mem_get_info`` on CUDA devices);
+  else :data:`BUDGET_FRACTION` of the memory available now;
 * a result (an output kernel, a prediction table) must fit in :data:`OUTPUT_FRACTION` of the memory available.
+
+"Available" (:func:`available_bytes`) is the tightest of every limit the process runs under
+(:func:`memory_limits`): on CUDA devices ``torch.cuda.mem_get_info``; on the CPU ``MemAvailable`` of
+``/proc/meminfo``, the memory cgroup (v2 ``memory.max`` − ``memory.current``, v1 ``memory.limit_in_bytes`` −
+``memory.usage_in_bytes``, at every level up the hierarchy, reclaimable page cache counted as free), and the
+resource limits ``RLIMIT_AS`` (``ulimit -v``) − ``VmSize`` and ``RLIMIT_DATA`` (``ulimit -d``) − ``VmData``.
+A result that does not fit is refused before anything is allocated, naming the binding limit and its fix.
 
 Process-wide allocator tuning is never done implicitly: :func:`tune_allocator` is an explicit opt-in (public
 as :func:`ntkit.memory.tune_allocator`).
@@ -18,16 +24,23 @@ as :func:`ntkit.memory.tune_allocator`).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 __all__ = [
     "available_bytes",
+    "memory_limits",
+    "binding_limit",
+    "cgroup_limits",
+    "rlimit_limits",
+    "MemoryLimit",
     "memory_budget",
     "default_budget",
     "format_bytes",
@@ -58,23 +71,233 @@ BUDGET_ENV = "NTKIT_MEMORY_BUDGET"
 Device = Union[str, torch.device]
 
 
-def available_bytes(device: Device) -> int:
-    """Bytes that can be allocated now on ``device`` (best effort; falls back to 4 GiB)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+#: cgroup v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages); anything above this is unlimited
+_UNLIMITED = 1 << 60
+_FALLBACK = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLimit:
+    """One limit on the memory this process can still allocate.
+
+    ``name`` names it (``"MemAvailable"``, ``"cgroup v2 memory.max"``, ``"RLIMIT_AS"``, ...), ``available`` is
+    the bytes it still allows, ``limit``/``used`` its size and current use when it has them, ``where`` the file
+    or call it was read from, and ``fix`` how to raise it.
+    """
+
+    name: str
+    available: int
+    limit: Optional[int] = None
+    used: Optional[int] = None
+    where: str = ""
+    fix: str = ""
+
+    def describe(self) -> str:
+        """E.g. ``"RLIMIT_AS (ulimit -v, address space) of 2.0 GiB with 1.1 GiB in use (VmSize)"``."""
+        if self.limit is None:
+            return f"{self.name}: {format_bytes(self.available)}"
+        used = "" if self.used is None else f" with {format_bytes(self.used)} in use"
+        at = f" ({self.where})" if self.where else ""
+        return f"{self.name} of {format_bytes(self.limit)}{used}{at}"
+
+
+def _read_int(path: Path) -> Optional[int]:
+    try:
+        text = path.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _read_stat(path: Path, *keys: str) -> Optional[int]:
+    """The first of ``keys`` found in a ``key value`` file (``memory.stat``)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    found = dict(line.split(maxsplit=1) for line in lines if len(line.split()) == 2)
+    for k in keys:
+        if k in found:
+            try:
+                return int(found[k])
+            except ValueError:
+                return None
+    return None
+
+
+def _ancestors(start: Path, root: Path) -> list[Path]:
+    """``start`` and its parents up to and including ``root``."""
+    out = [start]
+    while start != root and root in start.parents:
+        start = start.parent
+        out.append(start)
+    return out
+
+
+def _cgroup_dirs(proc_cgroup: Path, root: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """The process's cgroup v2 directory and v1 memory-controller directory (``None`` where absent)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    v2: Optional[Path] = None
+    v1: Optional[Path] = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.strip().lstrip("/")
+        if controllers == "":
+            base = root
+            d = base / rel
+            v2 = d if d.is_dir() else base  # in a cgroup namespace the own cgroup is mounted as the root
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            if not base.is_dir():
+                base = root / controllers
+            d = base / rel
+            v1 = d if d.is_dir() else base
+    return v2, v1
+
+
+def cgroup_limits(proc_cgroup: Union[str, Path] = "/proc/self/cgroup", root: Union[str, Path] = "/sys/fs/cgroup"):
+    """The memory limits of the cgroups this process is in, v2 and v1, at every level of the hierarchy (a
+    parent's limit binds its children). Page cache the kernel can reclaim (``inactive_file``) counts as free.
+    ``proc_cgroup``/``root`` exist for tests (fake trees)."""
+    proc_cgroup, root = Path(proc_cgroup), Path(root)
+    v2, v1 = _cgroup_dirs(proc_cgroup, root)
+    out: list[MemoryLimit] = []
+    fix = "raise the container's or cgroup's memory limit (e.g. docker --memory, systemd MemoryMax=)"
+    if v2 is not None:
+        for d in _ancestors(v2, root):
+            limit = _read_int(d / "memory.max")
+            current = _read_int(d / "memory.current")
+            if limit is None or current is None or limit >= _UNLIMITED:
+                continue
+            free_cache = _read_stat(d / "memory.stat", "inactive_file") or 0
+            used = max(0, current - free_cache)
+            out.append(MemoryLimit("cgroup v2 memory.max", max(0, limit - used), limit, used, str(d), fix))
+    if v1 is not None:
+        base = v1
+        while base.parent != base and (base.parent / "memory.limit_in_bytes").exists():
+            base = base.parent
+        for d in _ancestors(v1, base):
+            limit = _read_int(d / "memory.limit_in_bytes")
+            usage = _read_int(d / "memory.usage_in_bytes")
+            if limit is None or usage is None:
+                continue
+            hier = _read_stat(d / "memory.stat", "hierarchical_memory_limit")
+            if hier is not None and hier < limit:
+                limit = hier
+            if limit >= _UNLIMITED:
+                continue
+            free_cache = _read_stat(d / "memory.stat", "total_inactive_file", "inactive_file") or 0
+            used = max(0, usage - free_cache)
+            out.append(MemoryLimit("cgroup v1 memory.limit_in_bytes", max(0, limit - used), limit, used, str(d), fix))
+    return out
+
+
+def _proc_status(path: Union[str, Path] = "/proc/self/status") -> dict[str, int]:
+    """``VmSize``, ``VmData``, ... of this process in bytes (empty where ``/proc`` is absent)."""
+    out: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        k, _, v = line.partition(":")
+        parts = v.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            out[k] = int(parts[0]) * 1024
+    return out
+
+
+def rlimit_limits(status: Union[str, Path] = "/proc/self/status") -> list[MemoryLimit]:
+    """``RLIMIT_AS`` (``ulimit -v``: virtual address space, against ``VmSize``) and ``RLIMIT_DATA``
+    (``ulimit -d``: data segments, against ``VmData``) when set."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return []
+    vm = _proc_status(status)
+    out = []
+    for res, name, key, ulimit, flag in (
+        ("RLIMIT_AS", "RLIMIT_AS (ulimit -v, address space)", "VmSize", "ulimit -v", "--as"),
+        ("RLIMIT_DATA", "RLIMIT_DATA (ulimit -d, data segment)", "VmData", "ulimit -d", "--data"),
+    ):
+        rid = getattr(resource, res, None)
+        if rid is None:
+            continue
+        soft, _ = resource.getrlimit(rid)
+        if soft == resource.RLIM_INFINITY or soft < 0 or soft >= _UNLIMITED:
+            continue
+        used = vm.get(key)
+        if used is None:
+            continue
+        fix = f"raise the limit ({ulimit} unlimited in the shell, or prlimit {flag}=<bytes> --pid <pid>)"
+        out.append(MemoryLimit(name, max(0, soft - used), soft, used, key, fix))
+    return out
+
+
+def _meminfo_available() -> Optional[int]:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        return None
+
+
+def memory_limits(device: Device) -> list[MemoryLimit]:
+    """Every limit on what can be allocated on ``device`` now (at least one entry).
+
+    CUDA: the device's free memory (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` (free RAM plus
+    reclaimable cache), the cgroup limits (:func:`cgroup_limits`) and the resource limits
+    (:func:`rlimit_limits`). Where none can be read, a fallback of 4 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return [
+            MemoryLimit(
+                f"free memory of {device}",
+                int(free),
+                int(total),
+                int(total - free),
+                "torch.cuda.mem_get_info",
+                "free GPU memory (other processes, cached tensors: torch.cuda.empty_cache()) or use another GPU",
+            )
+        ]
+    out: list[MemoryLimit] = []
+    avail = _meminfo_available()
+    if avail is not None:
+        out.append(MemoryLimit("MemAvailable", int(avail), where="/proc/meminfo", fix="free memory on this machine"))
+    out.extend(cgroup_limits())
+    out.extend(rlimit_limits())
+    if not out:
+        out.append(MemoryLimit("fallback (no memory information found)", _FALLBACK))
+    return out
+
+
+def binding_limit(device: Device) -> MemoryLimit:
+    """The tightest of :func:`memory_limits`: what bounds an allocation on ``device`` now."""
+    return min(memory_limits(device), key=lambda lim: lim.available)
+
+
+def available_bytes(device: Device) -> int:
+    """Bytes that can be allocated now on ``device``: the tightest of :func:`memory_limits` (MemAvailable,
+    cgroup v1/v2 limits, ``RLIMIT_AS``/``RLIMIT_DATA``; free GPU memory on CUDA)."""
+    return int(binding_limit(device).available)
 
 
 def default_budget(device: Device) -> int:
@@ -99,6 +322,7 @@ def memory_budget(device: Device, budget: Optional[float] = None) -> int:
 
 
 def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units with one decimal: ``format_bytes(3 * 2**30) == "3.0 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}"
@@ -113,13 +337,18 @@ def bytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 def check_fits(nbytes: float, device: Device, what: str, fix: str) -> None:
     """Refuse, before allocating, a result of ``nbytes`` larger than :data:`OUTPUT_FRACTION` of the memory
-    available on ``device``; the error names ``what`` needs it and ``fix``."""
-    avail = available_bytes(device)
+    available on ``device``; the error names ``what`` needs it, the limit that binds (free memory, a cgroup
+    limit, ``ulimit -v``) and ``fix``."""
+    lim = binding_limit(device)
+    avail = lim.available
     if nbytes > OUTPUT_FRACTION * avail:
-        raise MemoryError(
-            f"{what} needs {format_bytes(nbytes)} but only {format_bytes(avail)} is available on "
-            f"{torch.device(device)}; {fix}"
-        )
+        if lim.limit is None:
+            where = f"only {format_bytes(avail)} is available on {torch.device(device)} ({lim.name})"
+            also = ""
+        else:
+            where = f"only {format_bytes(avail)} can be allocated on {torch.device(device)} under {lim.describe()}"
+            also = f" Or {lim.fix}." if lim.fix else ""
+        raise MemoryError(f"{what} needs {format_bytes(nbytes)} but {where}; {fix}{also}")
 
 
 def plan_tile(

@@ -112,3 +112,132 @@ def test_no_process_wide_tuning_unless_asked():
 
         if platform.libc_ver()[0] == "glibc":
             assert tuned == "{'malloc': True, 'huge_pages': True}"
+
+
+# -- the limits a process runs under (issue #16, item 8) ------------------------------------------------------
+RLIMIT_JOB = r"""
+import resource, sys, torch, ntkit as nt
+from ntkit._memory import _proc_status
+resource.setrlimit(resource.RLIMIT_AS, (_proc_status()["VmSize"] + (768 << 20), resource.RLIM_INFINITY))
+net = nt.serial(nt.Dense(64), nt.Relu(), nt.Dense(1))
+x = torch.randn(12000, 3, dtype=torch.float64)
+try:
+    net.kernel_fn(x)  # two 12000 x 12000 float64 kernels: 2.1 GiB, more than the 768 MiB left
+except MemoryError as e:
+    print("MemoryError:", e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
+def test_ulimit_v_is_honoured_before_allocating():
+    """Under ``ulimit -v`` a kernel that cannot fit is refused by ntkit, naming the limit and the fix (before,
+    the allocation started and torch's raw allocator error came out)."""
+    r = subprocess.run([sys.executable, "-c", RLIMIT_JOB], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    msg = r.stdout
+    assert "RLIMIT_AS (ulimit -v" in msg and "2.1 GiB" in msg
+    assert "ulimit -v unlimited" in msg and "kernel_matrix(..., store=path)" in msg  # both fixes
+    assert "DefaultCPUAllocator" not in r.stdout + r.stderr
+
+
+def _tree(root, files):
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def test_cgroup_v2_limits_at_every_level(tmp_path):
+    from ntkit._memory import cgroup_limits
+
+    root = tmp_path / "cg"
+    _tree(
+        root,
+        {
+            "user.slice/memory.max": "8000000\n",
+            "user.slice/memory.current": "1000000\n",
+            "user.slice/job/memory.max": "3000000\n",
+            "user.slice/job/memory.current": "2000000\n",
+            "user.slice/job/memory.stat": "anon 1500000\ninactive_file 500000\nactive_file 1\n",
+            "memory.max": "max\n",  # the root: no limit
+            "memory.current": "5\n",
+        },
+    )
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/user.slice/job\n")
+    lims = cgroup_limits(proc, root)
+    assert [(lim.name, lim.available) for lim in lims] == [
+        ("cgroup v2 memory.max", 3_000_000 - (2_000_000 - 500_000)),  # reclaimable page cache counts as free
+        ("cgroup v2 memory.max", 8_000_000 - 1_000_000),
+    ]
+    assert lims[0].limit == 3_000_000 and lims[0].used == 1_500_000 and "job" in lims[0].where
+    # in a cgroup namespace the process's own cgroup is the mounted root
+    proc.write_text("0::/not/visible/here\n")
+    _tree(root, {"memory.max": "4096\n", "memory.current": "1024\n"})
+    assert [lim.available for lim in cgroup_limits(proc, root)] == [3072]
+    proc.write_text("0::/\n")
+    (root / "memory.max").write_text("max\n")
+    assert cgroup_limits(proc, root) == []  # no limit anywhere
+
+
+def test_cgroup_v1_limits_hierarchy_and_unlimited(tmp_path):
+    from ntkit._memory import cgroup_limits
+
+    root = tmp_path / "cg"
+    unlimited = str(9223372036854771712)
+    _tree(
+        root,
+        {
+            "memory/memory.limit_in_bytes": unlimited + "\n",
+            "memory/memory.usage_in_bytes": "100\n",
+            "memory/docker/memory.limit_in_bytes": "6000000\n",
+            "memory/docker/memory.usage_in_bytes": "2500000\n",
+            "memory/docker/abc/memory.limit_in_bytes": unlimited + "\n",
+            "memory/docker/abc/memory.usage_in_bytes": "2000000\n",
+            "memory/docker/abc/memory.stat": "hierarchical_memory_limit 5000000\ntotal_inactive_file 400000\n",
+        },
+    )
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    lims = cgroup_limits(proc, root)
+    assert sorted(lim.available for lim in lims) == [3_400_000, 3_500_000]
+    assert all(lim.name == "cgroup v1 memory.limit_in_bytes" for lim in lims)
+    (root / "memory/docker/abc/memory.stat").write_text("total_inactive_file 0\n")
+    (root / "memory/docker/memory.limit_in_bytes").write_text(unlimited + "\n")
+    assert cgroup_limits(proc, root) == []  # unlimited at every level
+
+
+def test_a_binding_cgroup_limit_is_named_in_the_refusal(monkeypatch):
+    import ntkit._memory as M
+
+    fake = M.MemoryLimit("cgroup v2 memory.max", 200 << 20, 1 << 30, 824 << 20, "/sys/fs/cgroup/job", "raise it")
+    monkeypatch.setattr(M, "cgroup_limits", lambda: [fake])
+    assert M.available_bytes("cpu") == 200 << 20 and M.binding_limit("cpu") is fake
+    assert M.memory_budget("cpu") == int(M.BUDGET_FRACTION * (200 << 20))
+    import ntkit as nt
+
+    net = nt.serial(nt.Dense(8), nt.Relu(), nt.Dense(1))
+    with pytest.raises(MemoryError) as err:
+        net.kernel_fn(torch.randn(6000, 2, dtype=torch.float64), None, "nngp")  # 275 MiB > 0.9 x 200 MiB
+    msg = str(err.value)
+    assert "cgroup v2 memory.max of 1.0 GiB with 824.0 MiB in use (/sys/fs/cgroup/job)" in msg
+    assert "200.0 MiB can be allocated" in msg and "raise it" in msg and "store=path" in msg
+
+
+def test_rlimit_limits_read_this_process(tmp_path):
+    import resource
+
+    from ntkit._memory import rlimit_limits
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmSize:\t  1000 kB\nVmData:\t   500 kB\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (4 << 30, hard))
+        (lim,) = [x for x in rlimit_limits(status) if x.name.startswith("RLIMIT_DATA")]
+        assert lim.available == (4 << 30) - 500 * 1024 and lim.used == 500 * 1024 and "ulimit -d" in lim.fix
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    if soft == resource.RLIM_INFINITY:  # no limit: no entry
+        assert not [x for x in rlimit_limits(status) if x.name.startswith("RLIMIT_DATA")]

@@ -1,20 +1,28 @@
 """The ``ntkit`` command line (typer + rich).
 
-* ``ntkit fit`` (also plain ``ntkit`` and ``python -m ntkit``): NNGP / NTK kernel regression, NTK-SVM and
-  the finite network trained by gradient descent, side by side on one data set; a table and a report folder.
-* ``ntkit kernel``: a kernel matrix of a data set into a resumable on-disk store.
+* ``ntkit fit`` (also plain ``ntkit`` and ``python -m ntkit``): NNGP / NTK kernel regression, NTK-SVM (or
+  SVR) and the finite network trained by full-batch gradient descent, side by side on one data set
+  (classification or regression); a table and a report folder.
+* ``ntkit kernel``: a kernel matrix of a data set into a resumable on-disk store, identified by the
+  fingerprint of the resolved net (so a changed spec file is refused, not mixed in); several processes or
+  ``torchrun`` ranks may fill one store.
 * ``ntkit bench-uci``: NTK-SVM vs random forests vs RBF-SVM on the 43 KEEL/UCI sets (Arora et al. 2020).
 
-Errors print one line saying what to do (exit code 1); ``--debug`` shows the traceback instead.
+Errors print one line saying what to do (exit code 1); ``--debug`` shows the traceback instead. Bad option
+values (``--dtype``, ``--device``, ``--lr``, ...) are refused while the arguments are parsed, before any data
+is loaded (exit code 2).
 """
 
 from __future__ import annotations
 
+import math
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +34,7 @@ from ntkit import datasets
 from ntkit._inputs import parse_dtype
 from ntkit.cli.archs import ARCH_HELP, ArchError, resolve_arch
 from ntkit.tiling import kernel_matrix
+from ntkit.tiling.fingerprint import FingerprintError
 
 if TYPE_CHECKING:  # one definition for the type checker (the installed typer's)
     from typer._click.exceptions import ClickException
@@ -46,7 +55,68 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
-DATA_HELP = "digits | mnist | fashion-mnist | keel:<name> | cifar10:<dir> | csv:<path> | npz:<path>"
+DATA_HELP = "digits | mnist | fashion-mnist | keel:<name> | cifar10:<dir> | csv:<path> | npz:<path> | diabetes"
+TASK_HELP = (
+    "classification | regression | auto (regression for continuous targets: diabetes, or a CSV whose labels "
+    "are non-integer numbers; classification otherwise)."
+)
+LR_HELP = (
+    "Learning rate of the finite network's gradient descent (default: half the NTK's largest stable rate "
+    "2·N/λ_max, printed in the report). Lower it if the loss curve spikes (e.g. narrow CNNs)."
+)
+
+
+# -- option validation at parse time (typer callbacks): one clear error before any work -------------------------
+def _check_dtype(value: str) -> str:
+    """``--dtype``: float64 or float32."""
+    try:
+        parse_dtype(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a kernel dtype; use float64 (recommended) or float32.") from None
+    return value
+
+
+def _check_device(value: str) -> str:
+    """``--device``: a torch device that exists here (cpu, cuda, cuda:N, mps)."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(
+                f"{value!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu, or "
+                f"install a CUDA build of torch on a machine with a GPU."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise typer.BadParameter(f"{value!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise typer.BadParameter(f"{value!r}: MPS is not available here; use --device cpu.")
+    elif dev.type != "cpu":
+        raise typer.BadParameter(f"{value!r}: ntkit runs on cpu, cuda or cuda:N (and mps).")
+    return value
+
+
+def _check_lr(value: Optional[float]) -> Optional[float]:
+    """``--lr``: a positive, finite number (or absent: automatic)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value!r} is not a learning rate; give a positive number, e.g. --lr 0.5.")
+    return value
+
+
+def _check_task(value: str) -> str:
+    if value not in ("auto", "classification", "regression"):
+        raise typer.BadParameter(f"{value!r}: use classification, regression or auto.")
+    return value
+
+
+def _command_line(ctx: typer.Context) -> Optional[str]:
+    """The command line this run was started with (``main`` passes it in the context object)."""
+    obj: Any = ctx.find_root().obj
+    argv = obj.get("argv") if isinstance(obj, dict) else None
+    return None if argv is None else "ntkit " + shlex.join(argv)
 
 
 class _Steps:
@@ -108,22 +178,26 @@ def _root(
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     data: str = typer.Option("digits", help=DATA_HELP),
     arch: str = typer.Option("fc3", help=ARCH_HELP),
+    task: str = typer.Option("auto", help=TASK_HELP, callback=_check_task),
     n_train: Optional[int] = typer.Option(None, help="Training samples (default: all, at most 5000)."),
     n_test: Optional[int] = typer.Option(None, help="Test samples (default: all, at most 2000)."),
-    dtype: str = typer.Option("float64", help="Kernel dtype: float64 | float32."),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("float64", help="Kernel dtype: float64 | float32.", callback=_check_dtype),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N", callback=_check_device),
     out: Path = typer.Option(Path("runs/fit"), help="Report folder (results.json, details.json, PNGs)."),
     seed: int = typer.Option(0, help="Seed of the split, subsampling and the finite network."),
     width: int = typer.Option(512, help="Hidden width of the finite network."),
     steps: int = typer.Option(500, help="Full-batch gradient-descent steps for the finite network."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=LR_HELP, callback=_check_lr),
     diag_reg: float = typer.Option(0.0, help="Ridge, relative to the mean train-kernel diagonal."),
     finite: bool = typer.Option(True, "--finite/--no-finite", help="Train the finite network too."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on a terminal."),
 ):
-    """Kernel regression with the NTK and NNGP, an NTK-SVM and the finite network, compared in one table."""
+    """Kernel regression with the NTK and NNGP, an NTK-SVM (SVR for regression) and the finite network trained
+    by full-batch gradient descent, compared in one table."""
     from ntkit.cli.fit import FitOptions, run_fit
 
     if steps < 1 or width < 1:
@@ -143,22 +217,41 @@ def fit(
         finite=finite,
         figures=figures,
         progress=progress,
+        lr=lr,
+        task=task,
+        command=_command_line(ctx),
     )
     res = run_fit(opts, _Steps(progress))
-    d = res["details"]
-    table = Table(title=f"ntkit fit — {data}, {arch}: {d['n_train']} train / {d['n_test']} test")
-    for col in ("model", "accuracy", "seconds", "kernel cond."):
+    d, meta = res["details"], res["meta"]
+    regression = meta["task"] == "regression"
+    table = Table(
+        title=f"ntkit fit — {data}, {arch} ({meta['task']}): {d['n_train']} train / {d['n_test']} test",
+    )
+    cols = ("model", "R²", "RMSE", "MAE") if regression else ("model", "accuracy")
+    for col in cols + ("seconds", "kernel cond."):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in res["rows"]:
-        table.add_row(r["model"], f"{100 * r['accuracy']:.2f}%", f"{r['seconds']:.1f}", _fmt(r.get("condition_number")))
+        scores = (
+            (f"{r['r2']:.3f}", _fmt(r["rmse"], 3), _fmt(r["mae"], 3))
+            if regression
+            else (f"{100 * r['accuracy']:.2f}%",)
+        )
+        table.add_row(r["model"], *scores, f"{r['seconds']:.1f}", _fmt(r.get("condition_number")))
     out_console.print(table)
     if "finite" in d:
         f = d["finite"]
+        predicted = (
+            f"NTK-predicted R² {f['ntk_predicted_r2']:.3f}"
+            if regression
+            else f"NTK-predicted accuracy {100 * f['ntk_predicted_accuracy']:.2f}%"
+        )
         out_console.print(
-            f"finite net (width {f['width']}, {f['steps']} GD steps, lr {f['learning_rate']:.3g}): "
-            f"NTK-predicted accuracy {100 * f['ntk_predicted_accuracy']:.2f}%, test outputs differ "
+            f"finite net (width {f['width']}, {f['steps']} full-batch GD steps, lr {f['learning_rate']:.3g}"
+            f"{'' if lr is not None else ' (auto)'}): {predicted}, test outputs differ "
             f"from the NTK prediction by {100 * f['output_rel_error']:.1f}% (relative L2)."
         )
+        if f["unstable"]:
+            out_console.print(f"[bold yellow]warning:[/] unstable training ({f['unstable']}); try a smaller --lr.")
     out_console.print(
         f"kernels: {d['kernel_seconds']:.1f} s; report: {res['out']}/results.json"
         + (", figures: " + ", ".join(Path(p).name for p in d["figures"].values()) if d["figures"] else "")
@@ -173,16 +266,27 @@ def kernel(
     get: str = typer.Option("ntk", help="ntk | nngp | both"),
     split: str = typer.Option("train", help="Rows from the train or test split."),
     against: str = typer.Option("self", help="Columns: self (K(x, x), symmetric) | train."),
-    n: Optional[int] = typer.Option(None, help="Use the first n samples of the split (default: all)."),
+    n: Optional[int] = typer.Option(
+        None,
+        "--n-samples",
+        "--n",
+        help="Use the first N samples of the split (default: all). Under torchrun "
+        "spell it --n-samples (torchrun reads a bare --n as an abbreviation of its own options).",
+    ),
     tile_size: Optional[int] = typer.Option(None, help="Samples per tile side (default: by memory)."),
-    dtype: str = typer.Option("float64", help="float64 | float32"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("float64", help="float64 | float32", callback=_check_dtype),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N", callback=_check_device),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Compute a kernel matrix into a resumable tiled store; re-run the same command to resume."""
+    """Compute a kernel matrix into a resumable tiled store; re-run the same command to resume. The store is
+    identified by the fingerprint of the resolved net (every layer, hyper-parameter and the code of functions
+    in a spec file), the inputs and the dtype: a changed --arch spec is refused, never mixed in. Several
+    processes (or torchrun ranks) started on one store share its tiles."""
     names = {"ntk": ("ntk",), "nngp": ("nngp",), "both": ("nngp", "ntk")}.get(get)
     if names is None or split not in ("train", "test") or against not in ("self", "train"):
         raise typer.BadParameter("--get ntk|nngp|both, --split train|test, --against self|train.")
+    if n is not None and n < 1:
+        raise typer.BadParameter(f"--n-samples {n}: give a positive number of samples.")
     ds = datasets.load(data)
     a = resolve_arch(arch, ds.n_classes)
     if a.images and ds.image_shape is None:
@@ -201,16 +305,22 @@ def kernel(
     x = x.to(device, dt)
     xc = None if xc is None else xc.to(device, dt)
     t0 = time.perf_counter()
-    ks = kernel_matrix(
-        a.net.kernel_fn,
-        x,
-        xc,
-        get=names,
-        tile_size=tile_size,
-        store=store,
-        description=f"ntkit kernel --data {data} --arch {arch}",
-        progress=progress and console.is_terminal,
-    )
+    try:
+        ks = kernel_matrix(
+            a.net.kernel_fn,  # identified by the net's fingerprint, not by this command line
+            x,
+            xc,
+            get=names,
+            tile_size=tile_size,
+            store=store,
+            label=f"ntkit kernel --data {data} --arch {arch}",
+            progress=progress and console.is_terminal,
+        )
+    except FingerprintError as e:
+        raise ArchError(
+            f"--arch {arch}: {e} From the command line: make that object fingerprintable in the spec file "
+            f"(e.g. a module-level function or a plain number instead of an opaque object)."
+        ) from None
     cols = len(x) if xc is None else len(xc)
     out_console.print(
         f"{'/'.join(names)} kernel {len(x)} x {cols} ({dtype}) in {store} "
@@ -278,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args or (args[0].startswith("-") and args[0] not in ("--help", "-h")):
         args = ["fit"] + args  # `ntkit --data mnist` is `ntkit fit --data mnist`
     try:
-        code = app(args=args, prog_name="ntkit", standalone_mode=False)
+        code = app(args=args, prog_name="ntkit", standalone_mode=False, obj={"argv": args})
     except typer.Exit as e:
         return e.exit_code
     except ClickException as e:

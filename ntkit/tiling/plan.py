@@ -18,6 +18,7 @@ from torch import Tensor
 from ntkit._memory import WORK_FACTOR, memory_budget, plan_tile
 from ntkit._tiles import Tile, TilePlan
 from ntkit.layers.base import Layer
+from ntkit.tiling.fingerprint import describe_callable_code, fingerprint
 
 __all__ = [
     "Tile",
@@ -68,24 +69,33 @@ def choose_tile_size(
 # identity of a job: what the kernel is and what it was computed on
 # ---------------------------------------------------------------------------------------------------
 def describe_kernel_fn(kernel_fn: Callable, description: Optional[str] = None) -> str:
-    """A stable text naming the kernel: ``description`` if given; ``repr(net)`` for an ntkit net or its bound
-    ``kernel_fn`` (the repr lists every layer and hyperparameter); else the function's module and
-    qualified name (for closures and lambdas, pass ``description=`` naming their hyperparameters)."""
-    if description is not None:
-        return str(description)
+    """The identity of a kernel, recorded in a store and compared on resume (see :mod:`ntkit.tiling.fingerprint`).
+
+    * an ntkit net (or its bound ``kernel_fn``): ``"ntkit:"`` and the fingerprint of the resolved net — every
+      layer, every hyper-parameter, and for user functions inside layers (``Elementwise(lambda ...)``) the
+      SHA-256 of their code with their closure values, defaults and the globals they read. ``description``
+      only stands for parts that cannot be fingerprinted (then it is part of the identity); otherwise it is
+      not needed and not part of it.
+    * any other callable without ``description``: its fingerprint (library functions by name, user functions
+      by code, closure cells and globals; callable objects by their attributes).
+    * any other callable with ``description``: the description (which must name the kernel and its
+      hyper-parameters) and the digest of the function's own code, so an edited function is not resumed.
+
+    Raises :class:`~ntkit.tiling.fingerprint.FingerprintError` (a ``ValueError``) naming the part that cannot be
+    fingerprinted, when no ``description`` is given.
+    """
     owner = getattr(kernel_fn, "__self__", None)
-    if isinstance(kernel_fn, Layer):
-        return f"ntkit:{kernel_fn!r}"
-    if isinstance(owner, Layer):
-        return f"ntkit:{owner!r}"
-    mod = getattr(kernel_fn, "__module__", None) or type(kernel_fn).__module__
-    name = getattr(kernel_fn, "__qualname__", None) or type(kernel_fn).__qualname__
-    if "<lambda>" in name or "<locals>" in name:
-        raise ValueError(
-            f"cannot name the kernel {name!r} stably across runs (a lambda or closure); pass "
-            f"description='...' naming the kernel and its hyperparameters so a store can be resumed safely."
-        )
-    return f"{mod}.{name}"
+    net = kernel_fn if isinstance(kernel_fn, Layer) else owner if isinstance(owner, Layer) else None
+    if net is not None:
+        text, unnamed = fingerprint(net, lenient=description is not None)
+        method = getattr(kernel_fn, "__name__", "kernel_fn") if net is not kernel_fn else "kernel_fn"
+        text = f"ntkit:{text}" + ("" if method == "kernel_fn" else f".{method}")
+        return f"{description} | {text}" if unnamed else text
+    if description is not None:
+        code = describe_callable_code(kernel_fn)
+        return str(description) + ("" if code is None else f" | code sha256:{code}")
+    text, _ = fingerprint(kernel_fn)
+    return text
 
 
 def input_digest(x: Optional[Tensor]) -> Optional[dict[str, Any]]:

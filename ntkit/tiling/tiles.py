@@ -3,12 +3,17 @@
 Tiles have any size (the last row/column of tiles is ragged: no divisibility constraint between the batch
 and ``n``), are sized to a memory budget, and for ``x2=None`` only the upper block triangle is computed.
 Under ``torchrun`` the tiles are split across ranks: a static round-robin over the unfinished tiles, then
-each rank that runs out steals unclaimed tiles from the tail of the others' lists. A tile is claimed with an
-exclusive-create file before it is computed, so no tile is computed twice within a run.
+each rank that runs out steals unclaimed tiles from the tail of the others' lists. Independent processes
+started on one store (by hand, by a scheduler) share it the same way: the first creates the store (atomically),
+the others join it. Every tile is claimed in the store's ``claims/`` folder before it is computed
+(:class:`~ntkit.tiling.store.Claims`), so no tile is computed twice while its claimant lives; a final pass
+computes whatever is left, taking over the claims of processes that died. Every writer returns the complete
+store.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -20,10 +25,11 @@ import torch
 
 from ntkit._inputs import as_batch, check_pair
 from ntkit._tiles import Assembler, Tile, TilePlan
+from ntkit._version import __version__
 from ntkit.distributed import DistContext, all_reduce_, barrier, broadcast_object, context
 from ntkit.kernel import normalize_get
 from ntkit.tiling.plan import choose_tile_size, compute_tile, describe_kernel_fn, input_digest
-from ntkit.tiling.store import FORMAT, KernelStore
+from ntkit.tiling.store import FORMAT, Claims, CorruptStoreError, Heartbeat, KernelStore
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -46,6 +52,7 @@ def kernel_matrix(
     progress: Optional[bool] = None,
     verify: bool = True,
     on_tile: Optional[Callable[[Tile], None]] = None,
+    label: Optional[str] = None,
 ):
     """``K(x1, x2)`` of any ``kernel_fn(x1, x2, get)`` (an ntkit net's ``kernel_fn``, or an empirical one),
     computed in tiles.
@@ -59,15 +66,21 @@ def kernel_matrix(
         ``memory_budget`` (capped at 4096). When resuming a store, its tile size is used.
       store: ``None`` to return tensors; a directory path (or :class:`KernelStore`) to write a resumable
         on-disk store, returned when complete. Re-running the same call resumes it: finished tiles are never
-        recomputed. A store made for other inputs or another kernel is refused.
+        recomputed. A store made for other inputs or another kernel is refused. Several processes may fill
+        one store at once (torchrun ranks or independent processes): they share the tiles.
       memory_budget: bytes a tile may use while computed (default: a quarter of free memory).
-      description: the kernel's stable name, recorded in the store; needed for lambdas/closures (ntkit nets
-        are described by their repr).
+      description: a name for the kernel, recorded in the store. Not needed for ntkit nets, which are
+        identified by the fingerprint of the whole resolved net (every layer, hyper-parameter and the code of
+        user functions inside it), nor for functions whose code, closure and globals can be fingerprinted; when
+        given for other callables it *is* their identity (with their code's digest), so it must name the
+        kernel and its hyper-parameters. See :func:`ntkit.tiling.plan.describe_kernel_fn`.
       dtype: stored dtype (default: the kernel's, i.e. ``x1``'s). E.g. compute in float64, store float32.
       device: where tiles are computed (default: ``x1``'s device; under torchrun ``cuda:LOCAL_RANK`` if CUDA).
       progress: show a progress bar with tiles/s and ETA (default: when stderr is a terminal; rank 0 only).
       verify: on resume, re-check every finished tile's checksum and recompute damaged tiles.
       on_tile: called with each :class:`Tile` after it is durably finished (by this process).
+      label: a note for people, recorded in the store's manifest (e.g. the command that made it); never part
+        of its identity.
 
     Returns:
       without ``store``: a tensor for a single ``get``, else a dict ``{name: tensor}``, on ``x1``'s device;
@@ -96,7 +109,8 @@ def kernel_matrix(
 
     path = Path(store.path if isinstance(store, KernelStore) else store)
     kdesc = describe_kernel_fn(kernel_fn, description)
-    ks = _open_store(path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx)
+    note = label if label is not None else description
+    ks = _open_store(path, kernel_fn, kdesc, note, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx)
     _fill_store(ks, kernel_fn, x1, x2, names, ctx, show, on_tile)
     return ks
 
@@ -146,10 +160,11 @@ def _in_memory(kernel_fn, x1, x2, names, plan: TilePlan, ctx: DistContext, dtype
     return out.outputs
 
 
-def _manifest(kdesc, x1, x2, names, tile_size, trailing, dtype) -> dict:
+def _manifest(kdesc, label, x1, x2, names, tile_size, trailing, dtype) -> dict:
     return {
         "format": FORMAT,
         "kernel": kdesc,
+        "label": label,
         "get": list(names),
         "dtype": str(dtype).replace("torch.", ""),
         "n1": x1.shape[0],
@@ -159,36 +174,55 @@ def _manifest(kdesc, x1, x2, names, tile_size, trailing, dtype) -> dict:
         "trailing": list(trailing),
         "x1": input_digest(x1),
         "x2": input_digest(x2),
+        "ntkit_version": __version__,
+        "torch_version": torch.__version__,
     }
 
 
+def _recover_tile_size(path: Path) -> Optional[int]:
+    """The tile size of a store whose manifest is damaged: from an array's zarr metadata, else a marker."""
+    for meta in sorted(path.glob("*/zarr.json")):
+        try:
+            return int(json.loads(meta.read_text())["chunk_grid"]["configuration"]["chunk_shape"][0])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    try:
+        rows = json.loads((path / "tiles" / "0_0.json").read_text())["rows"]
+        return int(rows[1]) - int(rows[0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def _open_store(
-    path, kernel_fn, kdesc, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx: DistContext
+    path, kernel_fn, kdesc, label, x1, x2, names, tile_size, memory_budget, dtype, verify, ctx: DistContext
 ) -> KernelStore:
-    """Rank 0 makes or checks the store (and repairs damaged tiles); every rank then opens it. An error on
-    rank 0 is raised on every rank."""
+    """Rank 0 makes, joins or checks the store (and repairs damage); every rank then opens it. An error on
+    rank 0 is raised on every rank. Independent processes each run this (each is a rank 0): one creates the
+    store, the others join it."""
     err = None
     if ctx.is_main:
         try:
-            existing = (path / "manifest.json").exists()
-            if existing:  # resume: no probe, the store knows the kernel's trailing axes and dtype
-                old = KernelStore(path)
+            old = None
+            if (path / "manifest.json").exists():
+                try:
+                    old = KernelStore(path)
+                except CorruptStoreError:
+                    old = None  # rebuilt from this job below, if its tiles agree
+            if old is not None:  # resume: no probe, the store knows the kernel's trailing axes and dtype
                 tile_size = tile_size or old.plan.tile_size
                 trailing, kdtype = old.trailing, old.dtype
             else:
                 trailing, kdtype = _probe(kernel_fn, x1, x2, names, ctx.device)
+                if (path / "tiles").is_dir():
+                    tile_size = tile_size or _recover_tile_size(path)
             n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
             ts = tile_size or _auto_tile(kernel_fn, x1, n1, n2, len(names), memory_budget, ctx)
-            man = _manifest(kdesc, x1, x2, names, ts, trailing, dtype or kdtype)
-            if existing:
-                ks = KernelStore(path)
-                ks.check_identity(man)
-                ks.clean_partials()
-                if verify:
-                    for t in ks.verify():
-                        ks.invalidate(t)
-            else:
-                ks = KernelStore.create(path, man)
+            man = _manifest(kdesc, label, x1, x2, names, ts, trailing, dtype or kdtype)
+            ks = KernelStore.open_or_create(path, man)
+            ks.clean_partials()
+            if verify:
+                for t in ks.verify():
+                    ks.invalidate(t)
         except Exception as e:
             err = e
     msg = broadcast_object(None if err is None else (type(err).__name__, str(err)))
@@ -201,54 +235,59 @@ def _open_store(
 
 
 def _fill_store(ks: KernelStore, kernel_fn, x1, x2, names, ctx: DistContext, show, on_tile) -> None:
+    """Compute the store's missing tiles, sharing them with every other process that fills it (claims), then
+    wait for (or take over) the tiles others hold until the store is complete."""
     todo_keys = broadcast_object([t.key for t in ks.missing_tiles()] if ctx.is_main else None)
     run_id = broadcast_object(uuid.uuid4().hex if ctx.is_main else None)
     by_key = {t.key: t for t in ks.plan}
     todo = [by_key[k] for k in todo_keys]
-    claims = ks.path / "claims" / run_id
-    if ctx.active:
-        if ctx.is_main:
-            claims.mkdir(parents=True, exist_ok=True)
-        barrier()
     own = todo[ctx.rank :: ctx.world_size]
     steal: list[Tile] = []  # other ranks' tiles, from the tail of their lists
     for r in range(1, ctx.world_size):
         steal.extend(reversed(todo[(ctx.rank + r) % ctx.world_size :: ctx.world_size]))
+    claims = Claims(ks.path / "claims", run=run_id)
     done0 = len(ks.plan) - len(todo)
-    with _Progress(show, len(ks.plan), done0) as bar:
-        for t in own + steal:
-            if ctx.active and not _claim(claims, t):
-                continue
-            t0 = time.perf_counter()
-            vals = compute_tile(kernel_fn, x1, x2, t, names, ctx.device)
-            ks.write_tile(t, vals, rank=ctx.rank, seconds=round(time.perf_counter() - t0, 4), run=run_id)
+
+    with _Progress(show, len(ks.plan), done0) as bar, Heartbeat(claims):
+
+        def work(t: Tile) -> bool:
+            """Compute tile ``t`` if it is unfinished and this process gets its claim."""
+            if ks.is_finished(t) or not claims.take(t.key):
+                return False
+            try:
+                if ks.is_finished(t):  # finished between the check and the claim
+                    return False
+                t0 = time.perf_counter()
+                vals = compute_tile(kernel_fn, x1, x2, t, names, ctx.device)
+                ks.write_tile(t, vals, rank=ctx.rank, seconds=round(time.perf_counter() - t0, 4), run=run_id)
+            finally:
+                claims.release(t.key)
             if on_tile is not None:
                 on_tile(t)
             if show:
-                bar.update(len(ks.finished()) if ctx.active else None)
+                bar.update(len(ks.finished()))
+            return True
+
+        for t in own + steal:
+            work(t)
+        # the final pass: tiles still missing are held by other live processes (wait for them) or by dead
+        # ones (their claims go stale and are taken over here)
+        pause = 0.02
+        while True:
+            missing = ks.missing_tiles()
+            if not missing:
+                break
+            worked = [work(t) for t in missing]  # every one: a list, not a short-circuiting any()
+            if any(worked):
+                pause = 0.02
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+            if show:
+                bar.update(len(ks.finished()))
     barrier()
-    if ctx.is_main and ctx.active:
-        try:
-            for f in os.listdir(claims):
-                os.unlink(claims / f)
-            claims.rmdir()
-        except OSError:
-            pass
-    missing = len(ks.missing_tiles())
-    if missing:
-        raise RuntimeError(
-            f"{missing} tiles of {ks.path} are still missing after the run (a rank failed?); "
-            f"re-run the same job to resume."
-        )
-
-
-def _claim(claims: Path, t: Tile) -> bool:
-    try:
-        fd = os.open(claims / t.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
+    if ctx.is_main:
+        ks.finish()
 
 
 class _Progress:
