@@ -43,6 +43,7 @@ validate_inputs = kernel_inputs
 
 __all__ = ["Kernel", "kernel_from_inputs", "normalize_get", "check_get", "map_kernels", "GETS"]
 
+#: the kernels a ``kernel_fn`` can compute, the valid values of ``get=``
 GETS = ("nngp", "ntk")
 
 
@@ -62,6 +63,15 @@ class Kernel:
       is_input: nothing has been applied yet.
       var1, var2: same-pixel variances ``(N, *s)`` of a pair-only record (``cov1 = cov2 = None``); see the
         module docstring.
+      mean1, mean2: same-pixel means ``E[z_c(x)]`` ``(N, *s)`` of the activations, averaged over the channels
+        (``None``: zero, as after every Dense/Conv; ``mean2`` is ``None`` for ``x1_is_x2``). A sum of branches
+        needs them: ``E[(u + v)(u' + v')]`` has the cross terms ``E[u]E[v'] + E[v]E[u']`` (``FanInSum``).
+      mean_kind: ``"exact"`` (every channel has the mean ``mean1``), ``"varying"`` (channels differ, e.g. the raw
+        inputs or a concatenation; ``mean1`` is their average) or ``"unknown"`` (a layer that does not track
+        means produced these activations).
+      fresh: one entry per enclosing ``FanOut``: whether this path has applied a layer with its own parameters
+        (Dense/Conv) since that ``FanOut``. Branches that have not are the same function of the same
+        activations, not independent, and the ``FanInSum``/``FanInProd`` rules refuse more than one of them.
     """
 
     nngp: Optional[Tensor]
@@ -76,6 +86,10 @@ class Kernel:
     is_input: bool = True
     var1: Optional[Tensor] = None
     var2: Optional[Tensor] = None
+    mean1: Optional[Tensor] = None
+    mean2: Optional[Tensor] = None
+    mean_kind: str = "exact"
+    fresh: tuple[bool, ...] = ()
 
     def replace(self, **changes: Any) -> Kernel:
         return dataclasses.replace(self, **changes)
@@ -154,6 +168,18 @@ class Kernel:
         d1, d2 = self.same_pixel_variances()
         d2 = d1 if d2 is None else d2
         return self._outer_view(d1, 0, True), self._outer_view(d2, 1, True)
+
+    def means(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(m1, m2)``: same-pixel means ``(N, *s)`` of both sides (``m2 = m1`` for ``x1_is_x2``; ``None``: zero)."""
+        return self.mean1, (self.mean1 if self.x1_is_x2 else self.mean2)
+
+    def outer_means(self, a: Tensor, b: Tensor, which: int = 0) -> Tensor:
+        """``a(x) b(x')`` for same-pixel means ``a`` of one side and ``b`` of the other, broadcast against
+        ``nngp`` (``which = 0``: ``a`` of x1, ``b`` of x2), ``cov1`` (1: both of x1) or ``cov2`` (2: both of x2);
+        pixel pairs ``(p, p')`` of a full-spatial layout get ``a[p] b[p']``."""
+        if which == 0:
+            return self._outer_view(a, 0, True) * self._outer_view(b, 1, True)
+        return self._outer_view(a, 0, False) * self._outer_view(b, 1, False)
 
     def with_exact_diagonal(self, inplace: bool = False) -> Kernel:
         """For ``x1_is_x2``: make ``nngp[i, i]`` equal ``cov1[i]`` bit for bit, so that correlations on the
@@ -275,6 +301,9 @@ def kernel_from_inputs(
             cov1 = _self_cov(x1, diagonal_spatial)
             cov2 = _self_cov(x2, diagonal_spatial)
     ntk = torch.zeros_like(g) if compute_ntk else None
+    # the inputs are deterministic: their "mean" is themselves; averaged over channels (which differ)
+    mean1 = x1.mean(1)
+    mean2 = None if x2 is None else x2.mean(1)
     return Kernel(
         nngp=g,
         ntk=ntk,
@@ -288,6 +317,9 @@ def kernel_from_inputs(
         is_input=True,
         var1=var1,
         var2=var2,
+        mean1=mean1,
+        mean2=mean2,
+        mean_kind="exact" if x1.shape[1] == 1 else "varying",
     )
 
 

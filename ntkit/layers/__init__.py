@@ -1,9 +1,13 @@
 """ntkit layers: one file per family, each layer a kernel rule beside its finite torch module."""
 
-from ntkit.layers.base import Layer, LayerError
+from ntkit.layers.aggregate import Aggregate, layer_kwargs
+from ntkit.layers.attention import GlobalSelfAttention
+from ntkit.layers.base import Layer, LayerError, NonFiniteKernelError
 from ntkit.layers.branching import FanInConcat, FanInProd, FanInSum, FanOut
 from ntkit.layers.conv import Conv
 from ntkit.layers.dense import Dense, Identity
+from ntkit.layers.dot_general import DotGeneral
+from ntkit.layers.dropout import Dropout
 from ntkit.layers.elementwise import (
     ABRelu,
     Abs,
@@ -17,12 +21,15 @@ from ntkit.layers.elementwise import (
 )
 from ntkit.layers.elementwise_poly import Hermite, Monomial, Polynomial, RectifiedMonomial
 from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gaussian, Gelu, Rbf, Sin
+from ntkit.layers.index import Index, Slice
 from ntkit.layers.norm import LayerNorm
 from ntkit.layers.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
+from ntkit.layers.resize import ImageResize
 
 __all__ = [
     "Layer",
     "LayerError",
+    "NonFiniteKernelError",
     "Dense",
     "Identity",
     "FanOut",
@@ -56,4 +63,12 @@ __all__ = [
     "GlobalAvgPool",
     "GlobalSumPool",
     "Flatten",
+    "GlobalSelfAttention",
+    "Aggregate",
+    "layer_kwargs",
+    "Dropout",
+    "Index",
+    "Slice",
+    "ImageResize",
+    "DotGeneral",
 ]

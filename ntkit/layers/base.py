@@ -56,6 +56,7 @@ Kernels = Union[Kernel, list[Kernel]]
 __all__ = [
     "Layer",
     "LayerError",
+    "NonFiniteKernelError",
     "LiftError",
     "Shape",
     "Shapes",
@@ -76,6 +77,11 @@ __all__ = [
 
 class LayerError(ValueError):
     """An unsupported layer combination or an input a layer cannot take; the message says the fix."""
+
+
+class NonFiniteKernelError(LayerError):
+    """A kernel came out Inf or NaN (overflow, or a rule outside its range); the message names the first layer
+    whose output is not finite, and the fix (scale the inputs, smaller ``W_std``/``b_std``, float64)."""
 
 
 class LiftError(ValueError):
@@ -202,16 +208,21 @@ def unsupported(m: nn.Module, why: str) -> LiftError:
 class Layer:
     """Base class of every layer; see the module docstring for the contract.
 
-    Class attributes:
+    Attributes:
       needs_full_spatial: the layer needs pixel-pixel covariances (pooling); the network then tracks them.
       has_params: the layer has trainable parameters (its width can be overridden in the finite twin).
       is_combinator: the layer only arranges other layers (``serial``/``parallel``): the tiler records
         self-covariances after its sublayers, not after it.
+      tracks_means: the rule keeps the record's means and branch bookkeeping up to date (see the attribute).
     """
 
     needs_full_spatial: bool = False
     has_params: bool = False
     is_combinator: bool = False
+    #: the rule sets the record's ``mean1``/``mean2``/``mean_kind``/``fresh`` (:class:`~ntkit.kernel.Kernel`);
+    #: for layers that do not, the network takes a Gaussian output as zero-mean and fresh and marks any other
+    #: output's means unknown (a later FanInSum then refuses rather than guess)
+    tracks_means: bool = False
 
     # -- required ------------------------------------------------------------------------------------
     def kernel(self, k: Kernels) -> Kernels:

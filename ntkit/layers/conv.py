@@ -232,10 +232,15 @@ def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float
     falling outside the image (which wrap into neighbouring rows or blocks). No padding is materialised
     and no op runs over short strided rows.
     """
+    # autograd records through x or base: no out= variants (the in-place updates of views below are fine)
+    recording = torch.is_grad_enabled() and (x.requires_grad or (base is not None and base.requires_grad))
     if not x.is_contiguous():
         # e.g. the input Gram matrix (a permuted GEMM result): one copy, scaled on the way
-        xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        x = torch.mul(x, alpha, out=xc) if alpha != 1.0 else xc.copy_(x)
+        if recording:
+            x = (x * alpha if alpha != 1.0 else x).contiguous()
+        else:
+            xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            x = torch.mul(x, alpha, out=xc) if alpha != 1.0 else xc.copy_(x)
         alpha = 1.0
     shape = tuple(x.shape)
     first, last = min(axes), max(axes)
@@ -261,7 +266,7 @@ def _window_sum_same(x: Tensor, axes: Sequence[int], w: AxisWindow, alpha: float
     deltas = [d - w.lo for d in range(w.size) if d != w.lo and abs(d - w.lo) * step < m]
     if base is not None:
         out = torch.add(base, x, alpha=alpha)
-    elif alpha != 1.0 or not deltas:
+    elif alpha != 1.0 or not deltas or recording:
         out = torch.mul(x, alpha)
     else:
         # the first shifted term in the same pass as the copy of the centre term
@@ -480,6 +485,7 @@ class Conv(Layer):
     """
 
     has_params = True
+    tracks_means = True
 
     def __init__(
         self,
@@ -551,8 +557,8 @@ class Conv(Layer):
         self._check_channels(k.width)
         full = not k.diagonal_spatial
         f_size = math.prod(w.size for w in wins)
-        w2 = self.W_std**2
-        b2 = 0.0 if self.b_std is None else self.b_std**2
+        w2 = self.W_std * self.W_std  # inf rather than OverflowError for absurd W_std (see dense.affine_rule)
+        b2 = 0.0 if self.b_std is None else self.b_std * self.b_std
         # strided axes first: they shrink the tensor for the passes after them
         order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
 
@@ -585,6 +591,10 @@ class Conv(Layer):
             shape2=(k.shape2[0], self.out_channels) + spatial,
             is_gaussian=True,
             is_input=False,
+            mean1=None,
+            mean2=None,
+            mean_kind="exact",
+            fresh=(True,) * len(k.fresh),
         )
 
     def _rule(self, k: Kernel, T, w2: float, b2: float, f_size: int):

@@ -65,8 +65,9 @@ def affine_rule(
     ``fan_in_scale`` is the ``n`` in the standard parameterisation's NTK term (input width times the
     receptive field for a convolution is handled by the caller through the transformed kernel).
     """
-    w2 = W_std**2
-    b2 = 0.0 if b_std is None else b_std**2
+    # products, not **2: a float W_std of 1e160 gives inf (named by the network's finite check), not OverflowError
+    w2 = W_std * W_std
+    b2 = 0.0 if b_std is None else b_std * b_std
 
     def aff(x):
         if not b2 and not isinstance(w2, torch.Tensor) and w2 == 1.0:
@@ -91,7 +92,18 @@ def affine_rule(
                 ntk = ntk + 1.0
     shape1 = (k.shape1[0], out_width) + tuple(k.shape1[2:])
     shape2 = (k.shape2[0], out_width) + tuple(k.shape2[2:])
-    return out.replace(ntk=ntk, shape1=shape1, shape2=shape2, is_gaussian=True, is_input=False)
+    # zero-mean Gaussian outputs of fresh weights: independent of every other branch (Kernel.fresh)
+    return out.replace(
+        ntk=ntk,
+        shape1=shape1,
+        shape2=shape2,
+        is_gaussian=True,
+        is_input=False,
+        mean1=None,
+        mean2=None,
+        mean_kind="exact",
+        fresh=(True,) * len(k.fresh),
+    )
 
 
 class DenseModule(nn.Module):
@@ -171,6 +183,7 @@ class Dense(Layer):
     """
 
     has_params = True
+    tracks_means = True
 
     def __init__(
         self, out_features: int, W_std: float = 1.0, b_std: Optional[float] = None, parameterization: str = "ntk"
@@ -222,6 +235,8 @@ class Dense(Layer):
 
 class Identity(Layer):
     """The identity: kernel and function unchanged."""
+
+    tracks_means = True
 
     def kernel(self, k):
         return k

@@ -38,20 +38,27 @@ layer                    φ(x)                              kernel (source)
 The smooth families live in :mod:`ntkit.layers.elementwise_smooth`, the polynomial ones in
 :mod:`ntkit.layers.elementwise_poly`; ``ntkit.layers`` re-exports them all.
 
-Numerics: correlations ``ρ = q12/√(q11 q22)`` are clamped to ``[−1, 1]``, and taken as exactly ``±1`` within
-a few ulps of it (kernels with a ``√(1 − ρ²)`` term would otherwise turn the round-off of duplicated
-inputs into errors of order ``√eps``); a zero variance gives ``ρ = 0`` instead of ``0/0``.
+Numerics: correlations ``ρ = q12/√(q11 q22)`` are computed in one rounding each of ``q11·q22``, its root and
+the quotient (correctly rounded when ``q11 = q22``; ``√q11·√q22`` where the product would leave the float
+range), clamped to ``[−1, 1]``, and taken as exactly ``±1`` where ``|ρ| ≥ 1 − 16 eps`` — and nowhere else:
+kernels with a ``√(1 − ρ²)`` or ``arccos ρ`` term would otherwise turn the round-off of duplicated inputs into
+errors of order ``√eps``, while moving any other ``ρ`` would cost ``eps/θ`` near ``θ = arccos ρ → 0``. A zero
+variance gives ``ρ = 0`` instead of ``0/0``. Closed forms are evaluated without cancellation or overflow for
+variances from 1e-300 to 1e300 (tests/layers/test_extremes.py), or refuse with an error; gradients of every
+rule are exact (autograd, second derivatives included: tests/layers/test_gradients.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
@@ -96,16 +103,91 @@ def ipc(t: Tensor, ip: bool, op: str, *args, **kwargs) -> Tensor:
 _SNAP_ULPS = 16
 
 
+@functools.cache
+def _product_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Variances ``q`` in ``[lo, hi]`` have products ``q11·q22`` in the normal range of ``dtype``."""
+    fi = torch.finfo(dtype)
+    e = (min(math.frexp(fi.max)[1], -math.frexp(fi.tiny)[1]) - 4) // 2
+    return 2.0**-e, 2.0**e
+
+
+def _within(q: Tensor, lo: float, hi: float) -> bool:
+    return bool(((q >= lo) & (q <= hi)).all())
+
+
+def _correlation(q12: Tensor, q11: Tensor, q22: Tensor, sign: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(P, sign·q12/P)`` with ``P = √(q11 q22)``, exactly symmetric in ``(q11, q22)``, ``ρ = 0`` where a
+    variance is 0 (then ``q12 = 0``), and no overflow or underflow for variances anywhere in the dtype's range.
+
+    When every variance lies in :func:`_product_range` (a check on the small, broadcast variances) ``P`` is
+    ``√(q11·q22)`` in one rounding each, so ``ρ`` is correctly rounded whenever ``q11 = q22`` (``√(q²) = q``
+    in IEEE arithmetic); else ``P = √q11 · √q22`` (reciprocals on the variances: no intermediate leaves the
+    range).
+    """
+    lo, hi = _product_range(q12.dtype)
+    if _within(q11, lo, hi) and _within(q22, lo, hi):
+        prod = torch.sqrt(q11 * q22)
+        if sign == 1.0:
+            return prod, q12 / prod
+        return prod, torch.addcdiv(q12.new_zeros(()), q12, prod, value=sign)
+    r1, r2 = torch.sqrt(q11), torch.sqrt(q22)
+    return r1 * r2, q12 * (_safe_reciprocal(r1, sign) * _safe_reciprocal(r2, 1.0))
+
+
+def _two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p, e)`` with ``p = fl(a·b)`` and ``a·b = p + e`` exactly (Dekker 1971, Veltkamp's splitting); needs
+    ``|a|, |b|`` well inside the range (here ≤ 1/c after the scaling of :func:`_root_det`)."""
+    split = _SPLIT.get(a.dtype, 2.0**6 + 1.0)  # float16/bfloat16 are computed in float32 (ntkit._inputs)
+    p = a * b
+    ta, tb = a * split, b * split
+    ah, bh = ta - (ta - a), tb - (tb - b)
+    al, bl = a - ah, b - bh
+    cross = ah * bl + al * bh  # one sum: the result is exactly symmetric in (a, b)
+    return p, ((ah * bh - p) + cross) + al * bl
+
+
+#: Veltkamp's splitting constants 2^⌈t/2⌉ + 1 (t: mantissa bits)
+_SPLIT = {torch.float64: 2.0**27 + 1.0, torch.float32: 2.0**12 + 1.0}
+
+
+def _root_det(c: float, q12: Tensor, q11: Tensor, q22: Tensor, sign: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(m, S)`` with ``m·S = √det``, ``det = (1 + σc·q11)(1 + σc·q22) − c²q12² = 1 + σc(q11 + q22) +
+    c²(q11 q22 − q12²)`` (``σ = sign``): the determinant of ``I + σc·Σ`` behind the Gaussian-integral kernels
+    (:class:`Erf`, ``Gelu``, ``Gaussian``), computed without cancellation or overflow for any variances.
+
+    ``m`` is a power of 2 ``≥ max(1, c·q11, c·q22)`` (so the scaled terms are ``≤ 1``: no overflow where
+    ``c·q`` reaches 1e300), and the discriminant ``q11 q22 − q12²`` — whose direct evaluation loses every digit
+    for nearly parallel inputs at large variance (on the diagonal of ``x2 = None`` the product form
+    ``(1 + cq)² − c²q²`` returned 0 instead of ``1 + 2cq`` at ``q ≈ 6e29``) — is computed exactly from the
+    floats by Dekker's two-product, and taken as 0 if round-off made it negative (a covariance is PSD).
+    """
+    u = torch.maximum(q11, q22) * c
+    _, e = torch.frexp(u.clamp_min(1.0))
+    m = torch.ldexp(torch.ones_like(u), e)
+    a, b, r = q11 / m, q22 / m, q12 / m  # exact (powers of 2)
+    p1, e1 = _two_prod(a, b)
+    p2, e2 = _two_prod(r, r)
+    disc = ((p1 - p2) + (e1 - e2)).clamp_min(0.0)
+    inv = 1.0 / m
+    det = torch.addcmul(inv * inv, a + b, inv, value=sign * c) + (c * c) * disc
+    return m, torch.sqrt(det.clamp_min(0.0))
+
+
 def _safe_rho(q12: Tensor, q11: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
     """``(sqrt(q11 q22), clamp(q12 / sqrt(q11 q22), -1, 1))``; ρ = 0 where a variance is 0 (then q12 = 0).
 
     ``|ρ| ≥ 1 − 16·eps`` becomes exactly ``±1``: duplicated inputs give ``ρ = 1 − O(eps)`` by round-off,
     which ``arccos``/``√(1 − ρ²)`` would amplify to ``O(√eps)``. Snapping moves ``θ = arccos ρ`` by at most
-    ``√(32·eps)`` — the size of the error it removes — so it costs no accuracy anywhere.
+    ``√(32·eps)`` — the size of the error it removes — and no other correlation moves at all.
     """
-    prod = torch.sqrt(q11 * q22)
-    rho = (q12 / prod.clamp_min(torch.finfo(q12.dtype).tiny)).clamp(-1.0, 1.0)
-    return prod, _snap_rho(rho, False)
+    prod, rho = _correlation(q12, q11, q22)
+    return prod, _snap_rho(rho.clamp(-1.0, 1.0), False)
+
+
+@functools.cache
+def _snap_angle(dtype: torch.dtype) -> float:
+    """``arccos(1 − 16 eps)``: angles ``θ`` at or below it are those of ``|ρ| ≥ 1 − 16 eps`` (snapped)."""
+    return math.acos(1 - _SNAP_ULPS * torch.finfo(dtype).eps)
 
 
 def _snap_rho(rho: Tensor, ip: bool) -> Tensor:
@@ -120,6 +202,10 @@ def _owns(t: Tensor, k: Kernel) -> bool:
     """True if ``t`` shares no memory with the tensors of ``k`` (so a rule's output may be edited in place)."""
     ptr = t.untyped_storage().data_ptr()
     return all(u is None or u.untyped_storage().data_ptr() != ptr for u in (k.nngp, k.ntk, k.cov1, k.cov2))
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _safe_reciprocal(r: Tensor, scale: float) -> Tensor:
@@ -137,10 +223,27 @@ def _horner(coefs, x: Tensor) -> Tensor:
     return acc
 
 
+def _grad_of(f: Callable[[Tensor], Tensor], x: Tensor, *context: Tensor) -> Tensor:
+    """``∂f/∂x`` of a scalar function ``f`` by autograd (``context``: the other tensors ``f`` depends on).
+
+    Outside a recorded computation the gradient is a plain tensor. When autograd records through ``x`` or a
+    ``context`` tensor, the gradient is built with ``create_graph=True`` (on an alias of ``x``, so that it is
+    the partial derivative in ``x`` alone) and stays a differentiable function of everything it depends on:
+    second derivatives are then exact, not those of a constant (without it, gradients of the NTK through
+    :class:`Elementwise` were off by 7–38 %)."""
+    create = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *context))
+    with torch.enable_grad():
+        xx = x.view_as(x) if (create and x.requires_grad) else x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xx), xx, create_graph=create)
+    return g
+
+
 class ElementwiseLayer(Layer):
-    """Base class for nonlinearities. Subclasses define ``fn`` and ``nngp_fn``; ``d_nngp_fn``, ``var_fn`` and
-    :meth:`derivative` have generic defaults. ``rule`` may be overridden to share work between K' and K̇
-    (:class:`RuleLayer` subclasses write ``rule`` alone)."""
+    """Base class for nonlinearities. Subclasses define ``fn`` and ``nngp_fn``; ``d_nngp_fn``, ``var_fn``,
+    ``mean_fn`` and :meth:`derivative` have generic defaults. ``rule`` may be overridden to share work between
+    K' and K̇ (:class:`RuleLayer` subclasses write ``rule`` alone)."""
+
+    tracks_means = True
 
     def fn(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define fn(x), its elementwise function.")
@@ -149,23 +252,28 @@ class ElementwiseLayer(Layer):
         raise NotImplementedError(f"{type(self).__name__} must define nngp_fn(q12, q11, q22) = E[φ(u)φ(v)].")
 
     def derivative(self, x: Tensor) -> Tensor:
-        """``φ'(x)`` elementwise, by autograd (``d/dx Σ φ(x)`` is ``φ'(x)``); closed forms override it."""
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.fn(xx).sum(), xx)
-        return g
+        """``φ'(x)`` elementwise, by autograd (``d/dx Σ φ(x)`` is ``φ'(x)``); closed forms override it.
+
+        When autograd records through ``x`` (hyper-parameters or inputs being differentiated) the result is
+        itself differentiable (``create_graph``: its derivative is ``φ''(x)``), so that ``K̇ = E[φ'(u) φ'(v)]``
+        — and the NTK — have the right gradients, not those of a constant."""
+        return _grad_of(lambda t: self.fn(t).sum(), x)
 
     def d_nngp_fn(self, q12: Tensor, q11: Tensor, q22: Tensor) -> Tensor:
-        """∂ nngp_fn / ∂ q12, by automatic differentiation (Price's theorem)."""
-        with torch.enable_grad():
-            q = q12.detach().requires_grad_(True)
-            out = self.nngp_fn(q, q11.detach(), q22.detach())
-            (g,) = torch.autograd.grad(out.sum(), q)
-        return g
+        """∂ nngp_fn / ∂ q12, by automatic differentiation (Price's theorem); differentiable again in
+        ``(q12, q11, q22)`` when autograd records through them (see :meth:`derivative`)."""
+        return _grad_of(lambda q: self.nngp_fn(q, q11, q22).sum(), q12, q11, q22)
 
     def var_fn(self, q: Tensor) -> Tensor:
         """``E[φ(u)²]`` for ``u ~ N(0, q)``."""
         return self.nngp_fn(q, q, q)
+
+    def mean_fn(self, q: Tensor) -> Optional[Tensor]:
+        """``E[φ(u)]`` for ``u ~ N(0, q)`` (``None``: 0), the means a sum of branches needs (``FanInSum``).
+        Default: a 100-node Gauss–Hermite rule on ``φ`` (exact for polynomials of degree < 200); every built-in
+        layer has the closed form."""
+        z, w = _hermite_nodes(100, q.dtype, q.device)
+        return (self.fn(torch.sqrt(q)[..., None] * z) * w).sum(-1)
 
     def rule(self, q12: Tensor, q11: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Optional[Tensor]]:
         return self.nngp_fn(q12, q11, q22), (self.d_nngp_fn(q12, q11, q22) if need_dot else None)
@@ -189,10 +297,25 @@ class ElementwiseLayer(Layer):
             ntk = None
         else:
             assert dot is not None, "rule(..., need_dot=True) returns the derivative kernel"
-            ntk = dot.mul_(k.ntk) if dot.shape == nngp.shape and can_inplace(dot, k.ntk) else k.ntk * dot
+            # in place only into a fresh K̇ that aliases nothing else (a user's d_nngp_fn may return its input)
+            fresh = dot.shape == nngp.shape and _owns(dot, k) and not _same_storage(dot, nngp)
+            ntk = dot.mul_(k.ntk) if fresh and can_inplace(dot, k.ntk) else k.ntk * dot
         cov1 = None if k.cov1 is None else self._self_rule(k, 1)
         cov2 = None if k.cov2 is None else self._self_rule(k, 2)
-        out = k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, is_input=False)
+        d1, d2 = k.same_pixel_variances()
+        mean1 = self.mean_fn(d1)
+        mean2 = None if (mean1 is None or d2 is None) else self.mean_fn(d2)
+        out = k.replace(
+            nngp=nngp,
+            ntk=ntk,
+            cov1=cov1,
+            cov2=cov2,
+            is_gaussian=False,
+            is_input=False,
+            mean1=mean1,
+            mean2=mean2,
+            mean_kind="exact",  # i.i.d. channels of a Gaussian input: every channel has this mean
+        )
         return out.with_exact_diagonal(inplace=_owns(nngp, k))
 
     def _self_rule(self, k: Kernel, which: int) -> Tensor:
@@ -262,7 +385,13 @@ class ABRelu(RuleLayer):
 
         K' = (a² + b²)·J1 − 2ab·J2
         K̇  = ((a² + b²)(π − θ) + 2ab·θ) / (2π)
-        E[φ(u)²] = (a² + b²)/2 · q
+        E[φ(u)²] = (a² + b²)/2 · q,    E[φ(u)] = (b − a)·√(q/(2π))
+
+    Evaluated through ``ψ = π − θ = arccos(−ρ)`` (accurate at both ends: no cancellation in ``K̇`` for
+    anti-parallel inputs) with ``|ρ| ≥ 1 − 16 eps`` snapped to ``±1`` by two threshold passes and no other
+    correlation moved: within 1e-11 of a 40-digit reference from ``θ = 1e-7`` to ``π`` wherever ``ρ`` is exact
+    in float64 (the hot path of benchmarks/fc.py and cnn.py; 11 tensor passes, one more than the former
+    scaled-clamp snapping that moved every ``ρ`` by 16 eps and cost 1.5e-8 on ``K̇`` at ``θ ≈ 1e-7``).
     """
 
     def __init__(self, a: float, b: float):
@@ -279,35 +408,37 @@ class ABRelu(RuleLayer):
         s2, ab = a * a + b * b, a * b
         c1 = s2 - 2 * ab  # = (a − b)² ≥ 0
         ip = can_inplace(q12, q11, q22)
-        # ρ = q12 · (1/√q11 · 1/√q22), scaled by (1 + 16 eps) so that the clamp to [−1, 1] also snaps
-        # |ρ| ≥ 1 − 16 eps to ±1 (one pass instead of four; see the module docstring). Reciprocals are taken
-        # on the (small, broadcast) variances, a zero variance gives ρ = 0, and both sides get the same
-        # factor so that the outer product — and hence the kernel for x2 = None — is exactly symmetric.
-        snap = math.sqrt(1 + _SNAP_ULPS * torch.finfo(q12.dtype).eps)
-        r1, r2 = torch.sqrt(q11), torch.sqrt(q22)
-        rho = ipc(q12 * (_safe_reciprocal(r1, snap) * _safe_reciprocal(r2, snap)), ip, "clamp", -1.0, 1.0)
-        theta = torch.arccos(rho)
-        # sin θ = √(1 − ρ²); 1 − ρ² ≥ 0 exactly in floating point once |ρ| ≤ 1
-        sin = ipc(torch.addcmul(rho.new_ones(()), rho, rho, value=-1.0), ip, "sqrt")
-        # K̇ = ((a²+b²)(π − θ) + 2ab θ)/(2π) = (a²+b²)/2 + (2ab − (a²+b²))/(2π) · θ
-        alpha = (2 * ab - s2) / (2 * _PI)
+        eps = torch.finfo(q12.dtype).eps
+        # y = −ρ, P = √(q11 q22) (ρ = 0 where a variance is 0; P symmetric in (q11, q22), so that the kernel for
+        # x2 = None is exactly symmetric)
+        prod, y = _correlation(q12, q11, q22, -1.0)
+        # snap |ρ| ≥ 1 − 16 eps to ±1 (module docstring) and move no other correlation: ρ ≥ 1 − 16 eps (and
+        # ρ > 1 by round-off) -> y = −1 in one threshold pass; ρ < −1 -> y = 1 by the clamp
+        y = F.threshold(y, _SNAP_ULPS * eps - 1.0, -1.0, inplace=ip)
+        y = ipc(y, ip, "clamp", max=1.0)
+        # ψ = π − θ = arccos(−ρ), accurate at both ends (ψ ≈ π − θ near ρ = 1, ψ → 0 near ρ = −1: no
+        # cancellation in K̇ for anti-parallel inputs); ρ ≤ −(1 − 16 eps) -> ψ = 0 (θ = π), one threshold pass
+        psi = F.threshold(torch.arccos(y), _snap_angle(q12.dtype), 0.0, inplace=ip)
+        sin = torch.sin(psi)  # sin θ = sin ψ
+        # K̇ = ((a²+b²)(π − θ) + 2ab θ)/(2π) = ab + (a − b)²/(2π) · ψ
+        alpha = c1 / (2 * _PI)
         dot = (
-            torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha, out=theta)
+            torch.add(psi.new_tensor(ab), psi, alpha=alpha, out=psi)
             if ip
-            else torch.add(theta.new_tensor(s2 / 2), theta, alpha=alpha)
+            else torch.add(psi.new_tensor(ab), psi, alpha=alpha)
         )
-        # K' = (a²+b²) J1 − 2ab J2 = √(q11 q22)/(2π) · [c1 sin θ + 2π K̇ ρ],  c1 = (a − b)²
+        # K' = (a²+b²) J1 − 2ab J2 = √(q11 q22)/(2π) · [c1 sin θ + 2π K̇ ρ] = K̇ q12 + c1/(2π) · P sin θ
+        nngp = dot * q12
         if c1:
-            nngp = ipc(sin, ip, "addcmul", dot, rho, value=2 * _PI / c1)
-            scale = math.sqrt(c1 / (2 * _PI))
-        else:
-            nngp = dot * rho
-            scale = 1.0
-        nngp = ipc(nngp, ip, "mul", (r1 * scale) * (r2 * scale))
+            nngp = ipc(nngp, ip, "addcmul", sin, prod, value=alpha)
         return nngp, (dot if need_dot else None)
 
     def var_fn(self, q):
         return (self.a**2 + self.b**2) / 2 * q
+
+    def mean_fn(self, q):
+        """``E[φ(u)] = (b − a)·√(q/(2π))``."""
+        return None if self.a == self.b else (self.b - self.a) * torch.sqrt(q / (2 * _PI))
 
 
 class Relu(ABRelu):
@@ -364,6 +495,9 @@ class Sign(RuleLayer):
     def var_fn(self, q):
         return (q != 0).to(q.dtype)
 
+    def mean_fn(self, q):
+        return None  # odd
+
     def __repr__(self):
         return "Sign()"
 
@@ -379,6 +513,9 @@ class Erf(RuleLayer):
 
         K' = a²·(2/π)·arcsin(2b² q12 / sqrt((1+2b²q11)(1+2b²q22))) + c²
         K̇  = a²·(4b²/π) / sqrt((1+2b²q11)(1+2b²q22) − 4b⁴ q12²)
+
+    Evaluated as ``arcsin(x) = atan(2b² q12/√det)`` with the determinant of :func:`_root_det`: exact for
+    any variances (the product form cancels on the diagonal at large variance) and for ``ρ → ±1``.
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
@@ -390,13 +527,20 @@ class Erf(RuleLayer):
     def rule(self, q12, q11, q22, need_dot):
         a, b, c = self.a, self.b, self.c
         t = 2 * b * b
-        den2 = (1 + t * q11) * (1 + t * q22)
-        den = torch.sqrt(den2)
-        nngp = a * a * (2 / _PI) * torch.arcsin((t * q12 / den).clamp(-1.0, 1.0)) + c * c
+        # arcsin(t q12 / √((1+t q11)(1+t q22))) = atan(t q12 / √det), det = (1+t q11)(1+t q22) − t² q12² > 0;
+        # with √det = m·S (_root_det: no cancellation, no overflow) both parts are divided by m. (atan, not
+        # atan2: torch's atan2 rounds differently in vectorised and tail loops, and cov1 must not depend on
+        # where a sample falls in a tile)
+        m, root = _root_det(t, q12, q11, q22)
+        nngp = (a * a * 2 / _PI) * torch.atan(((t * q12) / m) / root) + c * c
         dot = None
         if need_dot:
-            dot = a * a * (2 * t / _PI) / torch.sqrt((den2 - (t * q12) ** 2).clamp_min(torch.finfo(q12.dtype).tiny))
+            dot = (a * a * 2 * t / _PI) / (m * root)
         return nngp, dot
+
+    def mean_fn(self, q):
+        """``E[φ(u)] = c`` (erf is odd)."""
+        return None if self.c == 0 else torch.full_like(q, self.c)
 
 
 class Sigmoid_like(Erf):

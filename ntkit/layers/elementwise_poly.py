@@ -80,6 +80,11 @@ class Polynomial(RuleLayer):
     def var_fn(self, q):
         return _horner(self._terms(q, q), q)
 
+    def mean_fn(self, q):
+        """``E[φ(u)] = Σ_m c_{2m}·(2m − 1)!!·q^m = A_0(q)`` (module docstring); ``None`` for odd polynomials."""
+        alpha = self._alpha[0] if self._alpha else []
+        return _horner(alpha, q) if any(alpha) else None
+
     def __repr__(self):
         return f"Polynomial(coef={list(self.coef)})"
 
@@ -128,8 +133,8 @@ class Hermite(RuleLayer):
         if k.is_gaussian:  # otherwise the base class raises its own error
             q11, q22 = k.variances()
             tol = max(1e-6, 1e3 * torch.finfo(q11.dtype).eps)
-            lo = float(torch.minimum(q11.min(), q22.min()))
-            hi = float(torch.maximum(q11.max(), q22.max()))
+            lo = float(torch.minimum(q11.min(), q22.min()).detach())
+            hi = float(torch.maximum(q11.max(), q22.max()).detach())
             if lo < 1 - tol or hi > 1 + tol:
                 raise LayerError(
                     f"{self!r} needs unit-variance pre-activations (its kernel is q12^n), but the variances "
@@ -149,6 +154,10 @@ class Hermite(RuleLayer):
 
     def var_fn(self, q):
         return q**self.degree if self.degree else torch.ones_like(q)
+
+    def mean_fn(self, q):
+        """``E[He_n(z)] = 0`` for ``n ≥ 1`` (orthogonal to ``He_0 = 1``)."""
+        return None if self.degree else torch.ones_like(q)
 
     def __repr__(self):
         return f"Hermite(degree={self.degree})"
@@ -223,6 +232,12 @@ class RectifiedMonomial(RuleLayer):
     def var_fn(self, q):
         n = self.degree
         return math.prod(range(2 * n - 1, 0, -2)) / 2 * q**n
+
+    def mean_fn(self, q):
+        """``E[max(u, 0)^n] = q^(n/2)·2^(n/2)·Γ((n + 1)/2)/(2√π)`` (half the absolute moment)."""
+        n = self.degree
+        c = 2 ** (n / 2) * math.gamma((n + 1) / 2) / (2 * math.sqrt(_PI))
+        return c * torch.sqrt(q) ** n if n else torch.full_like(q, 0.5)
 
     def __repr__(self):
         return f"RectifiedMonomial(degree={self.degree})"

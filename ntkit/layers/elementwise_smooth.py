@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.layers.base import Layer, LayerError, LiftOptions, lift_rule
-from ntkit.layers.elementwise import RuleLayer, _safe_rho
+from ntkit.layers.elementwise import RuleLayer, _root_det, _safe_rho
 
 __all__ = ["Gelu", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "ExpNormalized"]
 
@@ -45,6 +45,8 @@ class Gelu(RuleLayer):
         K̇  = 1/4 + α/(2π) + q12/(2π δ) · (1/δ² + (1 − q11 q22)/P + 1)
         E[φ(u)²] = q·(1/4 + [ q/((1 + q)√(1 + 2q)) + atan(q/√(1 + 2q))/2 ] / π)
 
+    (evaluated in a rearranged form without cancellation or overflow at any variance; see ``rule``).
+
     ``approximate=True`` keeps the exact-GELU kernel, as NT does: the kernel describes exact GELU, and the
     tanh form differs from it by at most 4.7e-4 (absolute, near ``|x| ≈ 2.7``), so a finite network built
     with it matches the kernel to that level, not exactly.
@@ -57,20 +59,29 @@ class Gelu(RuleLayer):
         return torch.nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")
 
     def rule(self, q12, q11, q22, need_dot):
-        p1 = (1 + q11) * (1 + q22)
-        d2 = (p1 - q12 * q12).clamp_min(torch.finfo(q12.dtype).tiny)  # ≥ 1 + q11 + q22 > 0 in exact maths
-        d = torch.sqrt(d2)
-        ang = torch.atan2(q12, d)
-        prod = q11 * q22
-        nngp = ((q12 * q12 + prod * d2) / (p1 * d) + q12 * ang) / (2 * _PI) + q12 / 4
+        # the formulas of the docstring, rearranged so that no term overflows or cancels: with
+        # β = π/2 + α ∈ [0, π], q12/4 + q12·α/(2π) = q12·β/(2π) and 1/4 + α/(2π) = β/(2π);
+        # (q12² + q11 q22 δ²)/(P δ) = (q12/(1+q11))·(q12/(1+q22))/δ + r11 r22 δ with r = q/(1+q); and
+        # 1/δ² + (1 − q11 q22)/P + 1 = 1/δ² + 1/(1+q11) + 1/(1+q22). δ = m·S by _root_det (c = 1).
+        m, root = _root_det(1.0, q12, q11, q22)
+        d = m * root
+        # α = atan2(q12, δ) = atan(q12/δ) (δ > 0; atan, not atan2, whose rounding depends on the position in
+        # the tensor on CPU)
+        beta = torch.atan((q12 / m) / root) + _PI / 2
+        p1, p2 = 1 + q11, 1 + q22
+        nngp = (q12 * beta + ((q12 / p1) * (q12 / p2)) / d + (q11 / p1) * (q22 / p2) * d) / (2 * _PI)
         dot = None
         if need_dot:
-            dot = q12 / (2 * _PI * d) * (1 / d2 + (1 - prod) / p1 + 1) + ang / (2 * _PI) + 0.25
+            dot = (beta + (q12 / d) * ((1 / d) / d + (1 / p1 + 1 / p2))) / (2 * _PI)  # symmetric sums
         return nngp, dot
 
     def var_fn(self, q):
         r = torch.sqrt(1 + 2 * q)
-        return q * (0.25 + (q / ((1 + q) * r) + torch.atan2(q, r) / 2) / _PI)
+        return q * (0.25 + ((q / (1 + q)) / r + torch.atan(q / r) / 2) / _PI)
+
+    def mean_fn(self, q):
+        """``E[u Φ(u)] = q·E[Φ'(u)] = q/√(2π(1 + q))`` (Stein's lemma)."""
+        return q / torch.sqrt(2 * _PI * (1 + q))
 
 
 class Sin(RuleLayer):
@@ -96,15 +107,23 @@ class Sin(RuleLayer):
 
     def rule(self, q12, q11, q22, need_dot):
         h, b2, cos2c = self.a**2 / 2, self.b**2, math.cos(2 * self._phase)
-        half_sum = (q11 + q22) / 2
-        e_minus = torch.exp(b2 * (q12 - half_sum))  # exp(−b²(S − 2q12)/2)
-        e_plus = torch.exp(-b2 * (q12 + half_sum))  # exp(−b²(S + 2q12)/2)
+        # (S − 2q12)/2 as ((q11 − q12) + (q22 − q12))/2: each difference is exact for nearly parallel inputs
+        # (Sterbenz), where q12 − S/2 would keep only the round-off of S at large variance
+        # (both exponents are ≤ 0 for a covariance, |q12| ≤ (q11 + q22)/2; round-off above 0 is clamped, since
+        # at large variance it would overflow exp)
+        e_minus = torch.exp((b2 * ((q12 - q11) + (q12 - q22)) / 2).clamp_max(0.0))  # exp(−b²(S − 2q12)/2)
+        e_plus = torch.exp((-b2 * ((q12 + q11) + (q12 + q22)) / 2).clamp_max(0.0))  # exp(−b²(S + 2q12)/2)
         nngp = h * (e_minus - cos2c * e_plus)
         dot = h * b2 * (e_minus + cos2c * e_plus) if need_dot else None
         return nngp, dot
 
     def var_fn(self, q):
         return self.a**2 / 2 * (1 - math.cos(2 * self._phase) * torch.exp(-2 * self.b**2 * q))
+
+    def mean_fn(self, q):
+        """``E[a·sin(b u + c)] = a·sin(c)·exp(−b²q/2)`` (characteristic function)."""
+        s = math.sin(self._phase)
+        return None if abs(s) < 1e-15 else self.a * s * torch.exp(-(self.b**2) * q / 2)
 
 
 class Cos(Sin):
@@ -140,11 +159,18 @@ class Rbf(RuleLayer):
         return math.sqrt(2) * torch.sin(math.sqrt(2 * self.gamma) * x + _PI / 4)
 
     def rule(self, q12, q11, q22, need_dot):
-        nngp = torch.exp(self.gamma * (2 * q12 - (q11 + q22)))  # (q11 + q22): exactly symmetric
+        # (q12 − q11) + (q12 − q22): exactly symmetric in (q11, q22) and without cancellation for nearly
+        # parallel inputs at large variance (each difference is exact there); ≤ 0 for a covariance (round-off
+        # above 0 is clamped: it would overflow exp at large variance)
+        nngp = torch.exp((self.gamma * ((q12 - q11) + (q12 - q22))).clamp_max(0.0))
         return nngp, (2 * self.gamma * nngp if need_dot else None)
 
     def var_fn(self, q):
         return torch.ones_like(q)
+
+    def mean_fn(self, q):
+        """``E[√2 sin(√(2γ) u + π/4)] = exp(−γ q)``."""
+        return torch.exp(-self.gamma * q)
 
 
 class Gaussian(RuleLayer):
@@ -153,6 +179,9 @@ class Gaussian(RuleLayer):
     With ``D² = (1 − 2b q11)(1 − 2b q22) − 4b² q12²`` (the determinant of ``I − 2b·Σ``)::
 
         K' = a² / D,      K̇ = 4a²b²·q12 / D³,      E[φ(u)²] = a² / √(1 − 4b q)
+
+    ``D`` is evaluated as ``1 − 2b(q11 + q22) + 4b²(q11 q22 − q12²)`` with an exact discriminant and a
+    power-of-2 scaling (no cancellation on the diagonal, no overflow up to variances of 1e300).
 
     For ``b > 0`` the expectation is finite only while ``4b·q < 1``; beyond that the layer raises.
     """
@@ -163,26 +192,38 @@ class Gaussian(RuleLayer):
     def fn(self, x):
         return self.a * torch.exp(self.b * x * x)
 
-    def _det2(self, q12, q11, q22):
+    def _root(self, q12, q11, q22) -> tuple[Tensor, Tensor]:
+        """``(m, S)`` with ``m·S = D = √det(I − 2b·Σ)`` (:func:`~ntkit.layers.elementwise._root_det`: exact and
+        without overflow for any variances; the product form cancelled to 0 on the diagonal at large variance,
+        returning 6.7e153 for 6.5e-16); raises where the expectation is infinite (``b > 0``)."""
         b = self.b
-        det2 = (1 - 2 * b * q11) * (1 - 2 * b * q22) - 4 * b * b * q12 * q12
-        if b > 0 and not bool((det2 > 0).all() and ((1 - 2 * b * q11) > 0).all()):
+        m, root = _root_det(2 * abs(b), q12, q11, q22, sign=-1.0 if b > 0 else 1.0)
+        if b > 0 and not bool(((root > 0).all() & ((1 - 2 * b * torch.maximum(q11, q22)) > 0).all()).detach()):
             raise LayerError(
                 f"{self!r}: E[exp(b·u²)·exp(b·v²)] is infinite when 4b·q ≥ 1 (b={b}, largest variance "
-                f"{float(torch.maximum(q11.max(), q22.max())):.4g}). Use b <= 0, or scale the pre-activations "
-                f"down (smaller W_std / inputs)."
+                f"{float(torch.maximum(q11.max(), q22.max()).detach()):.4g}). Use b <= 0, or scale the "
+                f"pre-activations down (smaller W_std / inputs)."
             )
-        return det2.clamp_min(torch.finfo(q12.dtype).tiny)
+        return m, root
 
     def rule(self, q12, q11, q22, need_dot):
         a2, b = self.a**2, self.b
-        inv = torch.rsqrt(self._det2(q12, q11, q22))
+        m, root = self._root(q12, q11, q22)
+        inv = 1 / (m * root)  # 1/D
         nngp = a2 * inv
-        dot = 4 * a2 * b * b * q12 * inv**3 if need_dot else None
+        # K̇ = 4a²b² q12/D³, as (q12/m)·(1/D)²·(1/S): no intermediate over- or underflows before the result
+        dot = (4 * a2 * b * b) * ((q12 / m) * inv) * (inv / root) if need_dot else None
         return nngp, dot
 
     def var_fn(self, q):
-        return self.a**2 * torch.rsqrt(self._det2(q, q, q))
+        den = 1 - 4 * self.b * q
+        if self.b > 0 and not bool((den > 0).all().detach()):
+            self._root(q, q, q)  # raises with the message above
+        return self.a**2 * torch.rsqrt(den)
+
+    def mean_fn(self, q):
+        """``E[a·exp(b u²)] = a/√(1 − 2bq)`` (finite where the variance is, ``4bq < 1``)."""
+        return self.a * torch.rsqrt(1 - 2 * self.b * q)
 
 
 class Exp(RuleLayer):
@@ -206,6 +247,10 @@ class Exp(RuleLayer):
 
     def var_fn(self, q):
         return _check_finite(self.a**2 * torch.exp(2 * self.b**2 * q), self, "exp(2b²·q) too large")
+
+    def mean_fn(self, q):
+        """``E[a·exp(b u)] = a·exp(b²q/2)``."""
+        return self.a * torch.exp(self.b**2 * q / 2)
 
 
 class ExpNormalized(RuleLayer):
@@ -261,6 +306,11 @@ class ExpNormalized(RuleLayer):
 
     def var_fn(self, q):
         return q * math.exp(self.gamma * (1 + self.shift))
+
+    def mean_fn(self, q):
+        """The twin's ``E[r·g(x/r)] → √q·E[g(z)] = √q·exp(γ·shift/2)`` (``E[sin(√γ z + π/4)] =
+        exp(−γ/2)/√2``)."""
+        return torch.sqrt(q) * math.exp(self.gamma * self.shift / 2)
 
 
 @lift_rule(nn.GELU)

@@ -82,6 +82,8 @@ class LayerNorm(Layer):
       eps: added to the variance before the square root (NT's default ``1e-12``).
     """
 
+    tracks_means = True
+
     def __init__(self, axis: Union[int, Sequence[int]] = 1, eps: float = 1e-12):
         axes = (axis,) if isinstance(axis, int) else tuple(axis)
         if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
@@ -132,6 +134,9 @@ class LayerNorm(Layer):
             cov1=None if k.cov1 is None else self_cov(1),
             cov2=None if k.cov2 is None else self_cov(2),
             is_input=False,
+            mean1=None,  # zero-mean Gaussian in (checked above), zero-mean out
+            mean2=None,
+            mean_kind="exact",
         )
         return out.with_exact_diagonal()
 

@@ -100,6 +100,7 @@ class PoolModule(nn.Module):
 
 class _Pool(Layer):
     needs_full_spatial = True
+    tracks_means = True
     _average = True
 
     def __init__(
@@ -150,6 +151,18 @@ class _Pool(Layer):
                         shape[ax] = w.n_out
                         t = t * inv.reshape(shape)
             out[name] = t
+        for name in ("mean1", "mean2"):  # the means (N, *s) pool linearly, once (one side)
+            m = getattr(k, name)
+            if m is None:
+                continue
+            mscale = 1.0 / math.prod(w.size for w in wins) if (self._average and not edges) else 1.0
+            for a, w in enumerate(wins):
+                m = window_sum(m, (1 + a,), w, mscale if a == len(wins) - 1 else 1.0)
+                if edges:
+                    shape = [1] * m.dim()
+                    shape[1 + a] = w.n_out
+                    m = m * (1.0 / _edge_counts(w, m.dtype, m.device)).reshape(shape)
+            out[name] = m
         spatial = tuple(w.n_out for w in wins)
         return k.replace(**out, shape1=k.shape1[:2] + spatial, shape2=k.shape2[:2] + spatial)
 
@@ -187,6 +200,7 @@ class SumPool(_Pool):
 
 class _GlobalPool(Layer):
     needs_full_spatial = True
+    tracks_means = True
     _average = True
 
     def kernel(self, k):
@@ -196,6 +210,11 @@ class _GlobalPool(Layer):
         for name, t, nd in _fields(k):
             dims = tuple(range(nd, t.dim()))
             out[name] = t.mean(dims) if self._average else t.sum(dims)
+        for name in ("mean1", "mean2"):
+            m = getattr(k, name)
+            if m is not None:
+                dims = tuple(range(1, m.dim()))
+                out[name] = m.mean(dims) if self._average else m.sum(dims)
         return k.replace(**out, shape1=k.shape1[:2], shape2=k.shape2[:2], diagonal_spatial=True)
 
     def build(self, in_shape, width, generator, readout):
@@ -229,6 +248,8 @@ class Flatten(Layer):
     Gaussian with i.i.d. entries (pixels differ), so a Dense layer must follow before a nonlinearity.
     """
 
+    tracks_means = True
+
     def kernel(self, k):
         k = single(k, self)
         if k.spatial_ndim == 0:
@@ -239,9 +260,19 @@ class Flatten(Layer):
                 for _ in range(k.spatial_ndim):
                     t = torch.diagonal(t, dim1=nd, dim2=nd + 1)  # the pair (a, a') -> its diagonal, last
             out[name] = t.mean(tuple(range(nd, t.dim())))
+        for name in ("mean1", "mean2"):  # flattened channel (c, p) has the mean of pixel p: they differ
+            m = getattr(k, name)
+            if m is not None:
+                out[name] = m.mean(tuple(range(1, m.dim())))
+        kind = k.mean_kind if (k.mean1 is None or k.mean_kind == "unknown") else "varying"
         c = math.prod(k.shape1[1:])
         return k.replace(
-            **out, shape1=(k.shape1[0], c), shape2=(k.shape2[0], c), diagonal_spatial=True, is_gaussian=False
+            **out,
+            shape1=(k.shape1[0], c),
+            shape2=(k.shape2[0], c),
+            diagonal_spatial=True,
+            is_gaussian=False,
+            mean_kind=kind,
         )
 
     def build(self, in_shape, width, generator, readout):

@@ -13,12 +13,22 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ntkit._inputs import kernel_inputs
+from ntkit._inputs import all_finite, kernel_inputs
 from ntkit._memory import CACHE_TILE_ENTRIES, WORK_FACTOR, plan_tile
 from ntkit._memory import memory_budget as _memory_budget
 from ntkit.kernel import Kernel, kernel_from_inputs, normalize_get
+from ntkit.layers.aggregate import SampleKwargs
+from ntkit.layers.attention import requires_self_covariances
 from ntkit.layers.base import Layer, LayerError
-from ntkit.nets.tiler import apply_layer, run_tiled, tape_bytes, tape_pays
+from ntkit.nets.tiler import (
+    NonFinite,
+    apply_layer,
+    diagnose_non_finite,
+    run_tiled,
+    tape_bytes,
+    tape_pays,
+    variances_finite,
+)
 
 __all__ = ["Net", "serial", "parallel"]
 
@@ -51,6 +61,8 @@ class Net(Layer):
         *,
         tile_size: Optional[int] = None,
         memory_budget: Optional[int] = None,
+        diagonal_spatial: Optional[bool] = None,
+        **kwargs: Any,
     ) -> Union[Kernel, Tensor]:
         """Infinite-width kernels of this network between ``x1`` and ``x2``.
 
@@ -63,6 +75,14 @@ class Net(Layer):
           tile_size: samples per tile side (default: planned from ``memory_budget`` and cache size).
           memory_budget: bytes the working set of one tile may take (default: ``$NTKIT_MEMORY_BUDGET``, else a
             quarter of the memory available now; see :mod:`ntkit.memory`).
+          diagonal_spatial: ``None`` (default): the covariances between pixels are tracked only when a layer needs
+            them (pooling, Flatten after a convolution), and the outputs hold what was tracked; ``True``: only
+            same-pixel covariances, outputs ``(N1, N2, *spatial)`` (an error for a net that needs the others, as
+            in NT); ``False``: every pixel pair, outputs ``(N1, N2, H, H', W, W', ...)`` (NT's layout) where the
+            output has spatial axes.
+          **kwargs: per-sample inputs of the layers that read them (``Aggregate``'s ``pattern``), as NT: a pair
+            ``(v1, v2)`` whose leading axes run over the samples of ``x1`` and ``x2`` (``x2=None``: ``(v1, None)``);
+            each tile gets its samples' rows (:class:`ntkit.layers.aggregate.SampleKwargs`).
 
         The layers run tile by tile over blocks of samples, so the working memory is bounded by the budget
         whatever ``N1, N2``; only the output itself is ``N1 x N2`` (checked against free memory first).
@@ -71,13 +91,22 @@ class Net(Layer):
         """
         names, single_out = normalize_get(get)
         x1, x2, out_dtype = kernel_inputs(x1, x2)
+        sample = SampleKwargs.of(self, kwargs, x1, x2)  # None without keyword arguments
         expected = self.input_rank()
         if expected is not None and x1.dim() != expected:
             raise LayerError(
                 f"this network expects {expected}-D inputs (batch, channels{', spatial' * (expected - 2)}) "
                 f"but x1 has shape {tuple(x1.shape)}."
             )
-        diagonal = not self.requires_full_spatial()
+        needs_full = self.requires_full_spatial()
+        if diagonal_spatial not in (None, True, False):
+            raise TypeError(f"diagonal_spatial={diagonal_spatial!r}: choose None, True or False.")
+        if diagonal_spatial is True and needs_full:
+            raise LayerError(
+                "diagonal_spatial=True, but this network needs the covariances between pixels (a pooling layer, or "
+                "Flatten/Dense after a convolution mixes the pixels): use diagonal_spatial=False or None."
+            )
+        diagonal = not needs_full if diagonal_spatial is None else bool(diagonal_spatial)
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
         pixels = math.prod(x1.shape[2:])
@@ -97,33 +126,57 @@ class Net(Layer):
         )
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
+            if sample is not None:  # a, b are sample numbers (sample.indices()): the tile's inputs and kwargs rows
+                with sample.tile(a, b) as (xa, xb):
+                    return run_inputs(xa, xb, pair_only)
+            return run_inputs(a, b, pair_only)
+
+        def run_inputs(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
             k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, pair_only=pair_only)
-            out = self.kernel(k)
-            if isinstance(out, list):
-                raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
+            # no silent Inf/NaN (issue #16): the variances are checked after every layer (apply_layer) and the
+            # outputs here, each a single reduction; only a tile that fails is re-run layer by layer, to name
+            # the first layer whose output is not finite
+            try:
+                if not variances_finite(k):
+                    raise NonFinite()
+                out = self.kernel(k)
+                if isinstance(out, list):
+                    raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
+                if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
+                    raise NonFinite()
+            except NonFinite:
+                full = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
+                raise diagnose_non_finite(self, full, a, b) from None
             return out
 
+        t1, t2 = (x1, x2) if sample is None else sample.indices()  # what the tiles slice
         if tile >= n1 and tile >= n2:
-            out = run(x1, x2)
+            out = run(t1, t2)
         else:
-            # full pixel covariances: propagate each sample's self-covariance once, not once per tile
+            # full pixel covariances: propagate each sample's self-covariance once, not once per tile (unless a
+            # layer's rule needs the full self-covariances themselves, which pair-only tiles do not carry)
             use_tape = (
                 not diagonal
                 and pixels > 1
+                and not requires_self_covariances(self)
                 and tape_pays(n1, None if x2 is None else n2, tile)
                 and tape_bytes(self, pixels, x1, n1 + (0 if x2 is None else n2)) <= budget
             )
-            out = run_tiled(run, x1, x2, tile, names, use_tape)
+            out = run_tiled(run, t1, t2, tile, names, use_tape)
         res = out.replace(
             nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
             ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
             cov1=_cast(out.cov1, out_dtype),
             cov2=_cast(out.cov2, out_dtype),
+            # per-tile bookkeeping of the rules (the means of the last tile only): not part of the result
+            mean1=None,
+            mean2=None,
+            mean_kind="exact" if out.is_gaussian else "unknown",
         )
         return getattr(res, names[0]) if single_out else res
 
-    def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk")):
-        return self.kernel_fn(x1, x2, get)
+    def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"), **kwargs: Any):
+        return self.kernel_fn(x1, x2, get, **kwargs)
 
     def input_rank(self) -> Optional[int]:
         """Rank the inputs must have, if a layer fixes it (None: any)."""
@@ -170,6 +223,8 @@ class Net(Layer):
         seed: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device, None] = None,
+        parameterization: Optional[str] = None,
+        gamma: Optional[float] = None,
     ) -> nn.Module:
         """The finite network this kernel describes (same parameterisation, W_std/b_std; N(0,1) parameters
         under the NTK parameterisation).
@@ -180,16 +235,67 @@ class Net(Layer):
           seed: seeds the parameters' initialisation (``None``: torch's global generator state).
           dtype, device: of the parameters (default: torch's default dtype, CPU). Parameters are drawn on the
             CPU in float64 and then cast, so a seed gives the same network on every device and dtype.
+          parameterization: ``None`` (each layer's own) or ``"mup"``: the mean-field / maximal-update twin of
+            Bordelon & Pehlevan 2022 (Yang & Hu 2021), the NTK-parameterised net (``N(0, 1)`` parameters,
+            ``1/√fan_in`` multipliers) with its output divided by ``γ₀ √N`` (``N`` the readout's fan-in):
+            ``h¹ = W⁰x/√D``, ``h^{ℓ+1} = W^ℓ φ(h^ℓ)/√N``, ``f = w^L·φ(h^L)/(γ₀ N)`` (times ``W_std``, plus
+            ``b_std`` biases). The readout's ``W_std``/``b_std`` carry the factor; ``module.mup_gamma`` and
+            ``module.mup_width`` record ``γ₀`` and ``N``. Train it with ``dθ/dt = −η₀ γ₀² N ∇L``
+            (:func:`ntkit.feature_learning.train_mup`); its infinite-width limit is
+            :func:`ntkit.feature_learning.dmft`. Fully-connected nets with NTK-parameterised Dense layers only.
+          gamma: ``γ₀ > 0``, the feature-learning strength (``"mup"`` only).
         """
         in_shape = (in_features,) if isinstance(in_features, int) else tuple(int(s) for s in in_features)
         if width is not None and not (isinstance(width, int) and width > 0):
             raise ValueError(f"width={width!r} must be a positive int or None.")
+        if parameterization not in (None, "mup"):
+            raise ValueError(
+                f"parameterization={parameterization!r}: choose None (the layers' own) or 'mup' (with gamma=γ₀)."
+            )
+        if parameterization == "mup":
+            if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+                raise ValueError(f"parameterization='mup' needs gamma=γ₀, a finite number > 0; got {gamma!r}.")
+        elif gamma is not None:
+            raise ValueError("gamma= is the μP feature-learning strength: pass it with parameterization='mup'.")
         gen = torch.Generator()
         if seed is None:
             gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         else:
             gen.manual_seed(int(seed))
         mod, _ = self.build(in_shape, width, gen, readout=True)  # parameters drawn in float64 (layers.base.gaussian)
+        if parameterization == "mup":
+            assert gamma is not None
+            # the Dense twins (layers.dense.DenseModule, by duck type: nets may not import a layer family):
+            # N(0, 1) parameters, forward W_std/√fan_in·W x + b_std·b along the feature axis
+            dense = [
+                m
+                for m in mod.modules()
+                if all(hasattr(m, a) for a in ("W_std", "b_std", "parameterization", "in_features", "out_features"))
+            ]
+            others = [
+                type(m).__name__
+                for m in mod.modules()
+                if m not in dense and any(True for _ in m.parameters(recurse=False))
+            ]
+            if not dense or others:
+                raise LayerError(
+                    f"parameterization='mup' builds fully-connected nets (Dense layers and elementwise "
+                    f"nonlinearities); this net has parametrised modules {sorted(set(others))}."
+                )
+            bad = [m for m in dense if getattr(m, "parameterization") != "ntk"]
+            if bad:
+                raise LayerError(
+                    "parameterization='mup' is defined from the NTK parameterisation (N(0, 1) parameters); the net "
+                    "has Dense(..., parameterization='standard') layers: use parameterization='ntk' (the default)."
+                )
+            readout = dense[-1]
+            fan_in = int(getattr(readout, "in_features"))
+            scale = 1.0 / (float(gamma) * math.sqrt(fan_in))
+            setattr(readout, "W_std", float(getattr(readout, "W_std")) * scale)
+            if getattr(readout, "b_std") is not None:
+                setattr(readout, "b_std", float(getattr(readout, "b_std")) * scale)
+            setattr(mod, "mup_gamma", float(gamma))
+            setattr(mod, "mup_width", fan_in)
         return mod.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 

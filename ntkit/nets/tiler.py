@@ -19,13 +19,27 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+import torch
 from torch import Tensor
 
+from ntkit._inputs import all_finite
 from ntkit._tiles import Assembler, Tile, TilePlan
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Kernels, Layer
+from ntkit.layers.base import Kernels, Layer, NonFiniteKernelError
 
-__all__ = ["Tape", "apply_layer", "run_tiled", "tape_pays", "tape_bytes", "swap_pair"]
+__all__ = [
+    "Tape",
+    "apply_layer",
+    "run_tiled",
+    "tape_pays",
+    "tape_bytes",
+    "swap_pair",
+    "NonFinite",
+    "variances_finite",
+    "leaf_paths",
+    "diagnose_non_finite",
+    "untracked_means",
+]
 
 
 def swap_pair(t: Tensor, k: Kernel) -> Tensor:
@@ -67,10 +81,122 @@ _TAPE: contextvars.ContextVar[Optional[Tape]] = contextvars.ContextVar("ntkit_ta
 
 
 def apply_layer(layer: Layer, k: Kernels) -> Kernels:
-    """``layer.kernel(k)``, recorded on / replayed from the active tape for leaf (non-combinator) layers."""
+    """``layer.kernel(k)``, recorded on / replayed from the active tape for leaf (non-combinator) layers.
+
+    After every leaf layer the same-pixel variances of its output are checked to be finite (``N·pixels``
+    numbers per side: negligible next to the rule). A variance that overflowed would otherwise be able to turn
+    into a finite but wrong kernel further on (``exp(−∞) = 0``); :class:`NonFinite` makes ``Net.kernel_fn``
+    diagnose the tile (:func:`diagnose_non_finite`)."""
     out = layer.kernel(k)
+    if layer.is_combinator:
+        return out
+    if not layer.tracks_means:
+        out = untracked_means(out)
     tape = _TAPE.get()
-    return tape.step(out) if tape is not None and not layer.is_combinator else out
+    if tape is not None:
+        out = tape.step(out)
+    diagnosis = _DIAGNOSIS.get()
+    if diagnosis is not None:
+        diagnosis.check(layer, out)
+    elif not variances_finite(out):
+        raise NonFinite()
+    return out
+
+
+def untracked_means(out: Kernels) -> Kernels:
+    """The output of a layer whose rule does not track means (:attr:`~ntkit.layers.base.Layer.tracks_means`):
+    a Gaussian output is zero-mean and fresh (a parametric layer's), any other has unknown means."""
+
+    def fix(x: Kernel) -> Kernel:
+        if x.is_gaussian:
+            return x.replace(mean1=None, mean2=None, mean_kind="exact", fresh=(True,) * len(x.fresh))
+        return x.replace(mean1=None, mean2=None, mean_kind="unknown")
+
+    return [fix(x) for x in out] if isinstance(out, list) else fix(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# non-finite kernels: a cheap check everywhere, a layer-by-layer diagnosis only when it fires
+# ---------------------------------------------------------------------------------------------------
+class NonFinite(Exception):
+    """Internal signal: a tile's kernels or variances are not finite (``Net.kernel_fn`` then diagnoses it)."""
+
+
+def variances_finite(out: Kernels) -> bool:
+    """The same-pixel variances of a record (or of every branch) are finite."""
+    for x in out if isinstance(out, list) else [out]:
+        for v in x.same_pixel_variances():
+            if v is not None and not all_finite(v.detach()):
+                return False
+    return True
+
+
+_FIELDS = ("nngp", "ntk", "cov1", "cov2", "var1", "var2", "mean1", "mean2")
+
+
+def _bad_fields(k: Kernels) -> list[str]:
+    ks = k if isinstance(k, list) else [k]
+    return [f for x in ks for f in _FIELDS if getattr(x, f) is not None and not all_finite(getattr(x, f).detach())]
+
+
+def leaf_paths(net: Layer, prefix: str = "") -> list[tuple[str, Layer]]:
+    """``(path, layer)`` of every leaf layer in the order a kernel computation applies them (depth first, as in
+    :meth:`ntkit.nets.Net.hyperparameters`: ``"3"``, ``"2.1.0"``)."""
+    if not net.is_combinator:
+        return [(prefix.rstrip("."), net)]
+    out: list[tuple[str, Layer]] = []
+    for i, sub in enumerate(net.sublayers()):
+        out += leaf_paths(sub, f"{prefix}{i}.")
+    return out
+
+
+class _Diagnosis:
+    """Checks every field of every leaf layer's output, in order, and raises at the first non-finite one."""
+
+    def __init__(self, net: Layer, hint: str):
+        self.leaves, self.hint, self.i = leaf_paths(net), hint, 0
+
+    def check(self, layer: Layer, out: Kernels) -> None:
+        path = self.leaves[self.i][0] if self.i < len(self.leaves) else "?"
+        self.i += 1
+        bad = _bad_fields(out)
+        if bad:
+            raise NonFiniteKernelError(
+                f"the kernel is not finite (Inf/NaN in {', '.join(sorted(set(bad)))}) after layer {path}, "
+                f"{layer!r}: its output overflowed or left the range of its rule. {self.hint}"
+            )
+
+
+_DIAGNOSIS: contextvars.ContextVar[Optional[_Diagnosis]] = contextvars.ContextVar("ntkit_diagnosis", default=None)
+
+
+def diagnose_non_finite(net: Layer, inputs: Kernel, x1: Tensor, x2: Optional[Tensor]) -> NonFiniteKernelError:
+    """The error for a tile whose kernels came out non-finite: re-run it (``inputs``: its input record, not
+    pair-only, no tape) checking every layer's output, and name the first layer whose output is not finite."""
+    scale = max(float(x1.detach().abs().max()), 0.0 if x2 is None else float(x2.detach().abs().max()))
+    hint = (
+        f"Fix: scale the inputs down (standardize the features; here max |x| = {scale:.3g}), use smaller "
+        f"W_std/b_std" + (", or compute in float64 (its range is 1.8e308)." if inputs.dtype != torch.float64 else ".")
+    )
+    bad = _bad_fields(inputs)
+    if bad:
+        return NonFiniteKernelError(
+            f"the input covariances x1·x2ᵀ/C are not finite (Inf/NaN in {', '.join(bad)}): the inputs are too "
+            f"large for {inputs.dtype}. {hint}"
+        )
+    diagnosis = _Diagnosis(net, hint)
+    tape_token, diag_token = _TAPE.set(None), _DIAGNOSIS.set(diagnosis)
+    try:
+        out = net.kernel(inputs)
+    except NonFiniteKernelError as e:
+        return e
+    finally:
+        _TAPE.reset(tape_token)
+        _DIAGNOSIS.reset(diag_token)
+    return NonFiniteKernelError(
+        f"the kernel is not finite (Inf/NaN in {', '.join(_bad_fields(out)) or 'a tile'}) but a re-run of the tile "
+        f"layer by layer was finite (a non-deterministic rule?). {hint}"
+    )
 
 
 def _taped(fn: Callable[[], Kernel], tape: Tape) -> Kernel:

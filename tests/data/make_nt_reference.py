@@ -13,11 +13,11 @@ NT and JAX live in their own virtual environment (``/tmp/ntenv``), never in the 
     JAX_PLATFORMS=cpu /tmp/ntenv/bin/python tests/data/make_nt_reference.py [--out DIR] [--only PATTERN]
 
 ``--out`` defaults to ``tests/data/nt`` next to this file. ``--only`` takes shell-style patterns (``fc_relu_*``,
-``conv*``) or family names (``fc``, ``hermite``, ``branch``, ``conv``, ``predict``, ``empirical``), may be repeated,
-and then only those cases are rewritten: the other entries of an existing ``cases.json`` are kept. A full run also
-deletes ``.npz`` files that the old ``cases.json`` listed but that no case makes any more. ``--list`` prints the
-cases, and ``--compare REF_DIR`` checks the written files against another copy afterwards (``compare_reference.py``
-in this folder, which only needs NumPy).
+``conv*``) or family names (``fc``, ``hermite``, ``branch``, ``conv``, ``attention``, ``predict``, ``empirical``),
+may be repeated, and then only those cases are rewritten: the other entries of an existing ``cases.json`` are kept. A
+full run also deletes ``.npz`` files that the old ``cases.json`` listed but that no case makes any more. ``--list``
+prints the cases, and ``--compare REF_DIR`` checks the written files against another copy afterwards
+(``compare_reference.py`` in this folder, which only needs NumPy).
 
 Conventions (what a PyTorch implementation has to keep in mind when it reads the files)
 --------------------------------------------------------------------------------------
@@ -436,6 +436,181 @@ def conv1d_gap() -> Result:
 
 
 # =====================================================================================================================
+# Family "attention": GlobalSelfAttention, every mechanism with linear (1/d) scaling and IDENTITY with 1/sqrt(d)
+# (NT has no kernel for the others), positional embeddings NONE/SUM/CONCAT, 1-D and 2-D, inside residual blocks;
+# and apply_fn with stored parameters (the finite twin)
+# =====================================================================================================================
+@functools.cache
+def attention_inputs() -> dict[str, np.ndarray]:
+    """RandomState(11): two NHWC image batches (4 x 5 pixels, not square), then two NWC sequence batches."""
+    rs = np.random.RandomState(11)
+    im1, im2, seq1, seq2 = _frozen(rs.randn(4, 4, 5, 2), rs.randn(3, 4, 5, 2), rs.randn(4, 7, 3), rs.randn(3, 7, 3))
+    return {"im1": im1, "im2": im2, "seq1": seq1, "seq2": seq2}
+
+
+ATTENTION_DECAYS: dict[str, Code] = {
+    "exp": Code("lambda d: jnp.exp(-d)", lambda d: jnp.exp(-d)),
+    "exp_half": Code("lambda d: jnp.exp(-d / 2)", lambda d: jnp.exp(-d / 2)),
+    "inverse": Code("lambda d: 1 / (1 + d)", lambda d: 1 / (1 + d)),
+}
+# tag -> (keyword arguments of GlobalSelfAttention(8, 8, 8, 2, ...), input kinds); pos_emb_decay_fn by name in
+# ATTENTION_DECAYS. The same table is in tests/nt_nets.py (test_attention.py checks the descriptions against it).
+ATTENTION_CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "softmax": (dict(W_key_std=1.3, W_value_std=1.2, W_out_std=0.9, b_std=0.1), ("1d", "2d")),
+    "identity": (dict(attention_mechanism="IDENTITY", W_key_std=0.5, W_query_std=0.8), ("1d", "2d")),
+    "abs": (dict(attention_mechanism="ABS", W_key_std=0.6, b_std=0.2), ("2d",)),
+    "relu": (dict(attention_mechanism="RELU", W_query_std=0.6, W_value_std=1.1), ("2d",)),
+    "sqrt_identity": (
+        dict(linear_scaling=False, attention_mechanism="IDENTITY", W_query_std=0.4, b_std=0.1),
+        ("1d", "2d"),
+    ),
+    "sum_onehot": (dict(pos_emb_type="SUM", W_pos_emb_std=0.7), ("2d",)),
+    "sum_p1_exp_val": (
+        dict(pos_emb_type="SUM", pos_emb_p_norm=1, pos_emb_decay_fn="exp", val_pos_emb=True),
+        ("1d", "2d"),
+    ),
+    "concat_p2_inverse": (
+        dict(pos_emb_type="CONCAT", pos_emb_p_norm=2, pos_emb_decay_fn="inverse", n_chan_pos_emb=4, W_pos_emb_std=1.3),
+        ("2d",),
+    ),
+    "concat_p1_exp_half_val": (
+        dict(pos_emb_type="CONCAT", pos_emb_p_norm=1, pos_emb_decay_fn="exp_half", val_pos_emb=True),
+        ("1d",),
+    ),
+    "relu_concat_p2_exp": (
+        dict(attention_mechanism="RELU", pos_emb_type="CONCAT", pos_emb_decay_fn="exp", n_chan_pos_emb=16),
+        ("2d",),
+    ),
+    "abs_sum_onehot_val": (
+        dict(attention_mechanism="ABS", pos_emb_type="SUM", val_pos_emb=True, W_key_std=0.5),
+        ("1d",),
+    ),
+    "identity_concat_p1_inverse_val": (
+        dict(
+            attention_mechanism="IDENTITY",
+            pos_emb_type="CONCAT",
+            pos_emb_p_norm=1,
+            pos_emb_decay_fn="inverse",
+            val_pos_emb=True,
+            W_key_std=0.5,
+        ),
+        ("2d",),
+    ),
+    "sqrt_identity_sum_p2_exp_half": (
+        dict(linear_scaling=False, attention_mechanism="IDENTITY", pos_emb_type="SUM", pos_emb_decay_fn="exp_half"),
+        ("2d",),
+    ),
+    "sqrt_identity_concat_onehot_val": (
+        dict(
+            linear_scaling=False,
+            attention_mechanism="IDENTITY",
+            pos_emb_type="CONCAT",
+            val_pos_emb=True,
+            n_chan_pos_emb=4,
+            W_query_std=0.5,
+        ),
+        ("1d",),
+    ),
+}
+
+
+def attention_layer(kwargs: dict[str, Any]) -> Spec:
+    kw = {k: ATTENTION_DECAYS[v] if k == "pos_emb_decay_fn" else v for k, v in kwargs.items()}
+    return L.GlobalSelfAttention(8, 8, 8, 2, **kw)
+
+
+def attention_result(net: Spec, kind: str) -> Result:
+    data = attention_inputs()
+    a, b = (data["im1"], data["im2"]) if kind == "2d" else (data["seq1"], data["seq2"])
+    key = "nhwc" if kind == "2d" else "nwc"
+    kernel_fn = net.kernel_fn()
+    arrays = {
+        f"x1_{key}": a,
+        f"x2_{key}": b,
+        **kernels(kernel_fn, a, b, "12"),
+        **kernels(kernel_fn, a, None, "11"),
+    }
+    return Result(f"{net}; inputs {key.upper()}; *_12 = kernel_fn(x1, x2), *_11 = kernel_fn(x1, None)", arrays)
+
+
+def attention_case(kwargs: dict[str, Any], kind: str) -> Result:
+    """Conv-ReLU, then the attention layer twice (the second one reads its first's full self-covariances)."""
+    att = attention_layer(kwargs)
+    conv = L.Conv(8, (3, 3) if kind == "2d" else (3,), padding="SAME", b_std=0.1)
+    return attention_result(L.serial(conv, L.Relu(), att, L.Relu(), att, L.GlobalAvgPool(), L.Dense(1)), kind)
+
+
+for _tag, (_kwargs, _kinds) in ATTENTION_CASES.items():
+    for _kind in _kinds:
+        register("attention", f"attention_{_kind}_{_tag}", functools.partial(attention_case, _kwargs, _kind))
+
+
+@case("attention")
+def attention_2d_residual() -> Result:
+    """Two residual attention blocks, x + Attn(x), with a Dense-ReLU-Dense block between them."""
+    att = attention_layer(dict(pos_emb_type="SUM", pos_emb_decay_fn="exp", val_pos_emb=True, b_std=0.1))
+    mlp = L.serial(L.Dense(16, W_std=1.2, b_std=0.1), L.Relu(), L.Dense(8))
+    return attention_result(
+        L.serial(
+            L.Conv(8, (3, 3), padding="SAME"),
+            L.FanOut(2),
+            L.parallel(att, L.Identity()),
+            L.FanInSum(),
+            L.FanOut(2),
+            L.parallel(mlp, L.Identity()),
+            L.FanInSum(),
+            L.FanOut(2),
+            L.parallel(attention_layer(dict(attention_mechanism="RELU", W_key_std=0.5)), L.Identity()),
+            L.FanInSum(),
+            L.GlobalAvgPool(),
+            L.Dense(1),
+        ),
+        "2d",
+    )
+
+
+# tag -> (keyword arguments of GlobalSelfAttention(5, 4, 3, 2, ...), input kind): apply_fn with init_fn's parameters
+ATTENTION_APPLY_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "softmax_sum_exp_val": (
+        dict(pos_emb_type="SUM", pos_emb_decay_fn="exp", val_pos_emb=True, b_std=0.3, W_key_std=1.3, W_out_std=0.8),
+        "2d",
+    ),
+    "sqrt_relu_concat": (
+        dict(linear_scaling=False, attention_mechanism="RELU", pos_emb_type="CONCAT", n_chan_pos_emb=3),
+        "1d",
+    ),
+    "abs_concat_inverse_val": (
+        dict(attention_mechanism="ABS", pos_emb_type="CONCAT", pos_emb_decay_fn="inverse", val_pos_emb=True),
+        "2d",
+    ),
+}
+
+
+def attention_apply_case(kwargs: dict[str, Any], kind: str) -> Result:
+    kw = {k: ATTENTION_DECAYS[v] if k == "pos_emb_decay_fn" else v for k, v in kwargs.items()}
+    layer = L.GlobalSelfAttention(5, 4, 3, 2, **kw)
+    init_fn, apply_fn = layer.build()[:2]
+    x = attention_inputs()["im1" if kind == "2d" else "seq1"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Linear scaling attention used")
+        _, params = init_fn(jax.random.PRNGKey(1), x.shape)
+    names = ("query", "key", "value", "out", "b", "pos_emb")
+    arrays = {f"param_{n}": np.asarray(p) for n, p in zip(names, params) if p is not None}
+    key = "nhwc" if kind == "2d" else "nwc"
+    arrays.update({f"x_{key}": x, f"out_{key}": np.asarray(apply_fn(params, x))})
+    return Result(
+        f"init_fn, apply_fn of {layer}; _, params = init_fn(jax.random.PRNGKey(1), x.shape); params "
+        f"(query_matrices, key_matrices, val_matrices, W_out, b, pos_emb) stored as param_query, param_key, "
+        f"param_value, param_out, param_b, param_pos_emb (the ones that are not None); out = apply_fn(params, x)",
+        arrays,
+    )
+
+
+for _tag, (_kwargs, _kind) in ATTENTION_APPLY_CASES.items():
+    register("attention", f"attention_apply_{_kind}_{_tag}", functools.partial(attention_apply_case, _kwargs, _kind))
+
+
+# =====================================================================================================================
 # Family "predict": nt.predict on the small regression task, with one ReLU MLP's kernels
 # =====================================================================================================================
 PREDICT_NET = L.serial(L.Dense(128, b_std=0.2), L.Relu(), L.Dense(128, b_std=0.2), L.Relu(), L.Dense(1, b_std=0.2))
@@ -550,6 +725,320 @@ def empirical_mlp() -> Result:
         f"trace_axes=() (8, 5, 4, 4)",
         arrays,
     )
+
+
+# =====================================================================================================================
+# Families "dropout", "index", "resize", "dot_general", "aggregate" (issue #14, NT's layer zoo): each layer inside a
+# small CNN (or MLP) on NHWC images / NWC sequences; constants and graph patterns are stored with the inputs.
+# ntkit's native layers are channels first: the tests translate the axes (tests/nt_nets.py, zoo builders).
+# =====================================================================================================================
+@functools.cache
+def zoo_inputs(seed: int) -> dict[str, np.ndarray]:
+    """RandomState(seed) (21 dropout, 22 index, 23 resize, 24 dot_general, 25 aggregate): vectors (8, 5), (6, 5),
+    NHWC images (4, 5, 6, 2), (3, 5, 6, 2), NWC sequences (4, 7, 3), (3, 7, 3), in this order."""
+    rs = np.random.RandomState(seed)
+    names = ("vec1", "vec2", "im1", "im2", "seq1", "seq2")
+    shapes = ((8, 5), (6, 5), (4, 5, 6, 2), (3, 5, 6, 2), (4, 7, 3), (3, 7, 3))
+    arrays = _frozen(*(rs.randn(*s) for s in shapes))
+    return dict(zip(names, arrays))
+
+
+def zoo_result(net: Spec, seed: int, kind: str, extra: dict[str, np.ndarray] | None = None, **kw: Any) -> Result:
+    """``kernel_fn(x1, x2, **kw)`` (*_12) and ``kernel_fn(x1, None, **kw11)`` (*_11) of ``net`` on the inputs of
+    ``kind`` ("vec", "im" or "seq"); a ``pattern=(p1, p2)`` keyword is passed as ``(p1, p1)`` for *_11."""
+    data = zoo_inputs(seed)
+    x1, x2 = data[f"{kind}1"], data[f"{kind}2"]
+    key = {"vec": "", "im": "_nhwc", "seq": "_nwc"}[kind]
+    kernel_fn = net.kernel_fn()
+    kw11 = {k: (v[0], v[0]) if k == "pattern" else v for k, v in kw.items()}
+    k12 = kernel_fn(x1, x2, BOTH, **kw)
+    k11 = kernel_fn(x1, None, BOTH, **kw11)
+    arrays = {
+        f"x1{key}": x1,
+        f"x2{key}": x2,
+        "nngp_12": np.asarray(k12.nngp),
+        "ntk_12": np.asarray(k12.ntk),
+        "nngp_11": np.asarray(k11.nngp),
+        "ntk_11": np.asarray(k11.ntk),
+        **(extra or {}),
+    }
+    if "pattern" in kw:
+        calls = (
+            "*_12 = kernel_fn(x1, x2, pattern=(pattern1, pattern2)), "
+            "*_11 = kernel_fn(x1, None, pattern=(pattern1, pattern1))"
+        )
+    else:
+        opts = "".join(f", {k}={v!r}" for k, v in kw.items())
+        calls = f"*_12 = kernel_fn(x1, x2{opts}), *_11 = kernel_fn(x1, None{opts})"
+    return Result(f"{net}; inputs {key[1:].upper() or 'vectors'}; {calls}", arrays)
+
+
+def _conv_net(middle: list[Spec], head: list[Spec], kind: str = "im") -> Spec:
+    """Conv-ReLU, the layer(s) under test, then ``head``."""
+    shape = (3, 3) if kind == "im" else (3,)
+    return L.serial(L.Conv(8, shape, padding="SAME", b_std=0.1), L.Relu(), *middle, *head)
+
+
+GAP_HEAD = [L.GlobalAvgPool(), L.Dense(1)]
+
+
+def _head_conv(kind: str = "im") -> list[Spec]:
+    return [L.Conv(8, (2, 2) if kind == "im" else (2,), padding="SAME"), L.Relu(), *GAP_HEAD]
+
+
+# -- dropout ----------------------------------------------------------------------------------------------------------
+@case("dropout")
+def dropout_fc_train() -> Result:
+    net = L.serial(
+        L.Dense(64, W_std=1.5, b_std=0.1),
+        L.Relu(),
+        L.Dropout(0.7),
+        L.Dense(64, W_std=1.2, b_std=0.1),
+        L.Relu(),
+        L.Dropout(0.5, mode="train"),
+        L.Dense(1),
+    )
+    return zoo_result(net, 21, "vec")
+
+
+@case("dropout")
+def dropout_fc_test() -> Result:
+    net = L.serial(L.Dense(64, b_std=0.1), L.Relu(), L.Dropout(0.5, mode="test"), L.Dense(1))
+    return zoo_result(net, 21, "vec")
+
+
+@case("dropout")
+def dropout_conv_pool() -> Result:
+    """Full pixel covariances (pooling): the same-sample, same-pixel entries are scaled."""
+    net = _conv_net(
+        [L.Dropout(0.8), L.Conv(8, (3, 3), padding="SAME"), L.Relu(), L.AvgPool((2, 2))],
+        [L.Dropout(0.6), L.Conv(8, (2, 2)), L.Relu(), *GAP_HEAD],
+    )
+    return zoo_result(net, 21, "im")
+
+
+@case("dropout")
+def dropout_conv_flatten() -> Result:
+    """Diagonal pixel covariances (no pooling)."""
+    return zoo_result(_conv_net([L.Dropout(0.75)], [L.Conv(8, (3, 3)), L.Relu(), L.Flatten(), L.Dense(1)]), 21, "im")
+
+
+# -- index ------------------------------------------------------------------------------------------------------------
+INDEX_CASES: dict[str, tuple[Code, str]] = {
+    # tag -> (NT's index on NHWC activations, the head: "gap"/"gap1d" (full covariances), "flatten"/"flatten1d")
+    "crop_flip": (Code("stax.Slice[:, 4:0:-1, 1:, :]", stax.Slice[:, 4:0:-1, 1:, :]), "gap"),
+    "crop_flip_flatten": (Code("stax.Slice[:, 4:0:-1, 1:, :]", stax.Slice[:, 4:0:-1, 1:, :]), "flatten"),
+    "row": (Code("stax.Slice[:, 2]", stax.Slice[:, 2]), "gap1d"),
+    "row_flatten": (Code("stax.Slice[:, -1, ...]", stax.Slice[:, -1, ...]), "flatten1d"),
+    "ellipsis_step": (Code("stax.Slice[..., ::-2, :]", stax.Slice[..., ::-2, :]), "gap"),
+    "column_int": (Code("stax.Slice[:, :, 3, :]", stax.Slice[:, :, 3, :]), "flatten1d"),
+}
+
+
+def index_case(ix: Code, head: str) -> Result:
+    heads = {
+        "gap": _head_conv("im"),
+        "flatten": [L.Conv(8, (2, 2)), L.Relu(), L.Flatten(), L.Dense(1)],
+        "gap1d": _head_conv("seq"),
+        "flatten1d": [L.Conv(8, (2,)), L.Relu(), L.Flatten(), L.Dense(1)],
+    }
+    return zoo_result(_conv_net([L.Index(ix)], heads[head]), 22, "im")
+
+
+for _tag, (_idx, _head) in INDEX_CASES.items():
+    register("index", f"index_{_tag}", functools.partial(index_case, _idx, _head))
+
+
+# -- resize -----------------------------------------------------------------------------------------------------------
+RESIZE_CASES: dict[str, tuple[tuple[int, ...], str, bool, str, str]] = {
+    # tag -> (NT's shape (NHWC / NWC), method, antialias, input kind, head)
+    "linear_down": ((-1, 3, 4, -1), "linear", True, "im", "gap"),
+    "linear_down_noaa": ((-1, 3, 4, -1), "linear", False, "im", "gap"),
+    "bilinear_up": ((-1, 8, 9, -1), "bilinear", True, "im", "gap"),
+    "linear_mixed": ((-1, 3, 9, -1), "linear", True, "im", "flatten"),
+    "linear_one_axis": ((-1, -1, 4, -1), "triangle", True, "im", "gap"),
+    "nearest_up": ((-1, 7, 8, -1), "nearest", True, "im", "gap"),
+    "nearest_down_flatten": ((-1, 3, 4, -1), "nearest", True, "im", "flatten"),
+    "linear_1d": ((-1, 5, -1), "linear", True, "seq", "gap"),
+    "nearest_1d": ((-1, 11, -1), "nearest", True, "seq", "flatten"),
+}
+
+
+def resize_case(shape: tuple[int, ...], method: str, antialias: bool, kind: str, head: str) -> Result:
+    layer = L.ImageResize(shape, method) if antialias else L.ImageResize(shape, method, antialias=False)
+    if head == "gap":
+        tail = _head_conv(kind)
+    else:
+        tail = [L.Conv(8, (2, 2) if kind == "im" else (2,)), L.Relu(), L.Flatten(), L.Dense(1)]
+    return zoo_result(_conv_net([layer], tail, kind), 23, kind)
+
+
+for _tag, _args in RESIZE_CASES.items():
+    register("resize", f"resize_{_tag}", functools.partial(resize_case, *_args))
+
+
+# -- dot_general ------------------------------------------------------------------------------------------------------
+@functools.cache
+def dot_general_constants() -> dict[str, np.ndarray]:
+    """RandomState(26): the constants of the dot_general cases, in this order."""
+    rs = np.random.RandomState(26)
+    shapes = {"c_h": (5,), "c_w": (6,), "c_mix_w": (4, 6), "c_batch_h": (5, 3), "c_outer": (2,), "c_mix_hw": (5, 6, 3)}
+    return dict(zip(shapes, _frozen(*(rs.randn(*s) for s in shapes.values()))))
+
+
+# tag -> (which side, the constant's name (None: the scalar 2.0), NT's dimension_numbers on NHWC, input kind, head).
+# Where the output's channel axis is not last (a constant with free axes) NT's later layers refuse the kernel: those
+# cases end with the DotGeneral ("none": the raw kernels, full pixel covariances; "none_diag": diagonal_spatial=True).
+DOT_GENERAL_CASES: dict[str, tuple[str, str | None, Any, str, str]] = {
+    "scalar_fc": ("rhs", None, (((), ()), ((), ())), "vec", "dense"),
+    "scalar_im": ("rhs", None, (((), ()), ((), ())), "im", "gap"),
+    "contract_h": ("rhs", "c_h", (((1,), (0,)), ((), ())), "im", "gap1d"),
+    "lhs_contract_w": ("lhs", "c_w", (((0,), (2,)), ((), ())), "im", "gap1d"),
+    "lhs_mix_w": ("lhs", "c_mix_w", (((1,), (2,)), ((), ())), "im", "none"),
+    "batch_h": ("rhs", "c_batch_h", (((), ()), ((1,), (0,))), "im", "none"),
+    "batch_h_diag": ("rhs", "c_batch_h", (((), ()), ((1,), (0,))), "im", "none_diag"),
+    "outer_flatten": ("rhs", "c_outer", (((), ()), ((), ())), "im", "flatten"),
+    "contract_hw": ("rhs", "c_mix_hw", (((1, 2), (0, 1)), ((), ())), "im", "none"),
+}
+
+
+def dot_general_case(side: str, const: str | None, dn: Any, kind: str, head: str) -> Result:
+    value: Any = 2.0 if const is None else Code(const, dot_general_constants()[const])
+    layer = L.DotGeneral(**{side: value}, dimension_numbers=dn)
+    heads = {
+        "dense": [L.Dense(1)],
+        "gap": _head_conv("im"),
+        "gap1d": _head_conv("seq"),
+        "flatten": [L.Flatten(), L.Dense(1)],
+        "none": [],
+        "none_diag": [],
+    }
+    if kind == "vec":
+        net = L.serial(L.Dense(16, b_std=0.1), L.Relu(), layer, *heads[head])
+    else:
+        net = _conv_net([layer], heads[head])
+    extra = {} if const is None else {const: dot_general_constants()[const]}
+    if head == "none_diag":
+        return zoo_result(net, 24, kind, extra, diagonal_spatial=True)
+    return zoo_result(net, 24, kind, extra)
+
+
+for _tag, _args in DOT_GENERAL_CASES.items():
+    register("dot_general", f"dot_general_{_tag}", functools.partial(dot_general_case, *_args))
+
+
+# -- aggregate --------------------------------------------------------------------------------------------------------
+@functools.cache
+def aggregate_patterns() -> dict[str, np.ndarray]:
+    """RandomState(27): per-sample graphs for the inputs of seed 25 (x1: 4 samples, x2: 3), in this order:
+    weighted dense adjacencies (about half the edges) for sequences (7 x 7) and images (5·6 x 5·6), for the image
+    width axis (6 x 6); integer edges (tail, head) for sequences (10 edges, 2 padding ones) and images (12 edges)."""
+    rs = np.random.RandomState(27)
+    out: dict[str, np.ndarray] = {}
+
+    def dense(*shape: int) -> np.ndarray:
+        return rs.rand(*shape) * (rs.rand(*shape) < 0.5)
+
+    for tag, n in (("1", 4), ("2", 3)):
+        out[f"seq_dense{tag}"] = dense(n, 7, 7)
+    for tag, n in (("1", 4), ("2", 3)):
+        out[f"im_dense{tag}"] = dense(n, 5, 6, 5, 6)
+    for tag, n in (("1", 4), ("2", 3)):
+        out[f"w_dense{tag}"] = dense(n, 6, 6)
+    for tag, n in (("1", 4), ("2", 3)):
+        e = rs.randint(0, 7, size=(n, 10, 2))
+        e[:, -2:] = -1  # padding edges
+        e[:, 0, 1] = -1  # an edge with a padding head is dropped too
+        e[:, 1] = e[:, 2]  # a repeated edge (weight 2)
+        out[f"seq_sparse{tag}"] = e
+    for tag, n in (("1", 4), ("2", 3)):
+        e = np.stack([rs.randint(0, 5, size=(n, 12, 2)), rs.randint(0, 6, size=(n, 12, 2))], axis=2)
+        e[:, -1] = -1
+        out[f"im_sparse{tag}"] = e
+    return out
+
+
+SHARED_GRID = "4-neighbour grid on 5 x 6 pixels with self-loops, weight 1/(number of neighbours)"
+
+
+def shared_grid() -> np.ndarray:
+    """The (5, 6, 5, 6) pattern of the shared-graph case: :data:`SHARED_GRID` (tests/nt_nets.py has the same)."""
+    h, w = np.meshgrid(np.arange(5), np.arange(6), indexing="ij")
+    d = np.abs(h.reshape(-1, 1) - h.reshape(1, -1)) + np.abs(w.reshape(-1, 1) - w.reshape(1, -1))
+    a = (d <= 1).astype(np.float64)
+    return (a / a.sum(0, keepdims=True)).reshape(5, 6, 5, 6)
+
+
+# tag -> (NT's Aggregate keyword arguments, the patterns' name, input kind, head)
+AGGREGATE_CASES: dict[str, tuple[dict[str, Any], str, str, str]] = {
+    "1d_dense": (dict(aggregate_axis=1), "seq_dense", "seq", "gap"),
+    "1d_default_axes": (dict(), "seq_dense", "seq", "gap"),
+    "2d_dense": (dict(aggregate_axis=(1, 2)), "im_dense", "im", "gap"),
+    "2d_axis_w": (dict(aggregate_axis=2), "w_dense", "im", "gap"),
+    "1d_sparse": (dict(aggregate_axis=1, implementation="SPARSE"), "seq_sparse", "seq", "gap"),
+    "2d_sparse": (dict(implementation="SPARSE"), "im_sparse", "im", "gap"),
+    "1d_to_dense": (
+        dict(
+            aggregate_axis=1, to_dense=Code("lambda p: p + jnp.swapaxes(p, 1, 2)", lambda p: p + jnp.swapaxes(p, 1, 2))
+        ),
+        "seq_dense",
+        "seq",
+        "gap",
+    ),
+    # the graphs of 2d_sparse as dense adjacencies: NT 0.6.5's SPARSE path scrambles the vertices of a 2-D graph on
+    # a kernel whose spatial axes are reversed (after a Conv), its DENSE path does not (tests/layers/test_aggregate.py)
+    "2d_sparse_to_dense": (
+        dict(to_dense=Code("edges_to_dense", lambda p: edges_to_dense(p))),
+        "im_sparse",
+        "im",
+        "gap",
+    ),
+}
+
+
+def edges_to_dense(p: Any) -> Any:
+    """Integer edges ``(N, E, 2, 2)`` on 5 x 6 pixels (``p[n, e, axis, tail/head]``) -> the dense ``(N, 5, 6, 5, 6)``
+    adjacency (repeated edges add up; an edge with a negative head coordinate is padding, weight 0)."""
+    n = p.shape[0]
+    ok = jnp.all(p[..., 1] >= 0, axis=-1).astype(jnp.float64)
+    rows = jnp.arange(n)[:, None]
+    return jnp.zeros((n, 5, 6, 5, 6)).at[rows, p[..., 0, 0], p[..., 1, 0], p[..., 0, 1], p[..., 1, 1]].add(ok)
+
+
+def aggregate_case(kwargs: dict[str, Any], pattern: str, kind: str, head: str) -> Result:
+    pats = aggregate_patterns()
+    p1, p2 = pats[f"{pattern}1"], pats[f"{pattern}2"]
+    conv = (3, 3) if kind == "im" else (3,)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Negative indices in `pattern`")
+        agg = L.Aggregate(**kwargs)
+        net = L.serial(
+            L.Conv(8, conv, padding="SAME", b_std=0.1),
+            agg,
+            L.Relu(),
+            L.Conv(8, conv, padding="SAME"),
+            agg,
+            L.Relu(),
+            *GAP_HEAD,
+        )
+        return zoo_result(net, 25, kind, {"pattern1": p1, "pattern2": p2}, pattern=(p1, p2))
+
+
+for _tag, _args in AGGREGATE_CASES.items():
+    register("aggregate", f"aggregate_{_tag}", functools.partial(aggregate_case, *_args))
+
+
+@case("aggregate")
+def aggregate_shared_grid() -> Result:
+    """One graph for every sample (ntkit's Aggregate(shared_pattern=...)): NT gets it tiled per sample."""
+    grid = shared_grid()
+    data = zoo_inputs(25)
+    n1, n2 = data["im1"].shape[0], data["im2"].shape[0]
+    p1, p2 = np.broadcast_to(grid, (n1, *grid.shape)).copy(), np.broadcast_to(grid, (n2, *grid.shape)).copy()
+    net = L.serial(L.Conv(8, (3, 3), padding="SAME", b_std=0.1), L.Aggregate(), L.Relu(), *_head_conv("im"))
+    res = zoo_result(net, 25, "im", {"grid": grid}, pattern=(p1, p2))
+    res.description += f"; pattern1/2 = grid (the {SHARED_GRID}) for every sample"
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -535,7 +535,8 @@ TAPE_NETS = {
         nk.AvgPool((2, 2), (2, 2)),
         nk.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.3),
         nk.FanOut(2),
-        nk.parallel(nk.Relu(), nk.Gelu()),
+        # independent branches (the product rule's premise; relu(h)·gelu(h) of one h is refused)
+        nk.parallel(nk.Relu(), nk.serial(nk.Conv(4, (3, 3), padding="SAME"), nk.Gelu())),
         nk.FanInProd(),
         nk.Conv(4, (2, 2)),
         nk.Relu(),

@@ -537,3 +537,76 @@ def test_invalid_parameters():
         nk.serial(nk.Dense(8, 3.0), nk.Gaussian(1.0, 0.5)).kernel_fn(x)
     with pytest.raises(nk.LayerError, match="overflows"):
         nk.serial(nk.Dense(8, 30.0), nk.Exp(1.0, 1.0)).kernel_fn(x.float())
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue #16, item 5: the ReLU family on nearly parallel (and anti-parallel) inputs
+# ---------------------------------------------------------------------------------------------------
+def _relu_exact(rho, a=0.0, b=1.0):
+    """40-digit ``(K'/√(q11 q22), K̇)`` of ``ABRelu(a, b)`` at correlation ``rho`` (Cho & Saul 2009)."""
+    import mpmath
+
+    with mpmath.workdps(40):
+        a, b = mpmath.mpf(a), mpmath.mpf(b)
+        th = mpmath.acos(mpmath.mpf(rho))
+        j1 = mpmath.sin(th) + (mpmath.pi - th) * mpmath.cos(th)
+        j2 = mpmath.sin(th) - th * mpmath.cos(th)
+        k = ((a * a + b * b) * j1 - 2 * a * b * j2) / (2 * mpmath.pi)
+        kd = ((a * a + b * b) * (mpmath.pi - th) + 2 * a * b * th) / (2 * mpmath.pi)
+        return k, kd
+
+
+@pytest.mark.parametrize("layer", [nk.Relu(), nk.LeakyRelu(0.1), nk.Abs()], ids=repr)
+@pytest.mark.parametrize("q", [1.0, 0.5, 4.0])
+def test_relu_family_exact_at_every_angle(layer, q):
+    """θ from 1e-7 to π on correlations that are exact in float64 (``q12 = q·fl(cos θ)`` with ``q`` a power of 2):
+    K̇ within 1e-11 of the 40-digit value entry by entry, K' within 1e-11·√(q11 q22). Before the fix every
+    correlation was scaled by (1 + 16 eps) so that one clamp also snapped |ρ| ≥ 1 − 16 eps: 1.5e-8 on K̇ at
+    θ ≈ 1e-7 (7e-9 on a network's NTK), against 2e-15 through RectifiedMonomial(1)."""
+    theta = torch.logspace(-7, math.log10(math.pi), 300, dtype=F64)
+    rho = torch.cos(theta)
+    qq = torch.full_like(rho, q)
+    k, kd = layer.rule(q * rho, qq, qq, True)
+    worst_k = worst_kd = 0.0
+    for i in range(len(rho)):
+        ek, ekd = _relu_exact(float(rho[i]), layer.a, layer.b)
+        worst_k = max(worst_k, abs(float(k[i]) / q - float(ek)))
+        worst_kd = max(worst_kd, abs(float(kd[i]) - float(ekd)) / max(abs(float(ekd)), 1e-300 if ekd else 1.0))
+    assert worst_k < 1e-11 and worst_kd < 1e-11, (worst_k, worst_kd)
+
+
+def test_relu_snaps_only_within_16_ulps_of_one():
+    """|ρ| ≥ 1 − 16 eps is ±1 exactly (duplicated inputs: θ = 0, K̇ = 1/2; anti-parallel: θ = π, K̇ = 0); one
+    ulp further in, nothing moves."""
+    eps = torch.finfo(F64).eps
+    one = torch.ones(6, dtype=F64)
+    rho = torch.tensor([1.0, 1 - 16 * eps, 1 - 18 * eps, -1.0, -1 + 16 * eps, -1 + 18 * eps], dtype=F64)
+    _, kd = nk.Relu().rule(rho, one, one, True)
+    assert kd[0] == kd[1] == 0.5 and kd[3] == kd[4] == 0.0
+    for i in (2, 5):
+        assert abs(float(kd[i]) - float(_relu_exact(float(rho[i]))[1])) < 1e-12 * max(float(kd[i]), 1e-8)
+
+
+def test_relu_network_ntk_on_nearly_parallel_inputs():
+    """The issue's measurement: ``serial(Dense, Relu, Dense)`` on ``(1, 0)`` and ``(cos θ, sin θ)`` (the Dense's
+    covariances are exact: ``q = 1/2``) against a 40-digit evaluation of the same network; Relu within 3e-11 of
+    it from θ = 1e-7 to 1e-3 (was 7.7e-9), as RectifiedMonomial(1)."""
+    import mpmath
+
+    worst = {"relu": 0.0, "rm1": 0.0}
+    for th in (1e-7, 2e-7, 5e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+        x1 = torch.tensor([[1.0, 0.0]], dtype=F64)
+        x2 = torch.tensor([[math.cos(th), math.sin(th)]], dtype=F64)
+        with mpmath.workdps(40):
+            X1, X2 = [mpmath.mpf(float(v)) for v in x1[0]], [mpmath.mpf(float(v)) for v in x2[0]]
+            q12 = (X1[0] * X2[0] + X1[1] * X2[1]) / 2
+            q22 = (X2[0] ** 2 + X2[1] ** 2) / 2
+            q11 = mpmath.mpf(1) / 2
+            rho = q12 / mpmath.sqrt(q11 * q22)
+            ek, ekd = _relu_exact(rho)
+            nngp = mpmath.mpf("1.44") * mpmath.sqrt(q11 * q22) * ek + mpmath.mpf("0.01")
+            ntk = nngp + mpmath.mpf("1.44") * q12 * ekd
+        for name, act in (("relu", nk.Relu()), ("rm1", nk.RectifiedMonomial(1))):
+            k = nk.serial(nk.Dense(4), act, nk.Dense(1, 1.2, 0.1)).kernel_fn(x1, x2)
+            worst[name] = max(worst[name], float(abs(mpmath.mpf(float(k.ntk)) - ntk) / ntk))
+    assert worst["relu"] < 3e-11, worst

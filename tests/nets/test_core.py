@@ -225,3 +225,178 @@ def test_residual_twin_runs():
     net = branch_net("branch_residual_sum")
     m = net.module(7, seed=0, dtype=torch.float64)
     assert m(_x(5, 7)).shape == (5, 1)
+
+
+# ------------------------------------------------------------------ issue #16, item 3: sums of non-Gaussian branches
+def _two_relu_branches(w_trunk=1.3):
+    return nt.serial(
+        nt.Dense(8, w_trunk, 0.2),
+        nt.FanOut(2),
+        nt.parallel(nt.serial(nt.Dense(8, 1.2, 0.1), nt.Relu()), nt.serial(nt.Dense(8, 0.9, 0.3), nt.Relu())),
+        nt.FanInSum(),
+        nt.Dense(16),
+    )
+
+
+def test_fan_in_sum_cross_terms_closed_form():
+    """K = K_a + K_b + μ_a(x)μ_b(x') + μ_b(x)μ_a(x') with the ReLU means μ = √(q/(2π)) (independent branches);
+    the rule before the fix dropped the means (24 % off its Monte Carlo for two ReLU branches)."""
+    x1, x2 = _x(4, 5, 1), _x(3, 5, 2)
+    net = _two_relu_branches()
+    k = net.kernel_fn(x1, x2, get="nngp")
+    ka = nt.serial(nt.Dense(8, 1.3, 0.2), nt.Dense(8, 1.2, 0.1), nt.Relu()).kernel_fn(x1, x2)
+    kb = nt.serial(nt.Dense(8, 1.3, 0.2), nt.Dense(8, 0.9, 0.3), nt.Relu()).kernel_fn(x1, x2)
+    q0 = [1.69 * (x * x).mean(1) + 0.04 for x in (x1, x2)]
+    ma = [torch.sqrt((1.44 * q + 0.01) / (2 * math.pi)) for q in q0]
+    mb = [torch.sqrt((0.81 * q + 0.09) / (2 * math.pi)) for q in q0]
+    expect = ka.nngp + kb.nngp + ma[0][:, None] * mb[1][None, :] + mb[0][:, None] * ma[1][None, :]
+    assert rel_err(k, expect) < 1e-14
+    # Θ = Σ Θ_i (no mean terms), then the readout's Θ' = K + Θ
+    assert rel_err(net.kernel_fn(x1, x2, get="ntk"), k + ka.ntk + kb.ntk) < 1e-14
+
+
+SUM_NETS = {
+    "relu+relu": (_two_relu_branches(), 256),
+    # the raw inputs (means differ per channel) plus a ReLU branch: Σ_c x_c/C · μ(x')
+    "inputs+relu": (
+        nt.serial(
+            nt.FanOut(2),
+            nt.parallel(nt.Identity(), nt.serial(nt.Dense(5, 1.2, 0.1), nt.Relu())),
+            nt.FanInSum(),
+            nt.Dense(16),
+        ),
+        None,
+    ),
+    # a concatenation (channel-varying means) plus a ReLU branch, and an Erf(c ≠ 0) branch
+    "concat+relu": (
+        nt.serial(
+            nt.Dense(8, 1.3, 0.2),
+            nt.FanOut(2),
+            nt.parallel(
+                nt.serial(
+                    nt.FanOut(2),
+                    nt.parallel(nt.serial(nt.Dense(128), nt.Relu()), nt.serial(nt.Dense(128), nt.Erf(1.0, 1.0, 0.5))),
+                    nt.FanInConcat(),
+                ),
+                nt.serial(nt.Dense(256), nt.Gelu()),
+            ),
+            nt.FanInSum(),
+            nt.Dense(16),
+        ),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUM_NETS))
+def test_fan_in_sum_of_nonlinearity_branches_monte_carlo(name):
+    from ntkit.monte_carlo import monte_carlo_kernel_fn
+
+    net, width = SUM_NETS[name]
+    x = _x(5, 5, 0) + 0.5
+    exact = net.kernel_fn(x)
+    for g, n in (("nngp", 1024), ("ntk", 48)):
+        s = monte_carlo_kernel_fn(net, n_samples=n, width=width, seed=3, get=g).samples(x)[g].reshape(n, -1)
+        mean, se = s.mean(0), s.std(0) / math.sqrt(n)
+        e = getattr(exact, g).reshape(-1)
+        err, noise = float((mean - e).norm() / e.norm()), float(se.norm() / e.norm())
+        assert err < 0.01 + 3 * noise, (g, err, noise)
+
+
+def test_dependent_branches_are_refused():
+    """Two branches without a Dense/Conv of their own since the FanOut are the same function of the same
+    activations: the sum/product rules (independent branches) would be wrong (relu(h)·gelu(h): 85 % off its
+    Monte Carlo), so they refuse; one such branch (a skip connection) is fine, and so is a concatenation."""
+    x = _x(4)
+    for merge in (nt.FanInSum(), nt.FanInProd()):
+        for branches in ((nt.Relu(), nt.Gelu()), (nt.Identity(), nt.Identity())):
+            net = nt.serial(nt.Dense(8), nt.FanOut(2), nt.parallel(*branches), merge, nt.Dense(1))
+            with pytest.raises(nt.LayerError, match="no Dense/Conv of their own"):
+                net.kernel_fn(x)
+        with pytest.raises(nt.LayerError, match="no Dense/Conv of their own"):
+            nt.serial(nt.Dense(8), nt.FanOut(2), merge).kernel_fn(x)
+        ok = nt.serial(nt.Dense(8), nt.FanOut(2), nt.parallel(nt.Relu(), nt.serial(nt.Dense(8), nt.Gelu())), merge)
+        assert torch.isfinite(ok.kernel_fn(x).ntk).all()
+    # nested: the inner FanOut's Dense makes its branch fresh for the outer one too
+    inner = nt.serial(nt.FanOut(2), nt.parallel(nt.Dense(8), nt.Identity()), nt.FanInSum())
+    with pytest.raises(nt.LayerError, match="no Dense/Conv of their own"):
+        nt.serial(nt.Dense(8), nt.FanOut(2), nt.parallel(inner, nt.Identity()), nt.FanInSum()).kernel_fn(x)
+    fresh = nt.serial(nt.Dense(8), inner)
+    nt.serial(nt.Dense(8), nt.FanOut(2), nt.parallel(fresh, nt.Identity()), nt.FanInSum()).kernel_fn(x)
+    concat = nt.serial(nt.Dense(8), nt.FanOut(2), nt.parallel(nt.Relu(), nt.Gelu()), nt.FanInConcat(), nt.Dense(1))
+    concat.kernel_fn(x)
+
+
+def test_cross_terms_of_two_channel_varying_means_are_refused():
+    net = nt.serial(
+        nt.FanOut(2),
+        nt.parallel(
+            nt.Identity(),
+            nt.serial(nt.FanOut(2), nt.parallel(nt.serial(nt.Dense(2), nt.Relu()), nt.Dense(3)), nt.FanInConcat()),
+        ),
+        nt.FanInSum(),
+    )
+    with pytest.raises(nt.LayerError, match="differ from channel to channel"):
+        net.kernel_fn(_x(3))
+
+
+@pytest.mark.parametrize("tile", [1, 2])
+def test_fan_in_sum_means_tiled_with_tape(tile):
+    """The branch means in pair-only tiles (self-covariance tape) and after pooling: tiled = untiled."""
+    c = lambda n, w=1.2: nt.Conv(n, (3, 3), padding="SAME", W_std=w, b_std=0.1)
+    net = nt.serial(
+        c(4),
+        nt.FanOut(2),
+        nt.parallel(nt.serial(c(4), nt.Relu(), nt.AvgPool((2, 2), (1, 1), "SAME")), nt.serial(c(4, 0.8), nt.Gelu())),
+        nt.FanInSum(),
+        c(3),
+        nt.GlobalAvgPool(),
+        nt.Dense(1),
+    )
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (
+        torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64),
+    )
+    for b in (None, x2):
+        whole, part = net.kernel_fn(x1, b), net.kernel_fn(x1, b, tile_size=tile)
+        for f in ("nngp", "ntk"):
+            assert rel_err(getattr(part, f), getattr(whole, f)) < 1e-13
+
+
+# ------------------------------------------------------------------ issue #16, item 6: no silent Inf/NaN
+def test_overflowing_inputs_raise_naming_the_input_covariances():
+    x = _x(4) * 1e200
+    for tile in (None, 2):
+        with pytest.raises(nt.NonFiniteKernelError, match="input covariances.*scale the inputs"):
+            nt.serial(nt.Dense(8), nt.Relu(), nt.Dense(1)).kernel_fn(x, tile_size=tile)
+    with pytest.raises(nt.NonFiniteKernelError, match="float64"):
+        nt.serial(nt.Dense(8), nt.Relu(), nt.Dense(1)).kernel_fn((_x(4) * 3e19).float())
+
+
+def test_overflow_inside_the_net_names_the_first_layer():
+    x = _x(4)
+    net = nt.serial(nt.Dense(8, 1e60), nt.RectifiedMonomial(3), nt.Dense(1))  # q ~ 1e120, E[relu³²] ~ q³
+    for b, tile in ((None, None), (None, 1), (_x(3, seed=1), 2)):
+        with pytest.raises(nt.NonFiniteKernelError, match=r"after layer 1, RectifiedMonomial\(degree=3\)"):
+            net.kernel_fn(x, b, tile_size=tile)
+    nested = nt.serial(
+        nt.Dense(8), nt.FanOut(2), nt.parallel(nt.Identity(), nt.serial(nt.Dense(8, 1e160), nt.Relu())), nt.FanInSum()
+    )
+    with pytest.raises(nt.NonFiniteKernelError, match=r"after layer 2\.1\.0, Dense"):
+        nested.kernel_fn(x)
+
+
+def test_an_overflow_is_not_squashed_into_a_finite_kernel():
+    """Dense(W_std=1e160) overflows (W² = inf); Gaussian() maps an infinite variance to exp(−∞)-like 0 and the
+    readout to b²: before the checks a finite, wrong NNGP came back."""
+    net = nt.serial(nt.Dense(8, 1e160), nt.Gaussian(), nt.Dense(1, 1.0, 0.5))
+    with pytest.raises(nt.NonFiniteKernelError, match="after layer 0, Dense"):
+        net.kernel_fn(_x(4), get="nngp")
+
+
+def test_finite_kernels_pass_the_checks_unchanged():
+    net = nt.serial(nt.Dense(8, 1.5, 0.1), nt.Gaussian(), nt.Dense(1))
+    x = _x(5) * 1e14  # q ~ 2e28: tiny but exact kernels (issue #16, item 4), no error
+    k = net.kernel_fn(x)
+    assert torch.isfinite(k.nngp).all() and torch.isfinite(k.ntk).all() and (k.nngp.diagonal() > 0).all()
