@@ -12,7 +12,7 @@ from ntkit.layers import *  # noqa: F403
 from ntkit.layers import __all__ as _layers_all
 from ntkit.lift import lift
 from ntkit.monte_carlo import monte_carlo_kernel_fn
-from ntkit.nets import Net, parallel, serial
+from ntkit.nets import Net, parallel, repeat, serial
 
 _compat.install()
 
@@ -27,4 +27,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ntkit' has no attribute {name!r}")
 
 
-__all__ = ["Kernel", "Net", "serial", "parallel", "lift", "monte_carlo_kernel_fn", "__version__", *_layers_all]
+__all__ = [
+    "Kernel",
+    "Net",
+    "serial",
+    "parallel",
+    "repeat",
+    "lift",
+    "monte_carlo_kernel_fn",
+    "__version__",
+    *_layers_all,
+]

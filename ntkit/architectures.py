@@ -28,7 +28,7 @@ __all__ = ["myrtle", "cntk", "wide_resnet", "fc_net", "MYRTLE_DEPTHS"]
 
 SQRT2 = math.sqrt(2.0)
 
-# convolutions per group (3 groups) for each Myrtle depth; depth = convs + the Dense readout
+#: convolutions per group (3 groups) for each Myrtle depth; depth = convs + the Dense readout
 MYRTLE_DEPTHS = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
 
 

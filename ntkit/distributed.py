@@ -102,6 +102,7 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op for a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

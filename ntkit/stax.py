@@ -86,7 +86,11 @@ __all__ = [
     "PositionalEmbedding",
     "DotGeneral",
     "Dropout",
+    "ConvTranspose",
+    "ConvLocal",
     "Index",
+    "Gabor",
+    "repeat",
     "Slice",
     "ImageResize",
     "parallel",
@@ -416,9 +420,8 @@ def Dense(
     parameterization: str = "ntk",
     s: tuple[int, int] = (1, 1),
 ) -> StaxLayer:
-    """NT's ``stax.Dense`` (``out_dim`` is ntkit's ``out_features``)."""
-    _check_s(s)
-    return _wrap(L.Dense(out_dim, W_std, b_std, parameterization), _Layout(batch_axis, channel_axis))
+    """NT's ``stax.Dense`` (``out_dim`` is ntkit's ``out_features``; ``s`` as :class:`ntkit.layers.Dense`'s)."""
+    return _wrap(L.Dense(out_dim, W_std, b_std, parameterization, s=s), _Layout(batch_axis, channel_axis))
 
 
 def _padding(padding: Union[str, Padding]) -> str:
@@ -437,7 +440,6 @@ def Conv(
     s: tuple[int, int] = (1, 1),
 ) -> StaxLayer:
     """NT's ``stax.Conv`` (``out_chan``/``filter_shape`` are ntkit's ``out_channels``/``kernel_size``)."""
-    _check_s(s)
     layout = _layout_of_dimension_numbers(dimension_numbers, len(filter_shape))
     layer = L.Conv(
         out_chan,
@@ -447,6 +449,7 @@ def Conv(
         W_std,
         b_std,
         parameterization,
+        s=s,
     )
     return _wrap(layer, layout)
 
@@ -871,3 +874,88 @@ def ImageResize(
     sizes = list(shape)
     layer = L.ImageResize(tuple(_torch_order(sizes, batch_axis, channel_axis)), _name(method), antialias, precision)
     return _wrap(layer, _Layout(batch_axis, channel_axis))
+
+
+# ---------------------------------------------------------------------------------------------------
+# convolution variants (ConvTranspose, ConvLocal)
+# ---------------------------------------------------------------------------------------------------
+def _conv_variant(
+    make: Any,
+    out_chan: int,
+    filter_shape: Sequence[int],
+    strides: Optional[Sequence[int]],
+    padding: Union[str, Padding],
+    W_std: float,
+    b_std: Optional[float],
+    dimension_numbers: Optional[tuple[str, str, str]],
+    parameterization: str,
+    s: tuple[int, int],
+) -> StaxLayer:
+    """A ConvTranspose/ConvLocal layer from NT's arguments, translated as :func:`Conv`'s."""
+    _check_s(s)
+    layout = _layout_of_dimension_numbers(dimension_numbers, len(filter_shape))
+    layer = make(
+        out_chan,
+        tuple(filter_shape),
+        None if strides is None else tuple(strides),
+        _padding(padding),
+        W_std,
+        b_std,
+        parameterization,
+    )
+    return _wrap(layer, layout)
+
+
+def ConvTranspose(
+    out_chan: int,
+    filter_shape: Sequence[int],
+    strides: Optional[Sequence[int]] = None,
+    padding: Union[str, Padding] = "VALID",
+    W_std: float = 1.0,
+    b_std: Optional[float] = None,
+    dimension_numbers: Optional[tuple[str, str, str]] = None,
+    parameterization: str = "ntk",
+    s: tuple[int, int] = (1, 1),
+) -> StaxLayer:
+    """NT's ``stax.ConvTranspose`` (:class:`ntkit.layers.ConvTranspose`; ``lax.conv_transpose`` semantics)."""
+    args = (out_chan, filter_shape, strides, padding, W_std, b_std, dimension_numbers, parameterization, s)
+    return _conv_variant(L.ConvTranspose, *args)
+
+
+def ConvLocal(
+    out_chan: int,
+    filter_shape: Sequence[int],
+    strides: Optional[Sequence[int]] = None,
+    padding: Union[str, Padding] = "VALID",
+    W_std: float = 1.0,
+    b_std: Optional[float] = None,
+    dimension_numbers: Optional[tuple[str, str, str]] = None,
+    parameterization: str = "ntk",
+    s: tuple[int, int] = (1, 1),
+) -> StaxLayer:
+    """NT's ``stax.ConvLocal`` (:class:`ntkit.layers.ConvLocal`: unshared filters, one per output pixel)."""
+    args = (out_chan, filter_shape, strides, padding, W_std, b_std, dimension_numbers, parameterization, s)
+    return _conv_variant(L.ConvLocal, *args)
+
+
+# (end of convolution variants)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gabor, repeat
+# ---------------------------------------------------------------------------------------------------
+def Gabor() -> StaxLayer:
+    """NT's ``stax.Gabor``: ``exp(−x²)·sin(x)`` (:class:`ntkit.layers.Gabor`, closed-form kernel)."""
+    return _wrap(L.Gabor())
+
+
+def repeat(layer: StaxLayer, n: int) -> StaxLayer:
+    """NT's ``stax.repeat(layer, n)`` = ``serial(*[layer] * n)`` (as :func:`ntkit.nets.repeat`; each copy has
+    its own parameters in the finite twin, as in NT's ``serial``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"repeat(layer, n={n!r}): n must be an integer >= 0.")
+    (l,) = _check_layers([layer], "repeat")
+    return _wrap(_serial(*([l.layer] * n)), l.layout)
+
+
+# (end of Gabor, repeat)

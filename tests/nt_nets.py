@@ -37,6 +37,7 @@ ACTIVATIONS: dict[str, Callable[[], nk.Layer]] = {
     "rectified_monomial_2": lambda: nk.RectifiedMonomial(2),
     "polynomial": lambda: nk.Polynomial([0.5, -1.0, 0.25]),
     "elementwise_numerical_tanh": lambda: nk.Elementwise(torch.tanh, deg=25),
+    "gabor": lambda: nk.Gabor(),
 }
 FC_CASES = [f"fc_{a}_{p}_b{b}" for a in ACTIVATIONS for p in ("ntk", "standard") for b in ("None", "0.3")]
 HERMITE_CASES = [f"fc_hermite_{d}" for d in (1, 2, 3)]
@@ -263,8 +264,84 @@ def nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
 
 
+#: ConvTranspose / ConvLocal cases (issue #14): name -> (layer, args, kwargs, kind, head), the generator's table
+CONV_VARIANTS: dict[str, tuple[str, tuple, dict, str, str]] = {
+    "transpose_2d_same_flatten": (
+        "ConvTranspose",
+        (8, (3, 3)),
+        dict(padding="SAME", W_std=1.3, b_std=0.2),
+        "im",
+        "flatten",
+    ),
+    "transpose_2d_valid_s2_gap": (
+        "ConvTranspose",
+        (8, (3, 2)),
+        dict(strides=(2, 2), b_std=0.1, parameterization="standard"),
+        "im",
+        "gap",
+    ),
+    "transpose_2d_circular_s21_gap": (
+        "ConvTranspose",
+        (8, (3, 3)),
+        dict(strides=(2, 1), padding="CIRCULAR"),
+        "im",
+        "gap",
+    ),
+    "transpose_2d_same_s2_k2_flatten": (
+        "ConvTranspose",
+        (8, (2, 2)),
+        dict(strides=(2, 3), padding="SAME", b_std=0.1),
+        "im",
+        "flatten",
+    ),
+    "transpose_1d_same_s2_gap": (
+        "ConvTranspose",
+        (8, (4,)),
+        dict(strides=(2,), padding="SAME", b_std=0.3),
+        "seq",
+        "gap1d",
+    ),
+    "transpose_1d_valid_standard_flatten": (
+        "ConvTranspose",
+        (8, (3,)),
+        dict(strides=(3,), W_std=1.2, b_std=0.2, parameterization="standard"),
+        "seq",
+        "flatten1d",
+    ),
+    "transpose_1d_circular_gap": ("ConvTranspose", (8, (5,)), dict(strides=(2,), padding="CIRCULAR"), "seq", "gap1d"),
+    "local_2d_same_flatten": ("ConvLocal", (8, (3, 3)), dict(padding="SAME", W_std=1.3, b_std=0.2), "im", "flatten"),
+    "local_2d_valid_s2_standard_gap": (
+        "ConvLocal",
+        (8, (2, 2)),
+        dict(strides=(2, 2), b_std=0.1, parameterization="standard"),
+        "im",
+        "gap",
+    ),
+    "local_1d_circular_gap": ("ConvLocal", (8, (3,)), dict(padding="CIRCULAR", b_std=0.2), "seq", "gap1d"),
+}
+CONV_VARIANT_CASES = [f"conv_{t}" for t in CONV_VARIANTS]
+
+
+def conv_variant_net(name: str) -> Net:
+    """Conv-ReLU, the ConvTranspose/ConvLocal layer, ReLU, then the head (the generator's conv_variant_case)."""
+    layer, args, kwargs, kind, head = CONV_VARIANTS[name[len("conv_") :]]
+    conv = (3, 3) if kind == "im" else (3,)
+    heads: dict[str, Callable[[], list[nk.Layer]]] = {
+        "gap": lambda: [nk.Conv(8, (2, 2), padding="SAME"), nk.Relu(), nk.GlobalAvgPool(), nk.Dense(1)],
+        "gap1d": lambda: [nk.Conv(8, (2,), padding="SAME"), nk.Relu(), nk.GlobalAvgPool(), nk.Dense(1)],
+        "flatten": lambda: [nk.Conv(8, (2, 2)), nk.Relu(), nk.Flatten(), nk.Dense(1)],
+        "flatten1d": lambda: [nk.Conv(8, (2,)), nk.Relu(), nk.Flatten(), nk.Dense(1)],
+    }
+    mid = getattr(nk, layer)(*args, **kwargs)
+    return nk.serial(nk.Conv(8, conv, padding="SAME", b_std=0.1), nk.Relu(), mid, nk.Relu(), *heads[head]())
+
+
 def reference_net(name: str) -> Net:
     """The ntkit network of any layer reference case (fc_*, fc_hermite_*, branch_*, conv*, attention_*)."""
+    if name in REPEAT_CONCAT_NETS:  # repeat and spatial FanInConcat (issue #14)
+        return REPEAT_CONCAT_NETS[name]()
+    if name in CONV_VARIANT_CASES:  # ConvTranspose / ConvLocal (issue #14)
+        return conv_variant_net(name)
     if name in ZOO_CASES:  # the layer zoo (issue #14): constants and graphs are stored with the case
         from helpers import load_reference
 
@@ -480,3 +557,20 @@ def zoo_errors(name: str, ref: dict, **overrides) -> dict[str, float]:
         out["11_off"] = max(out["11_off"], rel_err(ours[off], theirs[off]))
         out["11_diag"] = max(out["11_diag"], rel_err(ours[~off], theirs[~off]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# repeat and spatial FanInConcat (issue #14): the same networks as the generator's "repeat" / "concat" families
+# ---------------------------------------------------------------------------------------------------------------------
+def _repeat_fc() -> Net:
+    block = nk.serial(nk.Relu(), nk.Dense(64, 1.3, 0.1))
+    return nk.serial(nk.Dense(64, 1.5, 0.1), nk.repeat(block, 3), nk.Erf(), nk.Dense(1))
+
+
+def _repeat_conv() -> Net:
+    C = nk.Conv
+    block = nk.serial(C(8, (3, 3), padding="SAME", b_std=0.1), nk.Relu(), C(8, (2, 2), padding="SAME"), nk.Relu())
+    return _zoo_conv([nk.repeat(block, 2)], _zoo_head("gap")[2:])
+
+
+REPEAT_CONCAT_NETS: dict[str, Callable[[], Net]] = {"repeat_fc": _repeat_fc, "repeat_conv": _repeat_conv}

@@ -346,9 +346,9 @@ class NTKRegressor(RegressorMixin, _NTKFlow):
         ``True``; with ``False`` the network is fitted to ``y`` as given (zero prior mean).
 
     Attributes:
-      diag_reg_: the relative ridge used. cv_results_: ``{"diag_reg": grid, "loo_mse": scores}`` when it was
-      chosen by cross-validation (``None`` otherwise). y_mean_, y_std_: the target normalisation (0 and 1 when
-      ``normalize_y=False``). predictor_: the fitted :class:`~ntkit.predict.mse.MSEPredictor`.
+      diag_reg_: the relative ridge used. ``cv_results_``: ``{"diag_reg": grid, "loo_mse": scores}`` when it was
+      chosen by cross-validation (``None`` otherwise). ``y_mean_``, ``y_std_``: the target normalisation (0 and 1
+      when ``normalize_y=False``). ``predictor_``: the fitted :class:`~ntkit.predict.mse.MSEPredictor`.
     """
 
     def __init__(
@@ -408,7 +408,7 @@ class NTKClassifier(ClassifierMixin, _NTKFlow):
       device: where kernels are computed (``None``: CPU).
 
     Attributes:
-      classes_, diag_reg_, cv_results_ (as :class:`NTKRegressor`), temperature_, predictor_.
+      ``classes_``, ``diag_reg_``, ``cv_results_`` (as :class:`NTKRegressor`), ``temperature_``, ``predictor_``.
     """
 
     def fit(self, X, y):
@@ -480,10 +480,10 @@ class NNGPRegressor(RegressorMixin, _KernelEstimator):
         ``True``; with ``False`` the GP has zero prior mean on ``y`` as given.
 
     Attributes:
-      diag_reg_: the relative noise used. cv_results_: ``{"diag_reg": grid, "log_marginal_likelihood": values}``
-      when it was chosen (``None`` otherwise). log_marginal_likelihood_value_: at ``diag_reg_``, of the
+      diag_reg_: the relative noise used. ``cv_results_``: ``{"diag_reg": grid, "log_marginal_likelihood": values}``
+      when it was chosen (``None`` otherwise). ``log_marginal_likelihood_value_``: at ``diag_reg_``, of the
       standardised targets (as scikit-learn's; ``nan`` if ``K + r I`` has no Cholesky factor, e.g. ``diag_reg=0``
-      on a singular kernel). y_mean_, y_std_: the target normalisation. k_train_, y_train_
+      on a singular kernel). ``y_mean_``, ``y_std_``: the target normalisation. ``k_train_``, ``y_train_``
       (the targets as fitted, i.e. standardised).
     """
 

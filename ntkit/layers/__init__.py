@@ -2,9 +2,10 @@
 
 from ntkit.layers.aggregate import Aggregate, layer_kwargs
 from ntkit.layers.attention import GlobalSelfAttention
-from ntkit.layers.base import Layer, LayerError, NonFiniteKernelError
+from ntkit.layers.base import Layer, LayerError, LayoutWarning, NonFiniteKernelError
 from ntkit.layers.branching import FanInConcat, FanInProd, FanInSum, FanOut
 from ntkit.layers.conv import Conv
+from ntkit.layers.conv_variants import ConvLocal, ConvTranspose
 from ntkit.layers.dense import Dense, Identity
 from ntkit.layers.dot_general import DotGeneral
 from ntkit.layers.dropout import Dropout
@@ -20,7 +21,7 @@ from ntkit.layers.elementwise import (
     Sign,
 )
 from ntkit.layers.elementwise_poly import Hermite, Monomial, Polynomial, RectifiedMonomial
-from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gaussian, Gelu, Rbf, Sin
+from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gabor, Gaussian, Gelu, Rbf, Sin
 from ntkit.layers.index import Index, Slice
 from ntkit.layers.norm import LayerNorm
 from ntkit.layers.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
@@ -30,6 +31,7 @@ __all__ = [
     "Layer",
     "LayerError",
     "NonFiniteKernelError",
+    "LayoutWarning",
     "Dense",
     "Identity",
     "FanOut",
@@ -47,6 +49,7 @@ __all__ = [
     "Sigmoid_like",
     "Gelu",
     "Sin",
+    "Gabor",
     "Cos",
     "Rbf",
     "Gaussian",
@@ -58,6 +61,8 @@ __all__ = [
     "Hermite",
     "LayerNorm",
     "Conv",
+    "ConvTranspose",
+    "ConvLocal",
     "AvgPool",
     "SumPool",
     "GlobalAvgPool",

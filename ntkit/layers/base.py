@@ -57,6 +57,7 @@ __all__ = [
     "Layer",
     "LayerError",
     "NonFiniteKernelError",
+    "LayoutWarning",
     "LiftError",
     "Shape",
     "Shapes",
@@ -82,6 +83,32 @@ class LayerError(ValueError):
 class NonFiniteKernelError(LayerError):
     """A kernel came out Inf or NaN (overflow, or a rule outside its range); the message names the first layer
     whose output is not finite, and the fix (scale the inputs, smaller ``W_std``/``b_std``, float64)."""
+
+
+class LayoutWarning(UserWarning):
+    """Inputs that look channels-last (``(N, H, W, C)``) given to a network that reads ``(N, C, *spatial)``.
+
+    Silence it, once the layout is right, with ``warnings.filterwarnings("ignore", category=ntkit.LayoutWarning)``
+    (or move the channels first: ``x.permute(0, 3, 1, 2)``; NT-layout code can use :mod:`ntkit.stax`)."""
+
+
+def warn_if_channels_last(x: Any, where: str) -> None:
+    """Warn (:class:`LayoutWarning`) when image-like inputs are very likely channels-last: the last axis has 1 or 3
+    entries (grey or RGB channels) while every axis ntkit reads as channels or spatial before it has ≥ 8."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) in (3, 4, 5) and shape[-1] in (1, 3) and all(s >= 8 for s in shape[1:-1]):
+        import warnings
+
+        perm = ", ".join(str(i) for i in (0, len(shape) - 1, *range(1, len(shape) - 1)))
+        warnings.warn(
+            f"{where}: inputs of shape {shape} look channels-last (N, *spatial, C) with C = {shape[-1]}, but ntkit "
+            f"reads (N, C, *spatial): here C = {shape[1]} and the last spatial axis has {shape[-1]} entries. Move "
+            f"the channels first (x.permute({perm})) "
+            f"or use ntkit.stax for NT's layouts; if the layout is right, silence this with "
+            f"warnings.filterwarnings('ignore', category=ntkit.LayoutWarning).",
+            LayoutWarning,
+            stacklevel=3,
+        )
 
 
 class LiftError(ValueError):

@@ -47,7 +47,7 @@ from ntkit.layers.base import (
     single_shape,
     unsupported,
 )
-from ntkit.layers.dense import check_parameterization, check_std
+from ntkit.layers.dense import check_parameterization, check_s, check_std
 
 __all__ = [
     "Conv",
@@ -407,6 +407,7 @@ class ConvModule(nn.Module):
         b_std: Optional[float],
         parameterization: str,
         generator: Optional[torch.Generator] = None,
+        s_in: int = 1,
     ):
         super().__init__()
         self.wins = tuple(wins)
@@ -414,12 +415,13 @@ class ConvModule(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
         self.stride = tuple(w.stride for w in wins)
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
+        self.s_in = s_in  # NT's width scale s[0] (standard parameterisation; see Dense)
         fan_in = in_channels * math.prod(ks)
         w = gaussian((out_channels, in_channels) + ks, generator)
         b = None if b_std is None else gaussian((out_channels,), generator)
         self.scale = W_std / math.sqrt(fan_in)
         if parameterization == "standard":
-            w = w * self.scale
+            w = w * (self.scale * math.sqrt(s_in))
             if b is not None:
                 assert b_std is not None, "a bias is drawn only with a b_std"
                 b = b * b_std
@@ -435,6 +437,9 @@ class ConvModule(nn.Module):
                 assert self.b_std is not None, "a bias exists only with a b_std"
                 y = y + (self.b_std * self.bias).reshape((-1,) + (1,) * len(self.wins))
             return y
+        if self.s_in != 1:
+            y = conv(x, self.weight, None, self.stride) / math.sqrt(self.s_in)
+            return y if self.bias is None else y + self.bias.reshape((-1,) + (1,) * len(self.wins))
         return conv(x, self.weight, self.bias, self.stride)
 
     def structured_uses(self, x: Tensor, G: Tensor, names: set[str]) -> dict:
@@ -450,7 +455,9 @@ class ConvModule(nn.Module):
         if "weight" in names:
             xp = pad_spatial(x.reshape((n,) + tuple(x.shape[-(d + 1) :])), self.wins)
             X = patches(xp, self.kernel_size, self.stride, (1,) * d, 1)
-            out["weight"] = LinearUse(X * self.scale if ntk else X, Gt)
+            out["weight"] = LinearUse(
+                X * self.scale if ntk else (X / math.sqrt(self.s_in) if self.s_in != 1 else X), Gt
+            )
         if "bias" in names:
             assert self.b_std is not None, "a bias exists only with a b_std"
             out["bias"] = Gt.sum(2).reshape(n, M, self.out_channels) * (self.b_std if ntk else 1.0)
@@ -499,6 +506,7 @@ class Conv(Layer):
         *,
         padding_mode: str = "zeros",
         in_channels: Optional[int] = None,
+        s: tuple[int, int] = (1, 1),
     ):
         if not (isinstance(out_channels, int) and out_channels > 0):
             raise ValueError(f"Conv: out_channels={out_channels!r} must be a positive int.")
@@ -516,6 +524,9 @@ class Conv(Layer):
         self.b_std = None if b_std is None else float(b_std)
         self.parameterization = check_parameterization(parameterization)
         self.in_channels = in_channels
+        #: NT's width scales (s_in, s_out) of the standard parameterisation: the twin's channels, not the kernel
+        #: (see :class:`~ntkit.layers.dense.Dense`)
+        self.s = check_s(s, self.parameterization) if self.parameterization == "standard" else (1, 1)
 
     def input_rank(self) -> Optional[int]:
         return None if self._int_kernel else len(self.kernel_size) + 2
@@ -652,8 +663,8 @@ class Conv(Layer):
         wins = self._plan(s)
         if width is None:
             self._check_channels(s[0])
-        out = self.out_channels if (width is None or readout) else width
-        mod = ConvModule(s[0], out, wins, self.W_std, self.b_std, self.parameterization, generator)
+        out = self.out_channels * self.s[1] if (width is None or readout) else width
+        mod = ConvModule(s[0], out, wins, self.W_std, self.b_std, self.parameterization, generator, s_in=self.s[0])
         return mod, (out,) + tuple(w.n_out for w in wins)
 
     def __repr__(self):
@@ -662,7 +673,9 @@ class Conv(Layer):
         return (
             f"Conv({self.out_channels}, {self.kernel_size if not self._int_kernel else self.kernel_size[0]}, "
             f"strides={self.strides}, padding={self.padding!r}, W_std={self.W_std}, b_std={self.b_std}, "
-            f"parameterization={self.parameterization!r}{mode}{extra})"
+            f"parameterization={self.parameterization!r}{mode}{extra}"
+            + ("" if getattr(self, "s", (1, 1)) == (1, 1) else f", s={self.s!r}")
+            + ")"
         )
 
     def tunables(self) -> dict:

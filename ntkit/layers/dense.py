@@ -121,14 +121,16 @@ class DenseModule(nn.Module):
         b_std: Optional[float],
         parameterization: str,
         generator: Optional[torch.Generator] = None,
+        s_in: int = 1,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
+        self.s_in = s_in
         w = gaussian((out_features, in_features), generator)
         b = None if b_std is None else gaussian((out_features,), generator)
         if parameterization == "standard":
-            w = w * (W_std / math.sqrt(in_features))
+            w = w * (W_std / math.sqrt(in_features / s_in))
             if b is not None:
                 assert b_std is not None, "a bias is drawn only with a b_std"
                 b = b * b_std
@@ -144,6 +146,8 @@ class DenseModule(nn.Module):
                 y = y + self.b_std * self.bias
         else:
             y = xc @ self.weight.T
+            if self.s_in != 1:
+                y = y / math.sqrt(self.s_in)
             if self.bias is not None:
                 y = y + self.bias
         return y.movedim(-1, 1) if x.dim() > 2 else y
@@ -162,7 +166,8 @@ class DenseModule(nn.Module):
         if "weight" in names:
             xi = x[:, 0]
             X = (xi.movedim(1, -1) if xi.dim() > 2 else xi).reshape(n, -1, 1, fin)
-            out["weight"] = LinearUse(X * (self.W_std / math.sqrt(fin)) if ntk else X, Gt)
+            scale = self.W_std / math.sqrt(fin) if ntk else 1.0 / math.sqrt(self.s_in)
+            out["weight"] = LinearUse(X * scale if scale != 1.0 else X, Gt)
         if "bias" in names:
             assert self.b_std is not None, "a bias exists only with a b_std"
             out["bias"] = Gt.sum(2).reshape(n, M, fout) * (self.b_std if ntk else 1.0)
@@ -171,22 +176,44 @@ class DenseModule(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_features}, {self.out_features}, W_std={self.W_std}, b_std={self.b_std}, "
-            f"parameterization={self.parameterization!r}"
+            f"parameterization={self.parameterization!r}" + (f", s_in={self.s_in}" if self.s_in != 1 else "")
         )
 
 
+def check_s(s: Any, parameterization: str) -> tuple[int, int]:
+    """NT's width scales ``s = (s_in, s_out)`` (two positive ints)."""
+    try:
+        s_in, s_out = (int(v) for v in s)
+    except (TypeError, ValueError):
+        raise ValueError(f"s={s!r} must be a pair of positive ints (s_in, s_out).") from None
+    if s_in < 1 or s_out < 1 or (s_in, s_out) != tuple(s):
+        raise ValueError(f"s={s!r} must be a pair of positive ints (s_in, s_out).")
+    return s_in, s_out
+
+
 class Dense(Layer):
-    """Fully-connected layer ``Dense(out_features, W_std=1.0, b_std=None, parameterization="ntk")``.
+    """Fully-connected layer ``Dense(out_features, W_std=1.0, b_std=None, parameterization="ntk", s=(1, 1))``.
 
     NT's defaults: no bias unless ``b_std`` is given; NTK parameterisation. See the module docstring for
     the kernel rule. On inputs with spatial axes it acts on the channel axis of every pixel.
+
+    ``s = (s_in, s_out)``: NT's width scales of the standard parameterisation (Sohl-Dickstein et al. 2020): the
+    finite twin's weight is ``(s_out·out_features, s_in·in_features)``, ``W ~ N(0, W_std² s_in/n)`` and
+    ``z = W x/√s_in + b`` (``n`` its actual fan-in), so that the infinite-width NTK is that of the widths
+    ``out_features`` (the kernel does not depend on ``s``). ``s_in`` must equal the previous layer's ``s_out``
+    (1 for the first layer); under the NTK parameterisation ``s`` has no effect (as in NT).
     """
 
     has_params = True
     tracks_means = True
 
     def __init__(
-        self, out_features: int, W_std: float = 1.0, b_std: Optional[float] = None, parameterization: str = "ntk"
+        self,
+        out_features: int,
+        W_std: float = 1.0,
+        b_std: Optional[float] = None,
+        parameterization: str = "ntk",
+        s: tuple[int, int] = (1, 1),
     ):
         if not (isinstance(out_features, int) and out_features > 0):
             raise ValueError(f"out_features={out_features!r} must be a positive int.")
@@ -195,6 +222,7 @@ class Dense(Layer):
         self.W_std = float(W_std)
         self.b_std = None if b_std is None else float(b_std)
         self.parameterization = check_parameterization(parameterization)
+        self.s = check_s(s, self.parameterization) if self.parameterization == "standard" else (1, 1)
 
     def kernel(self, k):
         k = single(k, self)
@@ -202,12 +230,20 @@ class Dense(Layer):
 
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)
-        out = self.out_features if (width is None or readout) else width
-        mod = DenseModule(s[0], out, self.W_std, self.b_std, self.parameterization, generator)
+        s_in, s_out = self.s
+        out = self.out_features * s_out if (width is None or readout) else width
+        mod = DenseModule(s[0], out, self.W_std, self.b_std, self.parameterization, generator, s_in=s_in)
         return mod, (out,) + tuple(s[1:])
 
     def tunables(self) -> dict[str, Any]:
         return {"W_std": self.W_std} if self.b_std is None else {"W_std": self.W_std, "b_std": self.b_std}
+
+    def __repr__(self) -> str:
+        s = "" if self.s == (1, 1) else f", s={self.s!r}"
+        return (
+            f"Dense(out_features={self.out_features!r}, W_std={self.W_std!r}, b_std={self.b_std!r}, "
+            f"parameterization={self.parameterization!r}{s})"
+        )
 
     def random_features(self, spec: FeatureSpec, generator: torch.Generator):
         """``g = [W_std·f, b_std]`` (``g·g' = W_std² K + b_std²``) and for the NTK ``θ ← [W_std·θ, g]``

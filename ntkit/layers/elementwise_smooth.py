@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ntkit.layers.base import Layer, LayerError, LiftOptions, lift_rule
 from ntkit.layers.elementwise import RuleLayer, _root_det, _safe_rho
 
-__all__ = ["Gelu", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "ExpNormalized"]
+__all__ = ["Gelu", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "ExpNormalized", "Gabor"]
 
 _PI = math.pi
 
@@ -311,6 +311,58 @@ class ExpNormalized(RuleLayer):
         """The twin's ``E[r·g(x/r)] → √q·E[g(z)] = √q·exp(γ·shift/2)`` (``E[sin(√γ z + π/4)] =
         exp(−γ/2)/√2``)."""
         return torch.sqrt(q) * math.exp(self.gamma * self.shift / 2)
+
+
+class Gabor(RuleLayer):
+    """Gabor function ``φ(x) = exp(−x²)·sin(x)`` (NT's ``stax.Gabor``; no parameters).
+
+    From ``sin u sin v = (cos(u − v) − cos(u + v))/2`` and the Gaussian integral
+    ``E[exp(−u² − v²)·cos(aᵀw)] = exp(−aᵀMa/2)/√D`` for ``w = (u, v) ~ N(0, Σ)``, where
+    ``D = det(I + 2Σ) = 1 + 2S + 4Δ`` (``S = q11 + q22``, ``Δ = q11 q22 − q12²``) and
+    ``M = Σ(I + 2Σ)⁻¹ = [[q11 + 2Δ, q12], [q12, q22 + 2Δ]]/D``; with ``a = (1, ∓1)``::
+
+        E± = exp(−(S + 4Δ ± 2q12)/(2D)) = exp(−1/2 + (1 + S ∓ 2q12)/(2D))
+        K' = (E₋ − E₊)/(2√D)                                          (E₋: the ``cos(u − v)`` term)
+        K̇  = ∂K'/∂q12 = [E₋·(D + 8q12² + T) + E₊·(D + 8q12² − T)] / (2 D^{5/2}),   T = 4q12·(1 + S + D)
+        E[φ(u)²] = (1 − exp(−2q/(1 + 4q))) / (2√(1 + 4q)),    E[φ(u)] = 0 (φ is odd)
+
+    (``1 + S + D = 2 + 3S + 4Δ``; ``K̇ = E[φ'(u)φ'(v)]`` by Price's theorem, ``φ'(x) = exp(−x²)(cos x − 2x sin x)``.)
+    Evaluated as ``K' = E₊·expm1(2q12/D)/(2√D)``, without cancellation for small ``q12``; ``√D`` comes from
+    :func:`~ntkit.layers.elementwise._root_det` (exact discriminant, no overflow).
+    """
+
+    def fn(self, x):
+        return torch.exp(-x * x) * torch.sin(x)
+
+    def derivative(self, x):
+        return torch.exp(-x * x) * (torch.cos(x) - 2 * x * torch.sin(x))
+
+    def rule(self, q12, q11, q22, need_dot):
+        m, root = _root_det(2.0, q12, q11, q22)
+        r = 1 / (m * root)  # 1/√D
+        t = r * r  # 1/D
+        # E₊ = exp(−(S + 4Δ + 2q12)/(2D)): exponent ≤ 0 for a covariance (round-off above 0 clamped)
+        e_plus = torch.exp((((1 + (q11 - q12) + (q22 - q12)) * t - 1) / 2).clamp_max(0.0))
+        x = 2 * q12 * t
+        diff = e_plus * torch.expm1(x)  # E₋ − E₊
+        nngp = diff * (r / 2)
+        dot = None
+        if need_dot:
+            s = q11 + q22
+            u = q12 * t  # q12/D, |u| ≤ 1/4: no product below overflows (q12², T·D would at q ≈ 1e300)
+            # [E₋ (D + 8q12² + T) + E₊ (D + 8q12² − T)]/(2D^{5/2}) = r³/2·[(E₋ + E₊)(1 + 8q12²/D) + (E₋ − E₊)·T/D]
+            # with 8q12²/D = 8 q12 u and T/D = 4u(1 + S) + 4q12; 1/D is applied before 1/√D (r³ underflows)
+            a = (2 * e_plus + diff) * (1 + 8 * q12 * u) + diff * (4 * u * (1 + s) + 4 * q12)
+            dot = (r / 2) * (t * a)
+        return nngp, dot
+
+    def var_fn(self, q):
+        d = 1 + 4 * q
+        return -torch.expm1(-2 * q / d) / (2 * torch.sqrt(d))
+
+    def mean_fn(self, q):
+        """``E[exp(−u²) sin u] = 0`` (odd)."""
+        return None
 
 
 @lift_rule(nn.GELU)

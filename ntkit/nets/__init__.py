@@ -2,6 +2,6 @@
 infinite-width kernels and the finite torch module), with the tiler and self-covariance tape behind
 ``Net.kernel_fn`` (:mod:`ntkit.nets.tiler`). Ready-made architectures live in :mod:`ntkit.architectures`."""
 
-from ntkit.nets.combinators import Net, Parallel, Serial, parallel, serial
+from ntkit.nets.combinators import Net, Parallel, Serial, parallel, repeat, serial
 
-__all__ = ["Net", "Serial", "Parallel", "serial", "parallel"]
+__all__ = ["Net", "Serial", "Parallel", "serial", "parallel", "repeat"]

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from ntkit._inputs import all_finite, kernel_inputs
 from ntkit._memory import CACHE_TILE_ENTRIES, WORK_FACTOR, plan_tile
 from ntkit._memory import memory_budget as _memory_budget
-from ntkit.kernel import Kernel, kernel_from_inputs, normalize_get
+from ntkit.kernel import GETS, Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.aggregate import SampleKwargs
 from ntkit.layers.attention import requires_self_covariances
-from ntkit.layers.base import Layer, LayerError
+from ntkit.layers.base import Layer, LayerError, warn_if_channels_last
 from ntkit.nets.tiler import (
     NonFinite,
     apply_layer,
@@ -30,7 +30,21 @@ from ntkit.nets.tiler import (
     variances_finite,
 )
 
-__all__ = ["Net", "serial", "parallel"]
+__all__ = ["Net", "serial", "parallel", "repeat", "KERNEL_FIELDS"]
+
+#: the fields of the result ``Net.kernel_fn(get=...)`` can return (NT's ``get`` of any Kernel field)
+KERNEL_FIELDS = (
+    "nngp",
+    "ntk",
+    "cov1",
+    "cov2",
+    "shape1",
+    "shape2",
+    "is_gaussian",
+    "is_input",
+    "diagonal_spatial",
+    "x1_is_x2",
+)
 
 
 class _ParallelModule(nn.Module):
@@ -70,8 +84,9 @@ class Net(Layer):
           x1: ``(N1, features)`` or ``(N1, C, *spatial)`` float tensor (numpy accepted).
           x2: same per-sample shape, or ``None`` for ``x1`` against itself: then only the upper tiles are
             computed, ``cov2`` is ``None`` and the kernels are exactly symmetric.
-          get: ``"nngp"``, ``"ntk"`` or a tuple of them. A single name returns a tensor, a tuple a
-            :class:`Kernel` whose unrequested fields are ``None``.
+          get: ``"nngp"``, ``"ntk"``, another field of the result (:data:`KERNEL_FIELDS`: ``"cov1"``,
+            ``"shape1"``, ``"is_gaussian"``, ...) or a tuple of them. A single name returns that field (a tensor
+            for the kernels), a tuple a :class:`Kernel` whose unrequested kernels are ``None``.
           tile_size: samples per tile side (default: planned from ``memory_budget`` and cache size).
           memory_budget: bytes the working set of one tile may take (default: ``$NTKIT_MEMORY_BUDGET``, else a
             quarter of the memory available now; see :mod:`ntkit.memory`).
@@ -89,8 +104,11 @@ class Net(Layer):
         Returns kernels of shape ``(N1, N2)`` (traced over output channels, as NT) in ``x1``'s dtype, on its
         device.
         """
-        names, single_out = normalize_get(get)
+        fields, single_out = normalize_get(get, allowed=KERNEL_FIELDS, default=GETS)
+        # the kernels to compute: those asked for (other fields, e.g. get="cov1", come with the NNGP)
+        names = tuple(g for g in fields if g in GETS) or ("nngp",)
         x1, x2, out_dtype = kernel_inputs(x1, x2)
+        warn_if_channels_last(x1, "Net.kernel_fn")
         sample = SampleKwargs.of(self, kwargs, x1, x2)  # None without keyword arguments
         expected = self.input_rank()
         if expected is not None and x1.dim() != expected:
@@ -164,8 +182,8 @@ class Net(Layer):
             )
             out = run_tiled(run, t1, t2, tile, names, use_tape)
         res = out.replace(
-            nngp=_cast(out.nngp, out_dtype) if "nngp" in names else None,
-            ntk=_cast(out.ntk, out_dtype) if "ntk" in names else None,
+            nngp=_cast(out.nngp, out_dtype) if "nngp" in fields else None,
+            ntk=_cast(out.ntk, out_dtype) if "ntk" in fields else None,
             cov1=_cast(out.cov1, out_dtype),
             cov2=_cast(out.cov2, out_dtype),
             # per-tile bookkeeping of the rules (the means of the last tile only): not part of the result
@@ -173,7 +191,7 @@ class Net(Layer):
             mean2=None,
             mean_kind="exact" if out.is_gaussian else "unknown",
         )
-        return getattr(res, names[0]) if single_out else res
+        return getattr(res, fields[0]) if single_out else res
 
     def __call__(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"), **kwargs: Any):
         return self.kernel_fn(x1, x2, get, **kwargs)
@@ -372,3 +390,18 @@ def serial(*layers: Layer) -> Net:
 def parallel(*layers: Layer) -> Net:
     """Apply ``layers[i]`` to branch ``i`` (use after ``FanOut(len(layers))``)."""
     return Parallel(layers)
+
+
+def repeat(layer: Layer, n: int) -> Net:
+    """``layer`` applied ``n`` times in sequence: ``serial(*[layer] * n)`` (NT's ``stax.repeat``).
+
+    The kernel is the ``n``-fold composition ``k ↦ layer.kernel(k)``; in the finite twin every copy gets its own
+    parameters (independent draws, as in ``serial``), so the twin's limit is that composition. ``layer`` must map
+    its output shape to an input it accepts again (e.g. ``Dense(w)`` then a nonlinearity). ``n = 0`` is the
+    identity (an empty ``serial``).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"repeat(layer, n={n!r}): n must be an integer >= 0.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"repeat(...) layer is {type(layer).__name__}, not an ntkit layer.")
+    return Serial((layer,) * n)

@@ -265,6 +265,7 @@ FC_ACTIVATIONS: dict[str, Spec] = {
     "rectified_monomial_2": L.RectifiedMonomial(2),
     "polynomial": L.Polynomial([0.5, -1.0, 0.25]),
     "elementwise_numerical_tanh": L.ElementwiseNumerical(Code("jnp.tanh", jnp.tanh), deg=25),
+    "gabor": L.Gabor(),
 }
 FC_PARAMETERIZATIONS = ("ntk", "standard")
 FC_BIASES = (None, 0.3)
@@ -1039,6 +1040,123 @@ def aggregate_shared_grid() -> Result:
     res = zoo_result(net, 25, "im", {"grid": grid}, pattern=(p1, p2))
     res.description += f"; pattern1/2 = grid (the {SHARED_GRID}) for every sample"
     return res
+
+
+# -- conv variants (ConvTranspose, ConvLocal) -------------------------------------------------------------------------
+#: tag -> (layer, its positional args, its keyword args, kind, head): the layer between Conv-ReLU and the head;
+#: "gap"/"gap1d" heads pool (full pixel covariances), "flatten"/"flatten1d" keep same-pixel covariances only
+CONV_VARIANT_CASES: dict[str, tuple[str, tuple, dict[str, Any], str, str]] = {
+    "transpose_2d_same_flatten": (
+        "ConvTranspose",
+        (8, (3, 3)),
+        dict(padding="SAME", W_std=1.3, b_std=0.2),
+        "im",
+        "flatten",
+    ),
+    "transpose_2d_valid_s2_gap": (
+        "ConvTranspose",
+        (8, (3, 2)),
+        dict(strides=(2, 2), padding="VALID", b_std=0.1, parameterization="standard"),
+        "im",
+        "gap",
+    ),
+    "transpose_2d_circular_s21_gap": (
+        "ConvTranspose",
+        (8, (3, 3)),
+        dict(strides=(2, 1), padding="CIRCULAR"),
+        "im",
+        "gap",
+    ),
+    "transpose_2d_same_s2_k2_flatten": (
+        "ConvTranspose",
+        (8, (2, 2)),
+        dict(strides=(2, 3), padding="SAME", b_std=0.1),
+        "im",
+        "flatten",
+    ),
+    "transpose_1d_same_s2_gap": (
+        "ConvTranspose",
+        (8, (4,)),
+        dict(strides=(2,), padding="SAME", b_std=0.3),
+        "seq",
+        "gap1d",
+    ),
+    "transpose_1d_valid_standard_flatten": (
+        "ConvTranspose",
+        (8, (3,)),
+        dict(strides=(3,), W_std=1.2, b_std=0.2, parameterization="standard"),
+        "seq",
+        "flatten1d",
+    ),
+    "transpose_1d_circular_gap": ("ConvTranspose", (8, (5,)), dict(strides=(2,), padding="CIRCULAR"), "seq", "gap1d"),
+    "local_2d_same_flatten": ("ConvLocal", (8, (3, 3)), dict(padding="SAME", W_std=1.3, b_std=0.2), "im", "flatten"),
+    "local_2d_valid_s2_standard_gap": (
+        "ConvLocal",
+        (8, (2, 2)),  # square: NT 0.6.5 swaps an unshared filter's axes on full pixel covariances after a Conv
+        dict(strides=(2, 2), b_std=0.1, parameterization="standard"),
+        "im",
+        "gap",
+    ),
+    "local_1d_circular_gap": ("ConvLocal", (8, (3,)), dict(padding="CIRCULAR", b_std=0.2), "seq", "gap1d"),
+}
+
+
+def conv_variant_case(layer: str, args: tuple, kwargs: dict[str, Any], kind: str, head: str) -> Result:
+    heads = {
+        "gap": _head_conv("im"),
+        "gap1d": _head_conv("seq"),
+        "flatten": [L.Conv(8, (2, 2)), L.Relu(), L.Flatten(), L.Dense(1)],
+        "flatten1d": [L.Conv(8, (2,)), L.Relu(), L.Flatten(), L.Dense(1)],
+    }
+    middle = [getattr(L, layer)(*args, **kwargs), L.Relu()]
+    return zoo_result(_conv_net(middle, heads[head], kind), 26, kind)
+
+
+for _tag, _args in CONV_VARIANT_CASES.items():
+    register("conv_variants", f"conv_{_tag}", functools.partial(conv_variant_case, *_args))
+
+
+# -- repeat (issue #14): stax.repeat(layer, n) = serial(*[layer] * n); seed 26 -----------------------------------------
+@case("repeat")
+def repeat_fc() -> Result:
+    block = L.serial(L.Relu(), L.Dense(64, W_std=1.3, b_std=0.1))
+    net = L.serial(L.Dense(64, W_std=1.5, b_std=0.1), L.repeat(block, 3), L.Erf(), L.Dense(1))
+    return zoo_result(net, 26, "vec")
+
+
+@case("repeat")
+def repeat_conv() -> Result:
+    # two convolutions per block: NT's repeat needs a block that keeps the record's is_reversed flag
+    block = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1), L.Relu(), L.Conv(8, (2, 2), padding="SAME"), L.Relu()
+    )
+    return zoo_result(_conv_net([L.repeat(block, 2)], GAP_HEAD), 26, "im")
+
+
+# -- the standard parameterisation's width scales s = (s_in, s_out) (issue #14); seed 27 -----------------------------
+@case("dense_s")
+def dense_s_standard() -> Result:
+    net = L.serial(
+        L.Dense(64, W_std=1.4, b_std=0.1, parameterization="standard", s=(1, 4)),
+        L.Relu(),
+        L.Dense(64, W_std=1.2, b_std=0.2, parameterization="standard", s=(4, 2)),
+        L.Erf(),
+        L.Dense(1, W_std=1.0, b_std=0.1, parameterization="standard", s=(2, 1)),
+    )
+    return zoo_result(net, 27, "vec")
+
+
+@case("dense_s")
+def conv_s_standard() -> Result:
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", W_std=1.3, b_std=0.1, parameterization="standard", s=(1, 2)),
+        L.Relu(),
+        L.Conv(8, (2, 2), padding="SAME", W_std=1.1, parameterization="standard", s=(2, 3)),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1, W_std=1.0, b_std=0.1, parameterization="standard", s=(3, 1)),
+    )
+    return zoo_result(net, 27, "im")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ CASES: dict[str, Case] = {
     "Gelu": act(lambda: nk.Gelu(), "smooth", fc_refs("gelu")),
     "Sin": act(lambda: nk.Sin(2.0, 0.7, 0.4), "smooth", fc_refs("sin_a2_b0.7_c0.4")),
     "Cos": act(lambda: nk.Cos(), "smooth", fc_refs("cos")),
+    # "unit": the 100-node reference itself is off by 1e-7 for exp(-x²)·sin(x) at variance 2 (a narrow integrand);
+    # tests/layers/test_gabor.py checks every variance against a 200-node rule to 1e-12
+    "Gabor": act(lambda: nk.Gabor(), "unit", fc_refs("gabor")),
     "Rbf": act(lambda: nk.Rbf(0.5), "smooth", fc_refs("rbf_0.5")),
     "Gaussian": act(lambda: nk.Gaussian(0.7, -0.4), "smooth", fc_refs("gaussian")),
     "Exp": act(lambda: nk.Exp(1.0, 0.5), "smooth", fc_refs("exp")),
@@ -291,6 +294,23 @@ CASES: dict[str, Case] = {
         None,
         ([C()], POOL_IMG_AFTER),
         nt=("dot_general_contract_h", "dot_general_lhs_mix_w", "dot_general_batch_h"),
+        mc="img",
+    ),
+    "ConvTranspose": Case(
+        lambda: nk.ConvTranspose(4, (3, 3), strides=(2, 1), padding="SAME", W_std=1.2, b_std=0.1),
+        "exact",
+        None,
+        ([C()], POOL_IMG_AFTER),
+        nt=("conv_transpose_2d_same_flatten", "conv_transpose_2d_valid_s2_gap", "conv_transpose_1d_same_s2_gap"),
+        mc="img",
+    ),
+    "ConvLocal": Case(
+        lambda: nk.ConvLocal(4, (3, 3), padding="SAME", W_std=1.2, b_std=0.1),
+        "exact",
+        None,
+        # a one-output readout: the Monte Carlo NTK differentiates the per-pixel weights once per output
+        ([C()], [nk.Relu(), C(), nk.GlobalAvgPool(), D(1, 1.0, 0.1)]),
+        nt=("conv_local_2d_same_flatten", "conv_local_2d_valid_s2_standard_gap", "conv_local_1d_circular_gap"),
         mc="img",
     ),
     "Aggregate": Case(
@@ -482,6 +502,36 @@ EXACT.update(
         "Aggregate": lambda x1, x2: _exact_linear_map(ZOO_GRAPH().reshape(25, 25).T, 5, 5)(x1, x2),
     }
 )
+
+
+def _exact_conv_variant(kind: str):
+    """``serial(C(), layer)`` of the ConvTranspose / ConvLocal case on same-pixel covariances ``Kc`` of the Conv:
+    ``K' = 1.44/9 Σ_t Σ_i [j = m_t(i)] Kc[i] + 0.01`` and ``Θ' = K' + 1.44 T(Θc) = 2K' − 0.01`` (``Θc = Kc``). Tap
+    ``t = (t1, t2)`` sends pixel ``i`` to ``m_t(i)``: for the transposed conv lax's rule ``j = σi + p − t`` per axis
+    (H: σ = 2, SAME pads the dilated input by p = ⌈(3 + 2 − 2)/2⌉ = 2 on the left; W: σ = 1, p = 1); for the
+    locally connected conv (SAME, stride 1) output ``y`` reads ``y + t − 1``: out of range reads are zero."""
+
+    def exact(x1: torch.Tensor, x2: torch.Tensor):
+        kc = torch.diagonal(_conv_full(x1, x2), 0, 2, 3).reshape(len(x1), len(x2), 5, 5)
+        hout = 10 if kind == "transpose" else 5
+        k = torch.zeros(len(x1), len(x2), hout, 5, dtype=F64)
+        for t1 in range(3):
+            for t2 in range(3):
+                for i1 in range(5):
+                    for i2 in range(5):
+                        if kind == "transpose":
+                            j1, j2 = 2 * i1 + 2 - t1, i2 + 1 - t2
+                        else:  # output (j1, j2) reads input (j1 + t1 − 1, j2 + t2 − 1) = (i1, i2)
+                            j1, j2 = i1 + 1 - t1, i2 + 1 - t2
+                        if 0 <= j1 < hout and 0 <= j2 < 5:
+                            k[:, :, j1, j2] += kc[:, :, i1, i2]
+        k = 1.44 / 9 * k + 0.01
+        return k, 2 * k - 0.01
+
+    return exact
+
+
+EXACT.update({"ConvTranspose": _exact_conv_variant("transpose"), "ConvLocal": _exact_conv_variant("local")})
 
 
 def _pool_matrix(layer: Layer, shape) -> torch.Tensor:

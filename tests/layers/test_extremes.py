@@ -155,6 +155,21 @@ def gaussian(a, b):
     return f
 
 
+def gabor(q12, q11, q22):
+    """``φ(x) = exp(−x²) sin(x)``: with ``D = det(I + 2Σ)`` and ``E± = exp(−(S + 4Δ ± 2 q12)/(2D))`` (``S`` the
+    variances' sum, ``Δ`` the covariance determinant), ``K' = (E₋ − E₊)/(2√D)`` and
+    ``K̇ = [E₋(D + 8q12² + T) + E₊(D + 8q12² − T)]/(2 D^{5/2})``, ``T = 4 q12 (1 + S + D)``."""
+    s, disc = q11 + q22, _disc(q12, q11, q22)
+    d = 1 + 2 * s + 4 * disc
+    # E± = exp(−α ∓ β), α = (S + 4Δ)/(2D), β = q12/D: E₋ − E₊ = 2 e^{−α} sinh β and E₋ + E₊ = 2 e^{−α} cosh β
+    # (the difference of the exponentials themselves cancels at q ≈ 1e-300, even in 40 digits)
+    alpha, beta = (s + 4 * disc) / (2 * d), q12 / d
+    t = 4 * q12 * (1 + s + d)
+    k = mpmath.exp(-alpha) * mpmath.sinh(beta) / mpmath.sqrt(d)
+    kd = mpmath.exp(-alpha) * ((d + 8 * q12**2) * mpmath.cosh(beta) + t * mpmath.sinh(beta)) / d**2.5
+    return k, kd
+
+
 def exp_(a, b):
     a, b = M(a), M(b)
 
@@ -214,6 +229,7 @@ REFS: dict[str, Ref] = {
     "Rbf": Ref(lambda: nk.Rbf(0.5), rbf(0.5)),
     "Gaussian": Ref(lambda: nk.Gaussian(0.7, -0.4), gaussian(0.7, -0.4)),
     "Gaussian(b>0)": Ref(lambda: nk.Gaussian(1.0, 0.1), gaussian(1.0, 0.1), exact_everywhere=False),
+    "Gabor": Ref(nk.Gabor, gabor),
     "Exp": Ref(lambda: nk.Exp(1.0, 0.5), exp_(1.0, 0.5), exact_everywhere=False),
     "ExpNormalized": Ref(lambda: nk.ExpNormalized(1.0, -1.0), exp_normalized(1.0, -1.0)),
     "Monomial": Ref(lambda: nk.Monomial(3), polynomial([0, 0, 0, 1]), exact_everywhere=False),

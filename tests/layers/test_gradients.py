@@ -68,6 +68,7 @@ CASES: dict[str, GradCase] = {
     "Gelu": act(nk.Gelu),
     "Sin": act(lambda: nk.Sin(2.0, 0.7, 0.4)),
     "Cos": act(nk.Cos),
+    "Gabor": act(nk.Gabor),
     "Rbf": act(lambda: nk.Rbf(0.5)),
     "Gaussian": act(lambda: nk.Gaussian(0.7, -0.4)),
     "Exp": act(lambda: nk.Exp(1.0, 0.5)),
@@ -136,6 +137,16 @@ CASES: dict[str, GradCase] = {
         ),
         None,
         IMG,
+    ),
+    "ConvTranspose": GradCase(
+        lambda: nk.ConvTranspose(2, (2, 2), strides=(2, 1), padding="SAME", W_std=1.1, b_std=0.3),
+        None,
+        ([C()], [nk.Relu(), nk.GlobalAvgPool(), D(1)]),
+    ),
+    "ConvLocal": GradCase(
+        lambda: nk.ConvLocal(2, (2, 2), padding="SAME", W_std=1.1, b_std=0.3),
+        None,
+        ([C()], [nk.Relu(), nk.GlobalAvgPool(), D(1)]),
     ),
     "Aggregate": GradCase(
         lambda: nk.Aggregate(shared_pattern=torch.rand(3, 3, 3, 3, generator=torch.Generator().manual_seed(4))),

@@ -400,3 +400,54 @@ def test_finite_kernels_pass_the_checks_unchanged():
     x = _x(5) * 1e14  # q ~ 2e28: tiny but exact kernels (issue #16, item 4), no error
     k = net.kernel_fn(x)
     assert torch.isfinite(k.nngp).all() and torch.isfinite(k.ntk).all() and (k.nngp.diagonal() > 0).all()
+
+
+# ------------------------------------------------------------------ issue #14: NT's kernel_fn controls
+def _img(n, c=3, size=(5, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, *size, generator=g, dtype=torch.float64)
+
+
+def test_get_any_kernel_field():
+    x = _img(4, c=3, size=(5, 5))
+    net = nt.serial(nt.Conv(4, (3, 3), padding="SAME"), nt.Relu(), nt.Conv(2, (3, 3)))
+    full = net.kernel_fn(x)
+    assert torch.equal(net.kernel_fn(x, get="cov1"), full.cov1)
+    assert net.kernel_fn(x, get="shape1") == (4, 2, 3, 3)
+    assert net.kernel_fn(x, get="is_gaussian") is True and net.kernel_fn(x, get="x1_is_x2") is True
+    k = net.kernel_fn(x, get=("ntk", "cov1"))
+    assert k.nngp is None and torch.equal(k.ntk, full.ntk) and torch.equal(k.cov1, full.cov1)
+    with pytest.raises(ValueError, match="choose distinct names from"):
+        net.kernel_fn(x, get="mean1")
+
+
+def test_diagonal_spatial_control():
+    """``diagonal_spatial=False`` returns every pixel pair (NT's ``(N1, N2, H, H', W, W')``), whose diagonal is
+    the default same-pixel kernel; ``True`` on a net that pools is refused (NT raises too)."""
+    x, x2 = _img(3, c=2, size=(4, 5)), _img(2, c=2, size=(4, 5), seed=1)
+    net = nt.serial(nt.Conv(4, (3, 3), padding="SAME"), nt.Erf(), nt.Conv(3, (2, 2)))
+    diag = net.kernel_fn(x, x2)
+    full = net.kernel_fn(x, x2, diagonal_spatial=False)
+    assert full.nngp.shape == (3, 2, 3, 3, 4, 4) and diag.nngp.shape == (3, 2, 3, 4)
+    on_diagonal = torch.einsum("abiijj->abij", full.ntk)
+    assert rel_err(on_diagonal, diag.ntk) < 1e-13
+    assert torch.equal(net.kernel_fn(x, x2, diagonal_spatial=True).nngp, diag.nngp)
+    with pytest.raises(nt.LayerError, match="diagonal_spatial=True, but this network needs"):
+        nt.serial(net, nt.GlobalAvgPool()).kernel_fn(x, diagonal_spatial=True)
+    with pytest.raises(TypeError, match="choose None, True or False"):
+        net.kernel_fn(x, diagonal_spatial="yes")
+
+
+def test_channels_last_images_are_warned_about():
+    import warnings
+
+    net = nt.serial(nt.Conv(4, (3, 3)), nt.Relu(), nt.GlobalAvgPool(), nt.Dense(1))
+    nhwc = _img(2, c=8, size=(8, 3))  # (N, 8, 8, 3): reads as 8 channels of 8 x 3 images, but looks NHWC
+    with pytest.warns(nt.LayoutWarning, match=r"look channels-last.*permute\(0, 3, 1, 2\)"):
+        net.kernel_fn(nhwc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.kernel_fn(_img(2, c=3, size=(8, 8)))  # channels first: no warning
+        net.kernel_fn(_img(2, c=64, size=(3, 3)))  # a small spatial axis after many channels: no warning
+        warnings.filterwarnings("ignore", category=nt.LayoutWarning)
+        net.kernel_fn(nhwc)  # the documented way to silence it
