@@ -14,7 +14,7 @@ from ntkit.empirical._spec import OutSpec
 from ntkit.empirical.jacobian import Jacobian
 from ntkit.empirical.ntk_vp import NtkVp
 from ntkit.empirical.protocol import EmpiricalError, Implementation
-from ntkit.empirical.structured import Structured
+from ntkit.empirical.structured import Structured, _Chain
 
 __all__ = ["make", "choose", "run_blocks"]
 
@@ -27,15 +27,17 @@ def make(
     pr: Probe,
     x1: Tensor,
     fixed: Optional[dict] = None,
+    chain: Optional[_Chain] = None,
 ) -> Implementation:
-    """The implementation ``name`` ("jacobian", "ntk_vp" or "structured") for this model and output spec."""
+    """The implementation ``name`` ("jacobian", "ntk_vp" or "structured") for this model and output spec
+    (``chain``: the model's chain analysis, :func:`~ntkit.empirical.structured.plan_chain`, if it has one)."""
     impl: Implementation
     if name == "jacobian":
         impl = Jacobian(model, params, spec, pr)
     elif name == "ntk_vp":
         impl = NtkVp(model, params, spec, pr)
     elif name == "structured":
-        impl = Structured(model, params, spec, pr, x1, fixed)
+        impl = Structured(model, params, spec, pr, x1, fixed, chain)
     else:
         raise EmpiricalError(f"implementation={name!r}: choose 'jacobian', 'ntk_vp' or 'structured'.")
     impl.fixed = fixed or {}
@@ -51,12 +53,13 @@ def choose(
     n2: int,
     x2_none: bool,
     fixed: Optional[dict] = None,
+    chain: Optional[_Chain] = None,
 ) -> Implementation:
     """``"auto"``: structured derivatives when the model has structured parameters (they are Jacobian
     contraction for every other parameter, and cheaper for these), else Jacobian contraction; NTK-vector
     products instead when their FLOP estimate is under half of that (all three are exact)."""
     n1 = x1.shape[0]
-    best = make("structured", model, params, spec, pr, x1, fixed)
+    best = make("structured", model, params, spec, pr, x1, fixed, chain)
     if not best.has_structure():
         best = make("jacobian", model, params, spec, pr, x1, fixed)
     vp = make("ntk_vp", model, params, spec, pr, x1, fixed)

@@ -34,16 +34,18 @@ the model on three samples ``[x0, xk, x0]`` and compares rows 0 and 2 with ``x0`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ntkit._memory import bytes_of, check_fits, memory_budget
+from ntkit._memory import BUDGET_ENV, bytes_of, check_fits, memory_budget
 from ntkit.empirical._blocks import choose, make, run_blocks
 from ntkit.empirical._model import (
     ParamsLike,
+    Probe,
     as_input,
     check_eval,
     check_pair,
@@ -54,6 +56,7 @@ from ntkit.empirical._model import (
 )
 from ntkit.empirical._spec import OutSpec, feature_gram
 from ntkit.empirical.protocol import IMPLEMENTATIONS, EmpiricalError, Implementation
+from ntkit.empirical.structured import _Chain, plan_chain
 from ntkit.kernel import Kernel, normalize_get
 
 __all__ = ["empirical_ntk", "empirical_nngp", "empirical_kernel_fn", "ntk_implementation"]
@@ -73,13 +76,22 @@ def _checked_inputs(model, x1, x2):
     return x1, x2
 
 
+def _analyse(model, p, x1, x2, fixed) -> tuple[Probe, Optional[_Chain]]:
+    """The model's probe record, and its chain analysis when it is a chain of per-sample modules
+    (:func:`~ntkit.empirical.structured.plan_chain`: no probe passes); else the probe passes."""
+    chain = plan_chain(model, p, fixed or {}, x1)
+    if chain is not None:
+        return chain.probe, chain
+    return probe(model, p, x1, fixed, x2), None
+
+
 def _prepare(model, x1, x2, params, trace_axes, diagonal_axes):
     x1, x2 = _checked_inputs(model, x1, x2)
     p = resolve_params(model, params)
     fixed = fixed_params(model, p)
-    pr = probe(model, p, x1, fixed, x2)
+    pr, chain = _analyse(model, p, x1, x2, fixed)
     spec = OutSpec(pr.out_shape, trace_axes, diagonal_axes)
-    return x1, x2, p, fixed, pr, spec
+    return x1, x2, p, fixed, pr, spec, chain
 
 
 def empirical_ntk(
@@ -115,21 +127,24 @@ def empirical_ntk(
     """
     if implementation not in IMPLEMENTATIONS:
         raise EmpiricalError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}.")
-    x1, x2, p, fixed, pr, spec = _prepare(model, x1, x2, params, trace_axes, diagonal_axes)
+    x1, x2, p, fixed, pr, spec, chain = _prepare(model, x1, x2, params, trace_axes, diagonal_axes)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     dtype = p[next(iter(p))].dtype
-    check_fits(
-        bytes_of(spec.shape(x1.shape[0], n2), dtype),
-        x1.device,
-        f"the kernel of shape {spec.shape(x1.shape[0], n2)}",
-        "trace output axes (trace_axes), take diagonals (diagonal_axes) or pass fewer samples.",
-    )
+    nbytes = bytes_of(spec.shape(x1.shape[0], n2), dtype)
     budget = memory_budget(x1.device, memory_budget_bytes)
+    if not (nbytes <= budget and memory_budget_bytes is None and not os.environ.get(BUDGET_ENV)):
+        # (a default budget is a quarter of the available memory: a kernel within it fits, no second reading)
+        check_fits(
+            nbytes,
+            x1.device,
+            f"the kernel of shape {spec.shape(x1.shape[0], n2)}",
+            "trace output axes (trace_axes), take diagonals (diagonal_axes) or pass fewer samples.",
+        )
     with compute_mode():
         if implementation == "auto":
-            impl = choose(model, p, spec, pr, x1, n2, x2 is None, fixed)
+            impl = choose(model, p, spec, pr, x1, n2, x2 is None, fixed, chain)
         else:
-            impl = make(implementation, model, p, spec, pr, x1, fixed)
+            impl = make(implementation, model, p, spec, pr, x1, fixed, chain)
         impl.budget = budget
         with impl.active():
             return run_blocks(impl, x1, x2, spec, block_size, budget)
@@ -152,13 +167,13 @@ def ntk_implementation(
     x2t = None if x2 is None else as_input(x2, "x2")
     check_pair(x1t, x2t)
     p = resolve_params(model, None)
-    pr = probe(model, p, x1t, None, x2t)
+    pr, chain = _analyse(model, p, x1t, x2t, fixed_params(model, p))
     spec = OutSpec(pr.out_shape, trace_axes, diagonal_axes)
     n2 = x1t.shape[0] if x2t is None else x2t.shape[0]
     with compute_mode():
         if implementation == "auto":
-            return choose(model, p, spec, pr, x1t, n2, x2 is None), spec
-        return make(implementation, model, p, spec, pr, x1t), spec
+            return choose(model, p, spec, pr, x1t, n2, x2 is None, chain=chain), spec
+        return make(implementation, model, p, spec, pr, x1t, chain=chain), spec
 
 
 def _layer_module(model: nn.Module, layer: Union[str, nn.Module, None]) -> Optional[nn.Module]:

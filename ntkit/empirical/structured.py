@@ -33,20 +33,24 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ntkit.empirical._model import compute_mode, single_fn
+from ntkit.empirical._model import Probe, compute_mode, single_fn
 from ntkit.empirical._spec import OutSpec
 from ntkit.empirical.protocol import EmpiricalError, Implementation
-from ntkit.layers.base import LinearUse
+from ntkit.layers.base import Lambda, LinearUse
 from ntkit.layers.conv import conv_cotangents, patches
+from ntkit.layers.dense import DenseModule
+from ntkit.layers.elementwise import ABRelu, ElementwiseLayer, Erf, Sign
+from ntkit.layers.elementwise_poly import Hermite, Monomial, Polynomial, RectifiedMonomial
+from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gaussian, Gelu, Rbf, Sin
 
-__all__ = ["Structured"]
+__all__ = ["Structured", "plan_chain"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +62,8 @@ class _Outer:
 
     def __init__(self, X: Optional[Tensor], G: Tensor, ids: Optional[Tensor] = None, vocab: int = 0):
         self.X, self.G, self.ids, self.vocab = X, G, ids, vocab  # X (n,T,g,fin), G (n,M,T,g,fout), ids (n,T)
+        # for one position and group: G[i, a, 0, 0, d] = U[a, d]·D[i, d] (U (M, fout), D (n, fout)), if known
+        self.factors: Optional[tuple[Tensor, Tensor]] = None
 
     def key(self):
         if self.ids is not None:
@@ -93,6 +99,30 @@ def _describes(u: Any, numel: int) -> bool:
 
 def _input(m, x):
     return x
+
+
+def _same_layout(m: nn.Module, u: _Outer, G: Tensor, fac: tuple[Tensor, Tensor]) -> bool:
+    """``u.G`` is ``G`` (n, M, 1, fout) reshaped to ``(n, M, 1, 1, fout)`` and nothing else, so that the factors
+    ``(U (M, fout), D (n, fout))`` of ``G`` are those of ``u.G``: true of the rules of ``nn.Linear`` and of ntkit's
+    ``DenseModule`` (whose NTK scale sits on the inputs ``X``) on inputs without spatial axes. Decided from the
+    module's rule and the shapes alone (no storage is read: this also runs on ``vmap``'s batched tensors)."""
+    U, D = fac
+    g = u.G
+    rule = _rule(m)
+    known = rule is not None and (rule[1] is _linear_uses or (rule[1] is _twin_uses and _twin_class(m) is DenseModule))
+    return (
+        known
+        and u.X is not None
+        and g.dim() == 5
+        and tuple(g.shape[2:4]) == (1, 1)
+        and G.dim() == 4
+        and G.shape[2] == 1
+        and U.dim() == 2
+        and D.dim() == 2
+        and tuple(g.shape) == (G.shape[0], G.shape[1], 1, 1, G.shape[3])
+        and tuple(U.shape) == (g.shape[1], g.shape[4])
+        and tuple(D.shape) == (g.shape[0], g.shape[4])
+    )
 
 
 # The rules read only what the module's own forward reads: the parameters (their shapes give the layer's
@@ -199,8 +229,9 @@ Rule = tuple[Callable[[nn.Module, Tensor], Tensor], Callable[..., dict]]
 
 
 def _own_forward(m: nn.Module, base: type[nn.Module]) -> bool:
-    """``m`` runs ``base``'s own forward (a subclass that overrides it may compute anything)."""
-    return isinstance(m, base) and type(m).forward is base.forward
+    """``m`` runs ``base``'s own forward (a subclass that overrides it, or a ``forward`` assigned to the
+    instance, may compute anything)."""
+    return isinstance(m, base) and type(m).forward is base.forward and "forward" not in m.__dict__
 
 
 def _twin_class(m: nn.Module) -> Optional[type]:
@@ -335,6 +366,325 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
 
 
 # ---------------------------------------------------------------------------------------------------
+# chains: sequential models of per-sample modules, analysed from their structure alone
+# ---------------------------------------------------------------------------------------------------
+#: stock torch activations: elementwise (a diagonal Jacobian), parameter-free
+_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+)
+#: the ``fn`` of ntkit's elementwise nonlinearities (their twins are ``Lambda(layer.fn)``); ``ExpNormalized``'s
+#: twin normalises each sample (per-sample, not elementwise) and ``Elementwise`` runs the user's function
+_ELEMENTWISE_FNS = frozenset(
+    c.fn
+    for c in (ABRelu, Sign, Erf, Polynomial, Monomial, Hermite, RectifiedMonomial, Gelu, Sin, Cos, Rbf, Gaussian, Exp)
+)
+_PER_SAMPLE_FNS = frozenset({ExpNormalized.fn})
+_DROPOUT: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
+
+
+def _hook_free(m: nn.Module) -> bool:
+    """No forward or backward hooks on ``m`` (they may read parameters or change outputs)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _twin_fn(m: nn.Module) -> Optional[Callable]:
+    """The class-level ``fn`` of an ntkit nonlinearity whose finite twin ``m`` is (a ``Lambda`` of its bound
+    ``fn``), else None."""
+    if not _own_forward(m, Lambda):
+        return None
+    owner = getattr(m.fn, "__self__", None)
+    if not isinstance(owner, ElementwiseLayer) or getattr(m.fn, "__func__", None) is not type(owner).fn:
+        return None
+    return type(owner).fn
+
+
+def _kind(m: nn.Module) -> Optional[str]:
+    """How a chain treats module ``m``:
+
+    * ``"affine"``: ``nn.Linear``, ntkit's ``DenseModule`` (``y = x Aᵀ + b`` per sample; a rule);
+    * ``"norm"``: ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` (per sample; a rule);
+    * ``"diag"``: an elementwise activation (stock, or an ntkit nonlinearity's twin);
+    * ``"vjp"``: another per-sample map (ntkit's ``ExpNormalized`` twin);
+    * ``"same"``: ``nn.Identity``, dropout in eval mode; ``"flatten"``: ``nn.Flatten``;
+    * None: anything else (the model is then not a chain).
+    """
+    if _own_forward(m, nn.Linear) or _own_forward(m, DenseModule):
+        return "affine"
+    if any(_own_forward(m, c) for c in _NORMS):
+        return "norm"
+    if any(_own_forward(m, c) for c in _ELEMENTWISE):
+        return "diag"
+    if _own_forward(m, nn.Identity):
+        return "same"
+    if any(_own_forward(m, c) for c in _DROPOUT):
+        return None if m.training else "same"
+    if _own_forward(m, nn.Flatten):
+        return "flatten"
+    fn = _twin_fn(m)
+    if fn in _ELEMENTWISE_FNS:
+        return "diag"
+    if fn in _PER_SAMPLE_FNS:
+        return "vjp"
+    return None
+
+
+def _chain_modules(model: nn.Module) -> Optional[list[nn.Module]]:
+    """The modules an ``nn.Sequential`` (nested ones flattened) calls in order, when none has hooks; else None."""
+    if not (_own_forward(model, nn.Sequential) and _hook_free(model)):
+        return None
+    out: list[nn.Module] = []
+    for m in cast(nn.Sequential, model):  # what Sequential.forward iterates (repeated modules included)
+        if not _hook_free(m):
+            return None
+        if isinstance(m, nn.Sequential):
+            inner = _chain_modules(m)
+            if inner is None:
+                return None
+            out += inner
+        else:
+            out.append(m)
+    return out
+
+
+class _Link:
+    """One module of a chain: its kind (:func:`_kind`), how to call it with given parameter values, its rule."""
+
+    def __init__(self, module: nn.Module, kind: str, state: dict[str, str], rule: Optional[Rule], local: dict):
+        self.module, self.kind = module, kind
+        self.state = state  # local parameter name -> canonical name, every parameter of the module
+        self.record = rule[0] if rule is not None else None
+        self.uses = rule[1] if rule is not None else None
+        self.local: dict[str, str] = local  # local name -> canonical name of the selected parameters
+        self.inplace = bool(getattr(module, "inplace", False))
+
+    def __call__(self, h: Tensor, values: dict[str, Tensor]) -> Tensor:
+        if self.inplace:  # its input is a primal of a vjp or a record: keep it intact
+            h = h.clone()
+        if not self.state:
+            return self.module(h)
+        return torch.func.functional_call(self.module, {ln: values[c] for ln, c in self.state.items()}, (h,))
+
+
+class _Chain:
+    """A model that is an ``nn.Sequential`` of modules known to treat samples independently (:func:`_kind`:
+    linear and norm layers with rules, elementwise activations, ntkit's nonlinearity twins, ``Flatten``,
+    ``Identity``, eval-mode dropout), without hooks, every selected parameter a weight or bias of one of its
+    ruled modules.
+
+    Such a model needs no probing: every parameter is read only by its own module (``nn.Sequential.forward``
+    calls the modules and nothing else), no module mixes samples (so the batch-independence check has nothing
+    to find), and FLOPs and activation sizes follow from the layer shapes, read from one forward pass on a
+    batch of no samples (every module checks its inputs; nothing is computed, no weight read). The cotangents
+    ``G[i, a] = ∂f_a(x_i)/∂y_i`` of all samples come from one batched backward pass, module by module (the
+    Jacobian of a per-sample model is block-diagonal over the batch), with ``G`` kept ``(n, M, ...)``-contiguous
+    for the pairwise products:
+
+    * an affine module pulls every row back by the vjp of the module at one sample (its Jacobian is the same
+      for every input), ``vmap``-ed over the ``n·M`` rows: one GEMM;
+    * an elementwise module multiplies by its derivative ``φ'(z)`` (one reverse-mode pass with a cotangent of
+      ones: autograd's own convention at kinks; for ``nn.ReLU`` directly ``[relu(z) > 0]``, the same values,
+      ``relu'(0) = 0``);
+    * a norm layer (or another per-sample map) by its vjp at the batch, ``vmap``-ed over the ``M`` entries;
+    * the output cotangent ``e_a`` is the same for every sample, and so is its pullback through affine
+      modules: it is kept once (``M`` rows) until the first elementwise module makes it per-sample.
+
+    No per-sample ``vmap``, no hooks, no zero perturbations. Exact: autograd's formulas of every module, on
+    the same values as the general path (tests compare both, and brute-force Jacobians, at 1e-9 in float64).
+    """
+
+    def __init__(self, links: list[_Link], first: int, probe: Probe, geo: dict[str, list], calls: list):
+        self.links, self.first, self.probe, self.geo = links, first, probe, geo
+        self.calls = calls  # (link index, module, per-sample output shape with a leading 1, dtype) per ruled call
+        self.structured = set(geo)
+
+    def cotangents(self, x: Tensor, values: dict[str, Tensor], O: tuple[int, ...]) -> list[tuple]:
+        """``(module, y shape, G (n, M, *y shape), record (n, 1, *input shape), factors)`` per ruled call, in call
+        order; ``factors`` is ``(U (M, *s), D (n, *s))`` with ``G = U ⊙ D`` when ``G`` is the output cotangent
+        pulled back through affine modules (the same for every sample) and then one elementwise module."""
+        n, M = x.shape[0], math.prod(O)
+        h = x
+        back: list[tuple[int, Any, tuple]] = []  # (link index, its pullback data, its input's per-sample shape)
+        recs: dict[int, Tensor] = {}
+        for k, link in enumerate(self.links):
+            if link.record is not None and link.local:
+                recs[k] = link.record(link.module, h)
+            s_in = tuple(h.shape[1:])
+            if k <= self.first:
+                h = link(h, values)
+                if k == self.first:
+                    back.append((k, None, s_in))
+                continue
+
+            def call(t: Tensor, link: _Link = link) -> Tensor:
+                return link(t, values)
+
+            data: Any = None
+            if link.kind == "affine":  # the pullback of a row does not depend on the input: at one sample
+                data = torch.func.vjp(call, h[:1])[1]
+                h = call(h)
+            elif link.kind == "diag" and type(link.module) is nn.ReLU:
+                h = call(h)
+                data = (h > 0).to(h.dtype)  # relu'(z) = [z > 0] = [relu(z) > 0], autograd's value at 0 too
+            elif link.kind == "diag":
+                h, fn = torch.func.vjp(call, h)[:2]
+                data = fn(torch.ones_like(h))[0]  # φ'(z): the Jacobian is diagonal
+            elif link.kind in ("norm", "vjp"):
+                h, data = torch.func.vjp(call, h)[:2]
+            else:  # "same", "flatten"
+                h = call(h)
+            back.append((k, data, s_in))
+        G = torch.eye(M, dtype=h.dtype, device=h.device).reshape((M,) + O)
+        shared = True  # G is (M, *s), the same for every sample; else (n, M, *s)
+        fac: Optional[tuple[Tensor, Tensor]] = None  # (U, D) with G = U[None] * D[:, None], when known
+        cot: dict[int, tuple[Tensor, Optional[tuple[Tensor, Tensor]]]] = {}
+        for k, data, s_in in reversed(back):
+            if k in recs:
+                cot[k] = (G.expand((n,) + tuple(G.shape)) if shared else G, fac)
+            if data is None and k == back[0][0]:
+                break
+            kind = self.links[k].kind
+            lead = (M,) if shared else (n, M)
+            if kind == "affine":
+                rows = G.reshape((-1, 1) + tuple(G.shape[len(lead) :]))
+                (G,) = torch.func.vmap(data)(rows)
+                G = G.reshape(lead + s_in)
+            elif kind == "diag":
+                fac = (G, data) if shared else None
+                G = (G.unsqueeze(0) if shared else G) * data.unsqueeze(1)
+                shared = False
+            elif kind in ("norm", "vjp"):
+                g = G.expand((n,) + tuple(G.shape)) if shared else G
+                (G,) = torch.func.vmap(data, in_dims=1, out_dims=1)(g)
+                G, shared = G.contiguous(), False
+            elif kind == "flatten":
+                G = G.reshape(lead + s_in)
+            if kind not in ("diag", "same"):
+                fac = None
+        out = []
+        for k, m, yshape, _ in self.calls:
+            g, f = cot[k]
+            out.append((m, yshape, g.reshape((n, M) + yshape), recs[k].unsqueeze(1), f))
+        return out
+
+
+def plan_chain(model: nn.Module, params: dict[str, Tensor], fixed: dict[str, Tensor], x1: Tensor) -> Optional[_Chain]:
+    """The :class:`_Chain` analysis of ``model`` on inputs like ``x1``, or None when the model is not such a
+    chain (then the general analysis applies: probe passes, the batch-independence check, hooks). Any error of
+    the model on one sample also gives None, so that the general path reports it."""
+    if any(getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS):
+        return None
+    mods = _chain_modules(model)
+    if not mods:
+        return None
+    canon: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canon.setdefault(id(p), name)
+    links: list[_Link] = []
+    owned: set[str] = set()
+    for m in mods:
+        kind = _kind(m)
+        if kind is None or any(True for _ in m.children()):
+            return None
+        state = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False)}
+        local = {ln: c for ln, c in state.items() if c in params}
+        rule = None
+        if kind in ("affine", "norm"):
+            try:
+                rule = _rule(m)
+            except AttributeError:  # a subclass without the settings its stock forward reads
+                return None
+            if rule is None or not set(local) <= {"weight", "bias"}:
+                return None
+        elif state:
+            return None
+        owned |= set(local.values())
+        links.append(_Link(m, kind, state, rule, local))
+    if owned != set(params):  # a selected parameter the chain does not use
+        return None
+    first = min((k for k, lk in enumerate(links) if lk.local), default=None)
+    if first is None:
+        return None
+    # shapes only: a batch of no samples (every module checks its inputs, no weight is read, nothing computed)
+    values = {**fixed, **params}
+    h = x1[:0]
+    flops, saved = 0.0, 0
+    geo: dict[str, list] = {}
+    calls = []
+    try:
+        with torch.no_grad():
+            for k, link in enumerate(links):
+                m = cast(Any, link.module)
+                if link.kind == "flatten" and not 1 <= m.start_dim % h.dim() <= m.end_dim % h.dim():
+                    return None  # it would merge the batch axis
+                if link.kind == "norm" and len(tuple(getattr(m, "normalized_shape", ()))) >= h.dim():
+                    return None  # it would normalise over the batch axis
+                if link.kind == "norm" and h.dim() < 2:
+                    return None
+                y = link(h, values)
+                if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != 0:
+                    return None
+                s_in, s_out = tuple(h.shape[1:]), tuple(y.shape[1:])
+                if link.kind == "affine":
+                    flops += 2.0 * math.prod(s_out) * m.weight.shape[-1]
+                if link.local:
+                    assert link.record is not None and link.uses is not None, "ruled links have a rule"
+                    if k > 0:
+                        saved += math.prod(s_in) * h.element_size()
+                    one = torch.zeros((1,) + s_in, dtype=h.dtype, device=h.device)
+                    rec = link.record(m, one).unsqueeze(1)
+                    yshape = (1,) + s_out
+                    G = torch.zeros((1, 1) + yshape, dtype=y.dtype, device=y.device)
+                    got = link.uses(m, rec, G, 1, 1, set(link.local))
+                    for ln, c in link.local.items():
+                        u = got.get(ln)
+                        if u is None or not _describes(_outer(u), params[c].numel()):
+                            return None
+                        geo.setdefault(c, []).append(_outer(u))
+                    calls.append((k, m, yshape, y.dtype))
+                h = y
+    except Exception:  # the model's own error: the general path reports it
+        return None
+    if not h.is_floating_point():
+        return None
+    return _Chain(links, first, Probe(tuple(h.shape[1:]), flops, saved), geo, calls)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the implementation
 # ---------------------------------------------------------------------------------------------------
 class Structured(Implementation):
@@ -343,18 +693,35 @@ class Structured(Implementation):
     name = "structured"
 
     def __init__(
-        self, model: nn.Module, params: dict[str, Tensor], spec: OutSpec, pr, x1: Tensor, fixed: Optional[dict] = None
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        spec: OutSpec,
+        pr,
+        x1: Tensor,
+        fixed: Optional[dict] = None,
+        chain: Optional[_Chain] = None,
     ):
         self.model, self.params, self.spec, self.pr = model, params, spec, pr
         self.fixed = fixed or {}
         self.M = math.prod(spec.O)
         self.itemsize = next(iter(params.values())).element_size()
         self.ctx = _Ctx()
+        self.chain = chain
+        self.mode: dict[str, str] = {}
+        self._pair_cost = self._mat_cost = self._feat_elems = self._pair_elems = 0.0
+        if chain is not None:  # analysed from the structure (plan_chain): no probe pass, no hooks
+            self.mods: list[tuple[nn.Module, Any, Any, dict]] = []
+            self.structured: set[str] = set(chain.structured)
+            self.generic: list[str] = []
+            self.calls: list = [(m, yshape, dt) for _, m, yshape, dt in chain.calls]
+            self._plan(chain.geo, x1.shape[0])
+            return
         # local parameter name -> canonical name, per candidate module
         canon: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             canon.setdefault(id(p), name)
-        self.mods: list[tuple[nn.Module, Any, Any, dict]] = []
+        self.mods = []
         for m in model.modules():
             try:
                 r = _rule(m)
@@ -365,11 +732,9 @@ class Structured(Implementation):
             local = {ln: canon[id(p)] for ln, p in m.named_parameters(recurse=False) if canon.get(id(p)) in params}
             if local:
                 self.mods.append((m, r[0], r[1], local))
-        self.structured: set[str] = {c for *_, loc in self.mods for c in loc.values()}
+        self.structured = {c for *_, loc in self.mods for c in loc.values()}
         self.generic = [n for n in self.params if n not in self.structured]
-        self.mode: dict[str, str] = {}
-        self.calls: list = []
-        self._pair_cost = self._mat_cost = self._feat_elems = self._pair_elems = 0.0
+        self.calls = []
         if self.structured:
             self._probe(x1)
 
@@ -391,7 +756,7 @@ class Structured(Implementation):
             self.ctx.stack.clear()
 
     def active(self):
-        return self._hooked() if self.structured else contextlib.nullcontext(self)
+        return self._hooked() if self.structured and self.chain is None else contextlib.nullcontext(self)
 
     # -- analysis ----------------------------------------------------------------------------------
     def has_structure(self) -> bool:
@@ -506,6 +871,47 @@ class Structured(Implementation):
         (default: the analysed values) may hold other values, with extra entries such as buffers."""
         params = self.params if params is None else params
         n, M, O = x.shape[0], self.M, self.spec.O
+        direct: dict[str, Tensor] = {}
+        if self.chain is not None:
+            calls = self.chain.cotangents(x, {**self.fixed, **params}, O)
+            rules = {id(lk.module): (lk.uses, lk.local) for lk in self.chain.links if lk.local}
+        else:
+            dJ, calls = self._jacrev(x, params)
+            direct = {k: v.reshape(n, M, -1) for k, v in dJ.items()}
+            rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
+        outer: dict[str, list] = {}
+        for m, _yshape, G, rec, fac in calls:
+            uses, local = rules[id(m)]
+            assert uses is not None, "every recorded call is of a module with a rule"
+            names = {ln for ln, c in local.items() if c in self.structured}
+            for ln, u in uses(m, rec, G, n, M, names).items():
+                name = local[ln]
+                if isinstance(u, _Outer) and self.mode[name] == "pairwise":
+                    if fac is not None and _same_layout(m, u, G, fac):
+                        u.factors = fac
+                    outer.setdefault(name, []).append(u)
+                else:
+                    j = u.materialise() if isinstance(u, _Outer) else u
+                    direct[name] = direct[name] + j if name in direct else j
+        pw = []
+
+        def cat(ts, dim):
+            return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+        for us in outer.values():
+            G = cat([u.G for u in us], 2)
+            if us[0].ids is not None:
+                pw.append((None, cat([u.ids for u in us], 1), G, None))
+            else:
+                pw.append((cat([u.X for u in us], 1), None, G, us[0].factors if len(us) == 1 else None))
+        return [v.reshape((n,) + O + (-1,)) for v in direct.values()], pw
+
+    def _jacrev(self, x: Tensor, params: dict) -> tuple[dict, list]:
+        """The general path: per sample (``vmap``), the Jacobian of ``f`` with respect to zero perturbations of
+        the structured calls' outputs (their cotangents) and to the generic parameters, the structured modules'
+        inputs recorded by the hooks. Returns the generic Jacobians and ``(module, y shape, G, record, None)`` per
+        call."""
+        n, M = x.shape[0], self.M
         f = single_fn(self.model)
         ctx = self.ctx
         gparams = {k: params[k] for k in self.generic}
@@ -524,31 +930,10 @@ class Structured(Implementation):
 
         jac = torch.func.jacrev(fs, argnums=(0, 1), has_aux=True)
         (dG, dJ), recs = torch.func.vmap(jac, in_dims=(None, None, 0))(deltas, gparams, x)
-        direct: dict[str, Tensor] = {k: v.reshape(n, M, -1) for k, v in dJ.items()}
-        outer: dict[str, list] = {}
-        rules = {id(m): (uses, local) for m, _, uses, local in self.mods}
-        for (m, yshape, _), G, rec in zip(self.calls, dG, recs):
-            uses, local = rules[id(m)]
-            names = {ln for ln, c in local.items() if c in self.structured}
-            for ln, u in uses(m, rec, G.reshape((n, M) + yshape), n, M, names).items():
-                name = local[ln]
-                if isinstance(u, _Outer) and self.mode[name] == "pairwise":
-                    outer.setdefault(name, []).append(u)
-                else:
-                    j = u.materialise() if isinstance(u, _Outer) else u
-                    direct[name] = direct[name] + j if name in direct else j
-        pw = []
-
-        def cat(ts, dim):
-            return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
-
-        for us in outer.values():
-            G = cat([u.G for u in us], 2)
-            if us[0].ids is not None:
-                pw.append((None, cat([u.ids for u in us], 1), G))
-            else:
-                pw.append((cat([u.X for u in us], 1), None, G))
-        return [v.reshape((n,) + O + (-1,)) for v in direct.values()], pw
+        calls = [
+            (m, yshape, G.reshape((n, M) + yshape), rec, None) for (m, yshape, _), G, rec in zip(self.calls, dG, recs)
+        ]
+        return dJ, calls
 
     def pair(self, f1, f2) -> Tensor:
         """Kernel block (traced axes summed, not yet averaged): materialised Jacobians contracted, plus
@@ -558,10 +943,10 @@ class Structured(Implementation):
         out = None
         for a, b in zip(d1, d2):
             c = spec.contract(a, b)
-            out = c if out is None else out.add_(c)
+            out = c if out is None else out + c
         bd = spec.batch_diag
         xx_out = "itsg" if bd else "ijtsg"
-        for (X1, i1, G1), (X2, i2, G2) in zip(p1, p2):
+        for (X1, i1, G1, fac1), (X2, i2, G2, fac2) in zip(p1, p2):
             if X1 is not None:
                 xx = torch.einsum(f"itgc,{'i' if bd else 'j'}sgc->{xx_out}", X1, X2)
             else:
@@ -572,13 +957,22 @@ class Structured(Implementation):
             g2 = G2.reshape((n2,) + spec.O + tuple(G2.shape[2:]))
             if xx.shape[-3] == 1 and xx.shape[-2] == 1 and xx.shape[-1] == 1:
                 # one position and one group (dense layers): (x1·x2) times (G1 G2ᵀ), accumulated in place
-                gg = torch.einsum(f"{spec.s1}d,{spec.s2}d->{spec.out}", g1[..., 0, 0, :], g2[..., 0, 0, :])
+                if fac1 is not None and fac2 is not None and spec.per_pair == 1:
+                    # every output axis traced and G = U ⊙ D: Σ_{a,d} G1[i,a,d] G2[j,a,d] = Σ_d w[d] D1[i,d] D2[j,d]
+                    # with w = Σ_a U1[a] U2[a] (one (n1, fout) x (fout, n2) product instead of (n1, M·fout) x ...)
+                    (U1, D1), (U2, D2) = fac1, fac2
+                    dw = D1 * (U1 * U2).sum(0)
+                    gg = (dw * D2).sum(-1) if bd else dw @ D2.T
+                else:
+                    gg = torch.einsum(f"{spec.s1}d,{spec.s2}d->{spec.out}", g1[..., 0, 0, :], g2[..., 0, 0, :])
                 w = xx.reshape(xx.shape[:-3] + (1,) * (gg.dim() - xx.dim() + 3))
-                gg.mul_(w)  # (in-place ops with batching rules: this also runs under vmap over models)
-                out = gg if out is None else out.add_(gg)
+                # out of place: under vmap over models (:mod:`ntkit.monte_carlo`) a shared cotangent makes ``gg``
+                # unbatched while ``w`` is batched, and an in-place product would be refused
+                gg = gg * w
+                out = gg if out is None else out + gg
                 continue
             gg = torch.einsum(f"{spec.s1}tgd,{spec.s2}sgd->{spec.out}tsg", g1, g2)
             c = torch.einsum(f"{spec.out}tsg,{xx_out}->{spec.out}", gg, xx)
-            out = c if out is None else out.add_(c)
+            out = c if out is None else out + c
         assert out is not None, "every selected parameter contributes a materialised or a pairwise block"
         return out

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Layer, LayerError, single, single_shape
+from ntkit.layers.base import Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
 
 __all__ = ["LayerNorm"]
 
@@ -148,3 +148,92 @@ class LayerNorm(Layer):
     def __repr__(self):
         axis = self.axis[0] if len(self.axis) == 1 else self.axis
         return f"LayerNorm(axis={axis}, eps={self.eps})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# lift: BatchNorm in eval mode (untouched running statistics, default affine) is a fixed scaling
+# ---------------------------------------------------------------------------------------------------
+class _ScaleModule(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class BatchNormEval(Layer):
+    """``nn.BatchNorm*d`` in eval mode with running mean 0, running variance 1, weight 1 and bias 0: the map
+    ``y = x / √(1 + eps)``, a fixed scaling ``s``. Exactly ``K' = s² K``, means ``s μ``, Gaussianity and branch
+    independence unchanged (a fixed linear map of each channel). ``Θ' = s² Θ``: the affine parameters ``γ, β``
+    are held at their values (their own NTK contribution is not included). Any other running statistics make
+    the map channel-dependent and any train-mode BatchNorm couples the samples of a batch, so neither has a
+    per-pair kernel (:func:`ntkit.lift` refuses them)."""
+
+    tracks_means = True
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = float(eps)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(1.0 + self.eps)
+
+    def kernel(self, k):
+        k = single(k, self)
+        s2, s = self.scale**2, self.scale
+
+        def sc(t, c):
+            return None if t is None else t * c
+
+        return k.replace(
+            nngp=sc(k.nngp, s2),
+            ntk=sc(k.ntk, s2),
+            cov1=sc(k.cov1, s2),
+            cov2=sc(k.cov2, s2),
+            var1=sc(k.var1, s2),
+            var2=sc(k.var2, s2),
+            mean1=sc(k.mean1, s),
+            mean2=sc(k.mean2, s),
+            is_input=False,
+        )
+
+    def build(self, in_shape, width, generator, readout):
+        return _ScaleModule(self.scale), single_shape(in_shape, self)
+
+    def __repr__(self):
+        return f"BatchNormEval(eps={self.eps})"
+
+
+@lift_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _lift_batchnorm(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.BatchNorm*d`` -> :class:`BatchNormEval` when it is the fixed map ``x/√(1+eps)`` (eval mode, untouched
+    running statistics, default affine); otherwise a :class:`~ntkit.layers.base.LiftError` saying why."""
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    if m.training or not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        raise unsupported(
+            m,
+            "BatchNorm in train mode (or without running statistics) normalises with the statistics of the batch, "
+            "which couples the samples: there is no per-pair infinite-width kernel. Call model.eval() first "
+            "(with untouched running statistics the eval-mode BatchNorm lifts exactly).",
+        )
+    with torch.no_grad():
+        stats_ok = bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
+        affine_ok = not m.affine or (bool((m.weight == 1).all()) and bool((m.bias == 0).all()))
+    if not stats_ok:
+        raise unsupported(
+            m,
+            "its running statistics were updated (running_mean != 0 or running_var != 1): the eval-mode map then "
+            "shifts and scales every channel by its own trained statistics, which have no infinite-width limit "
+            "at initialisation. Reset them (module.reset_running_stats()) to lift the model at initialisation.",
+        )
+    if not affine_ok:
+        raise unsupported(
+            m,
+            "its affine weight/bias differ from the default (1, 0): per-channel trained values have no "
+            "infinite-width limit. Reset them (module.reset_parameters()) to lift the model at initialisation.",
+        )
+    return BatchNormEval(m.eps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -15,6 +15,14 @@ from torch import Tensor
 from ntkit.kernel import normalize_get
 from ntkit.linalg.dense import check_memory
 from ntkit.predict._layout import F64, Axes, as_times, bytes64, decay, expm1_factor, get_attr, inv_expm1_factor, package
+from ntkit.predict._matfun import (
+    EIGH_FLOPS,
+    apply_plan,
+    is_positive_definite,
+    phi_plan,
+    spectrum_bound,
+    usable,
+)
 from ntkit.predict.gp import GPInference
 from ntkit.predict.types import Gaussian
 
@@ -23,7 +31,19 @@ __all__ = ["EnsemblePredictor", "gradient_descent_mse_ensemble"]
 
 class EnsemblePredictor:
     """Predictor returned by :func:`gradient_descent_mse_ensemble`;
-    ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``."""
+    ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``.
+
+    Finite-``t`` test predictions apply ``g_τ(Θ) = Θ⁻¹(I - exp(-τΘ))`` (``τ = η t / N``) to the targets and the
+    test-train kernels either through the cached eigendecomposition of ``Θ`` or, without it, by a Chebyshev
+    polynomial of ``Θ`` with an a priori error bound (:mod:`ntkit.predict._matfun`). :attr:`method` chooses:
+    ``"auto"`` (default: on a predictor's first finite-``t`` call the cheaper by a FLOP model, later ``eigh``,
+    computed once and cached), ``"eigh"`` or
+    ``"chebyshev"`` (falls back to ``eigh`` where the polynomial cannot guarantee ``1e-13`` relative accuracy or
+    the kernel is not positive definite). :attr:`last_method` records what each kernel used in the last call,
+    with the degree and error bound of the polynomial.
+    """
+
+    method: str = "auto"
 
     def __init__(
         self,
@@ -55,6 +75,7 @@ class EnsemblePredictor:
         )
         self.layout, self.n = self.gp.layout, self.gp.n
         self.norm = float(self.gp.y.numel())
+        self.last_method: dict[str, dict] = {}
 
     # -- kernels (train-train cached) ------------------------------------------------------------------
     def _call(self, x1, x2, names: tuple[str, ...]) -> dict[str, Union[Tensor, np.ndarray]]:
@@ -115,7 +136,102 @@ class EnsemblePredictor:
             sp["s"] = sp["vec"].T @ self.gp.k_dd("nngp") @ sp["vec"]
         return sp
 
+    # -- without eigh: Chebyshev polynomials of the train kernel ---------------------------------------
+    def _chebyshev_plans(self, g: str, ts: Tensor, cols: int, compute_cov: bool) -> Optional[list]:
+        """Per time, the plans (``g_τ`` for the mean, and ``g_2τ`` for NNGP covariances) when the polynomial path
+        is chosen for kernel ``g`` (``cols``: test columns the covariance needs), else None."""
+        if self.method not in ("auto", "chebyshev", "eigh"):
+            raise ValueError(f"method={self.method!r}: choose 'auto', 'eigh' or 'chebyshev'.")
+        sp = self._spec.setdefault(g, {})
+        sp["finite_calls"] = sp.get("finite_calls", 0) + 1
+        # auto: the polynomial on the first finite-t call of a predictor only; from the second on, the
+        # eigendecomposition is computed once and reused (its later calls are a few products)
+        again = "lam" in sp or sp["finite_calls"] > 1
+        if self.method == "eigh" or (self.method == "auto" and again) or not bool(torch.isfinite(ts).all()):
+            return None
+        factor = self.gp.factor(g)
+        A = factor.matrix
+        M = A.shape[0]
+        b = spectrum_bound(A)
+        plans = []
+        for t in ts.tolist():
+            tau = t / self.norm
+            mean_plan = phi_plan(tau, b)
+            cov_plan = None
+            if compute_cov:
+                cov_plan = mean_plan if g == "ntk" else phi_plan(2 * tau, b)
+            plans.append((mean_plan, cov_plan))
+        if not all(usable(p) for pair in plans for p in pair if p is not None):
+            return None
+        if self.method == "auto":
+            y_cols = self.gp.y_flat.shape[1]
+            poly = sum(
+                2.0 * M * M * (pm.degree * y_cols + (pc.degree * cols if pc is not None else 0)) for pm, pc in plans
+            )
+            eig = EIGH_FLOPS * M**3 + (4.0 * M**3 if compute_cov and g == "ntk" else 0.0)
+            if poly >= eig:
+                return None
+        if not is_positive_definite(A):  # eigenvalues outside [0, b]: eigh decides (singular, or not PSD)
+            return None
+        return plans
+
+    def _finite_chebyshev(self, g, plans, ts, t_shape, k_td, nngp_tt, compute_cov):
+        """Test predictions with ``W = p(Θ) B`` for the plans' polynomials ``p ≈ g_τ`` (same formulas as
+        :meth:`_finite`, with ``V g(λ) Vᵀ`` replaced by ``p(Θ)``)."""
+        A = self.gp.factor(g).matrix
+        y, lay = self.gp.y_flat, self.layout
+        ktd = self.gp.test_kernel(k_td, g, "k_test_train")
+        m = ktd.shape[0] // max(1, math.prod(lay.rest_shape))
+        mt, T = ktd.shape[0], len(plans)
+        check_memory(
+            bytes64(T, mt, mt) * (3 if compute_cov else 0) + bytes64(T, mt, y.shape[1]) + bytes64(3, A.shape[0], mt),
+            self.gp.device,
+            "ensemble test predictions",
+        )
+        k_tt = knt = kdd = None
+        if compute_cov:
+            k_tt = self.gp.test_test_kernel(nngp_tt, "nngp", m)
+            if g == "ntk":
+                knt = self.gp.test_kernel(k_td, "nngp", "k_test_train")
+                kdd = self.gp.k_dd("nngp")
+        means, covs = [], []
+        W: Optional[Tensor]
+        for pm, pc in plans:
+            if compute_cov and pc is pm:  # one polynomial for the targets and the test kernel's columns
+                w = apply_plan(A, torch.cat([y, ktd.T], 1), pm)
+                gy, W = w[:, : y.shape[1]], w[:, y.shape[1] :]
+            else:
+                gy = apply_plan(A, y, pm)
+                W = apply_plan(A, ktd.T.contiguous(), pc) if compute_cov and pc is not None else None
+            means.append(ktd @ gy)
+            if compute_cov:
+                assert W is not None and k_tt is not None, "covariances have their plan and test kernel"
+                if g == "nngp":
+                    covs.append(k_tt - ktd @ W)
+                else:
+                    assert knt is not None and kdd is not None, "NTK covariances read the NNGP kernels"
+                    term2 = W.T @ knt.T
+                    covs.append(W.T @ (kdd @ W) - term2 - term2.T + k_tt)
+        self.last_method[g] = {
+            "method": "chebyshev",
+            "degree": [pm.degree for pm, _ in plans],
+            "rel_bound": max(p.rel_bound for pair in plans for p in pair if p is not None),
+        }
+        mean = lay.unflatten(torch.stack(means), m)
+        mean = (mean.reshape(t_shape + tuple(mean.shape[1:])) if t_shape else mean[0]).to(self.gp.dtype)
+        if not compute_cov:
+            return mean
+        cov = lay.zip_cov(torch.stack(covs), m)
+        cov = (cov.reshape(t_shape + tuple(cov.shape[1:])) if t_shape else cov[0]).to(self.gp.dtype)
+        return Gaussian(mean, cov)
+
     def _finite(self, g, ts, t_shape, k_td, nngp_tt, compute_cov):
+        if k_td is not None:
+            cols = self.gp.test_kernel(k_td, g, "k_test_train").shape[0] if compute_cov else 0
+            plans = self._chebyshev_plans(g, ts, cols, compute_cov)
+            if plans is not None:
+                return self._finite_chebyshev(g, plans, ts, t_shape, k_td, nngp_tt, compute_cov)
+        self.last_method[g] = {"method": "eigh"}
         sp = self._spectral(g, compute_cov and g == "ntk" and k_td is not None)
         lam, vec, c, cutoff = sp["lam"], sp["vec"], sp["c"], sp["cutoff"]
         norm, y, lay = self.norm, self.gp.y_flat, self.layout
