@@ -42,6 +42,7 @@ from ntkit.layers.index import Slice
 from ntkit.nets import Net
 from ntkit.nets import parallel as _parallel
 from ntkit.nets import serial as _serial
+from ntkit.nets.combinators import KERNEL_FIELDS
 
 __all__ = [
     "Padding",
@@ -199,28 +200,14 @@ def _package(k: Any, names: tuple[str, ...], single: bool) -> Any:
     return collections.namedtuple("Kernel", names)(*(getattr(k, n) for n in names))
 
 
-_KERNEL_FIELDS = (
-    "nngp",
-    "ntk",
-    "cov1",
-    "cov2",
-    "shape1",
-    "shape2",
-    "is_gaussian",
-    "is_input",
-    "diagonal_spatial",
-    "x1_is_x2",
-)
-
-
 def _get_names(get: Union[str, Sequence[str], None]) -> tuple[tuple[str, ...], bool]:
     if get is None:
         return (), False
     single = isinstance(get, str)
     names = (get,) if isinstance(get, str) else tuple(get)
-    bad = [g for g in names if g not in _KERNEL_FIELDS]
+    bad = [g for g in names if g not in KERNEL_FIELDS]
     if bad:
-        raise ValueError(f"get={get!r}: choose from {_KERNEL_FIELDS} (a name or a tuple of names).")
+        raise ValueError(f"get={get!r}: choose from {KERNEL_FIELDS} (a name or a tuple of names).")
     return names, single
 
 

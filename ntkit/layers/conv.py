@@ -592,7 +592,19 @@ class Conv(Layer):
             nngp, ntk, cov1, cov2 = self._tensor_rule(k, T, w2, b2, f_size)
         else:
             nngp, ntk, cov1, cov2 = self._rule(k, T, w2, b2, f_size)
-        spatial = tuple(w.n_out for w in wins)
+        return self._output_record(k, nngp, ntk, cov1, cov2, tuple(w.n_out for w in wins))
+
+    def _output_record(
+        self,
+        k: Kernel,
+        nngp: Optional[Tensor],
+        ntk: Optional[Tensor],
+        cov1: Optional[Tensor],
+        cov2: Optional[Tensor],
+        spatial: tuple[int, ...],
+    ) -> Kernel:
+        """The record after this layer: its kernels, ``out_channels`` channels over ``spatial``, and zero-mean
+        Gaussian outputs of fresh weights (independent of every other branch, ``Kernel.fresh``)."""
         return k.replace(
             nngp=nngp,
             ntk=ntk,
@@ -664,8 +676,12 @@ class Conv(Layer):
         if width is None:
             self._check_channels(s[0])
         out = self.out_channels * self.s[1] if (width is None or readout) else width
-        mod = ConvModule(s[0], out, wins, self.W_std, self.b_std, self.parameterization, generator, s_in=self.s[0])
-        return mod, (out,) + tuple(w.n_out for w in wins)
+        return self._twin(s[0], out, wins, generator), (out,) + tuple(w.n_out for w in wins)
+
+    def _twin(self, in_channels: int, out: int, wins: Sequence[AxisWindow], generator: torch.Generator) -> nn.Module:
+        """The finite module of :meth:`build` (subclasses with their own module override this)."""
+        p = self.parameterization
+        return ConvModule(in_channels, out, wins, self.W_std, self.b_std, p, generator, s_in=self.s[0])
 
     def __repr__(self):
         extra = "" if self.in_channels is None else f", in_channels={self.in_channels}"

@@ -257,21 +257,7 @@ class ConvTranspose(Conv):
                 ntk = mean * fan_in if k.is_input else w2 * T(k.ntk, 2) + mean * fan_in  # type: ignore[operator]
                 if self.b_std is not None:
                     ntk = ntk + 1.0
-        spatial = tuple(a.n_out for a in axes)
-        return k.replace(
-            nngp=nngp,
-            ntk=ntk,
-            cov1=cov1,
-            cov2=cov2,
-            shape1=(k.shape1[0], self.out_channels) + spatial,
-            shape2=(k.shape2[0], self.out_channels) + spatial,
-            is_gaussian=True,
-            is_input=False,
-            mean1=None,
-            mean2=None,
-            mean_kind="exact",
-            fresh=(True,) * len(k.fresh),
-        )
+        return self._output_record(k, nngp, ntk, cov1, cov2, tuple(a.n_out for a in axes))
 
     def build(
         self, in_shape: Shapes, width: Optional[int], generator: torch.Generator, readout: bool
@@ -428,16 +414,9 @@ class ConvLocal(Conv):
             diagonal_spatial=False,
         )
 
-    def build(
-        self, in_shape: Shapes, width: Optional[int], generator: torch.Generator, readout: bool
-    ) -> tuple[nn.Module, Shapes]:
-        s = single_shape(in_shape, self)
-        wins = self._plan(s)
-        if width is None:
-            self._check_channels(s[0])
-        out = self.out_channels if (width is None or readout) else width
-        mod = ConvLocalModule(s[0], out, wins, self.W_std, self.b_std, self.parameterization, generator)
-        return mod, (out,) + tuple(w.n_out for w in wins)
+    def _twin(self, in_channels: int, out: int, wins: Sequence[AxisWindow], generator: torch.Generator) -> nn.Module:
+        """:meth:`Conv.build`'s module: unshared weights (``s`` is ``(1, 1)`` for this layer)."""
+        return ConvLocalModule(in_channels, out, wins, self.W_std, self.b_std, self.parameterization, generator)
 
     def __repr__(self) -> str:
         return "ConvLocal" + Conv.__repr__(self)[len("Conv") :]
