@@ -2,8 +2,10 @@
 
 An ``nn.Sequential`` is mapped module by module (a ``serial`` net). Any other ``nn.Module`` is traced with
 ``torch.fx.symbolic_trace`` and its graph mapped node by node: modules through their ``@lift_rule``
-(:data:`SUPPORTED`), ``torch.relu``/``F.relu``/``F.gelu``/``torch.tanh``/``torch.sigmoid``/``F.silu``/
-``F.leaky_relu``/``torch.flatten``/``x.flatten(1)``/``x.view(x.size(0), -1)`` to the same layers, ``x + y`` /
+(:data:`SUPPORTED`; modules refused with a reason: :data:`REFUSED`), the functional forms of every activation
+(``F.*``/``torch.*``/``x.relu()``), ``F.avg_pool*d``/``F.adaptive_avg_pool*d``/``x.mean(spatial dims)``,
+``F.dropout*``, ``F.layer_norm``, ``F.linear``/``F.conv*d``/``F.prelu`` on the model's own parameters (``get_attr``),
+``torch.flatten``/``x.flatten(1)``/``x.view(x.size(0), -1)`` to the same layers as their modules, ``x + y`` /
 ``torch.add`` to ``FanInSum``, ``x * y`` to ``FanInProd``, ``torch.cat(..., 1)`` to ``FanInConcat``, a value used
 several times to a ``FanOut`` (:class:`ntkit.nets.GraphNet`). The kernel is the infinite-width limit of that
 architecture (Lee et al. 2018; Yang 2019 for arbitrary architectures as tensor programs).
@@ -31,12 +33,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-import ntkit.layers  # noqa: F401  (every layer family registers its lift rules on import)
-from ntkit.layers.base import LIFT_RULES, Layer, LiftError, LiftOptions, Std
+import ntkit.layers
+import ntkit.layers.activations  # noqa: F401  (every activation torch has: their lift rules)
+from ntkit.layers.base import LIFT_RULES, Layer, LayerError, LiftError, LiftOptions, Std, single, single_shape
 from ntkit.layers.branching import FanInConcat, FanInProd, FanInSum
+from ntkit.layers.maxpool import MAX_POOL_CALLS, fuse_maxpool, fuse_maxpool_nodes
+from ntkit.layers.pooling import GlobalAvgPool
+from ntkit.lift_attention import SequenceGraph, as_traceable, is_sequence_model
 from ntkit.nets import GraphNet, GraphNode, Net, serial
 
-__all__ = ["lift", "LiftError", "SUPPORTED", "INITS"]
+__all__ = ["lift", "LiftError", "SUPPORTED", "REFUSED", "INITS"]
 
 #: torch module type -> lift rule; each layer's file registers its own (``@lift_rule`` in ntkit/layers/)
 SUPPORTED = LIFT_RULES
@@ -50,43 +56,247 @@ def _supported_names() -> str:
     return ", ".join(sorted(t.__name__ for t in SUPPORTED))
 
 
+def _mapped_calls() -> str:
+    names = {t if isinstance(t, str) else getattr(t, "__name__", repr(t)) for t in (*_UNARY, *_PARAM_CALLS)}
+    return ", ".join(sorted(names))
+
+
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class SpatialMean(GlobalAvgPool):
+    """``x.mean(dims)`` / ``torch.mean(x, dims)`` over every spatial axis of ``(N, C, *spatial)``: the global
+    average pool (exact). ``keepdim=True`` keeps size-1 spatial axes in torch; the lifted value is ``(N, C)``, so
+    what follows must read features (``Flatten``, ``Linear``; a convolution after it is refused by its rank
+    check). Any other set of axes raises ``LayerError`` naming the call when the kernel is computed (the input's
+    rank is known only then)."""
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, where: str):
+        self.dims, self.keepdim, self._where = tuple(int(d) for d in dims), bool(keepdim), where
+
+    def _check(self, ndim: int) -> None:
+        got = sorted({d % ndim for d in self.dims}) if all(-ndim <= d < ndim for d in self.dims) else None
+        if ndim < 3 or got != list(range(2, ndim)):
+            raise LayerError(
+                f"{self._where}: mean over dims {self.dims} of a {ndim}-D (N, C, *spatial) value; only the mean over "
+                f"all spatial axes {tuple(range(2, ndim))} (a global average pool) has a kernel rule — a mean over the "
+                f"channels averages infinitely many centred channels (→ 0), one over some spatial axes only is not "
+                f"mapped. Fix: average over every spatial axis, or use nn.AvgPool / nn.AdaptiveAvgPool."
+            )
+
+    def kernel(self, k: Any) -> Any:
+        self._check(len(single(k, self).shape1))
+        return super().kernel(k)
+
+    def build(self, in_shape: Any, width: Optional[int], generator: torch.Generator, readout: bool) -> Any:
+        self._check(len(single_shape(in_shape, self)) + 1)
+        return super().build(in_shape, width, generator, readout)
+
+    def __repr__(self) -> str:
+        return f"GlobalAvgPool()  # mean{self.dims}" + (", keepdim" if self.keepdim else "")
+
+
 # functional / method calls -> an equivalent module, lifted by that module's own rule
+def _bind(names: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments after the input of a functional call, by name (``names``: (name, default) in torch's order)."""
+    out = dict(names)
+    if len(args) > len(names):
+        raise TypeError(f"{len(args)} positional arguments, at most {len(names)} expected")
+    for (k, _), v in zip(names, args):
+        out[k] = v
+    for k, v in kwargs.items():
+        if k == "inplace":
+            continue
+        if k not in out:
+            raise TypeError(f"unexpected keyword argument {k!r}")
+        out[k] = v
+    return out
+
+
+def _call(ctor: Callable[..., nn.Module], *names: tuple[str, Any]) -> Callable[..., nn.Module]:
+    """A call ``f(x, *args, **kwargs)`` -> ``ctor(**bound arguments)`` (``inplace`` is ignored)."""
+    names = tuple(n for n in names if n[0] != "inplace") + (("inplace", False),)
+
+    def make(*a: Any, **kw: Any) -> nn.Module:
+        bound = _bind(names, a, kw)
+        bound.pop("inplace", None)
+        return ctor(**bound)
+
+    return make
+
+
+def _dropout_module(cls: type) -> Callable[..., nn.Module]:
+    def make(p: float = 0.5, training: bool = True) -> nn.Module:
+        m = cls(float(p))
+        m.train(bool(training))
+        return m
+
+    return make
+
+
 def _unary_calls() -> dict[Any, Callable[..., nn.Module]]:
     def act(mod: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
-        return lambda *a, **kw: mod()
+        return _call(lambda: mod())
 
-    def gelu(*a: Any, approximate: str = "none", **kw: Any) -> nn.Module:
-        return nn.GELU(approximate=approximate)
+    def flatten(start_dim: int = 0, end_dim: int = -1) -> nn.Module:
+        return nn.Flatten(start_dim, end_dim)
 
-    def leaky(*a: Any, negative_slope: float = 0.01, **kw: Any) -> nn.Module:
-        return nn.LeakyReLU(a[0] if a else negative_slope)
+    def rrelu(lower: float = 1 / 8, upper: float = 1 / 3, training: bool = False) -> nn.Module:
+        m = nn.RReLU(lower, upper)
+        m.train(bool(training))
+        return m
 
-    def flatten(*a: Any, start_dim: int = 0, end_dim: int = -1) -> nn.Module:
-        return nn.Flatten(a[0] if a else start_dim, a[1] if len(a) > 1 else end_dim)
+    def adaptive(cls: type) -> Callable[..., nn.Module]:
+        return _call(lambda output_size: cls(output_size), ("output_size", None))
 
-    def method_flatten(*a: Any, start_dim: int = 0, end_dim: int = -1) -> nn.Module:
-        return flatten(*a, start_dim=start_dim, end_dim=end_dim)
+    def avg(cls: type) -> Callable[..., nn.Module]:
+        args: tuple[tuple[str, Any], ...] = (("kernel_size", None), ("stride", None), ("padding", 0))
+        args += (("ceil_mode", False),)
+        args += (("count_include_pad", True),)
+        if cls is not nn.AvgPool1d:
+            args += (("divisor_override", None),)
+        return _call(lambda **kw: cls(**kw), *args)
+
+    table: dict[Any, Callable[..., nn.Module]] = {}
+    acts: list[tuple[tuple[Any, ...], Callable[..., nn.Module]]] = [
+        ((torch.relu, F.relu, torch.relu_, F.relu_, "relu", "relu_"), act(nn.ReLU)),
+        ((F.relu6,), act(nn.ReLU6)),
+        ((torch.tanh, F.tanh, "tanh"), act(nn.Tanh)),
+        ((torch.sigmoid, F.sigmoid, "sigmoid"), act(nn.Sigmoid)),
+        ((F.silu,), act(nn.SiLU)),
+        ((F.mish,), act(nn.Mish)),
+        ((F.hardswish,), act(nn.Hardswish)),
+        ((F.hardsigmoid,), act(nn.Hardsigmoid)),
+        ((F.softsign,), act(nn.Softsign)),
+        ((F.logsigmoid,), act(nn.LogSigmoid)),
+        ((F.tanhshrink,), act(nn.Tanhshrink)),
+        ((torch.selu, F.selu), act(nn.SELU)),
+        ((F.gelu,), _call(lambda approximate: nn.GELU(approximate=approximate), ("approximate", "none"))),
+        ((F.leaky_relu,), _call(lambda negative_slope: nn.LeakyReLU(negative_slope), ("negative_slope", 0.01))),
+        ((F.elu,), _call(lambda alpha: nn.ELU(alpha), ("alpha", 1.0))),
+        ((torch.celu, F.celu), _call(lambda alpha: nn.CELU(alpha), ("alpha", 1.0))),
+        (
+            (F.softplus,),
+            _call(lambda beta, threshold: nn.Softplus(beta, threshold), ("beta", 1.0), ("threshold", 20.0)),
+        ),
+        (
+            (F.hardtanh,),
+            _call(lambda min_val, max_val: nn.Hardtanh(min_val, max_val), ("min_val", -1.0), ("max_val", 1.0)),
+        ),
+        ((F.softshrink,), _call(lambda lambd: nn.Softshrink(lambd), ("lambd", 0.5))),
+        ((F.hardshrink,), _call(lambda lambd: nn.Hardshrink(lambd), ("lambd", 0.5))),
+        (
+            (torch.threshold, F.threshold),
+            _call(lambda threshold, value: nn.Threshold(threshold, value), ("threshold", None), ("value", None)),
+        ),
+        ((F.rrelu,), _call(rrelu, ("lower", 1 / 8), ("upper", 1 / 3), ("training", False))),
+        ((torch.flatten, "flatten"), _call(flatten, ("start_dim", 0), ("end_dim", -1))),
+        (("contiguous",), act(nn.Identity)),
+        ((F.dropout,), _call(_dropout_module(nn.Dropout), ("p", 0.5), ("training", True))),
+        ((F.dropout1d,), _call(_dropout_module(nn.Dropout1d), ("p", 0.5), ("training", True))),
+        ((F.dropout2d,), _call(_dropout_module(nn.Dropout2d), ("p", 0.5), ("training", True))),
+        ((F.dropout3d,), _call(_dropout_module(nn.Dropout3d), ("p", 0.5), ("training", True))),
+        ((F.alpha_dropout,), _call(_dropout_module(nn.AlphaDropout), ("p", 0.5), ("training", False))),
+        ((F.feature_alpha_dropout,), _call(_dropout_module(nn.FeatureAlphaDropout), ("p", 0.5), ("training", False))),
+        ((F.avg_pool1d,), avg(nn.AvgPool1d)),
+        ((F.avg_pool2d,), avg(nn.AvgPool2d)),
+        ((F.avg_pool3d,), avg(nn.AvgPool3d)),
+        ((F.adaptive_avg_pool1d,), adaptive(nn.AdaptiveAvgPool1d)),
+        ((F.adaptive_avg_pool2d,), adaptive(nn.AdaptiveAvgPool2d)),
+        ((F.adaptive_avg_pool3d,), adaptive(nn.AdaptiveAvgPool3d)),
+        (
+            (torch.softmax, F.softmax, "softmax"),
+            _call(lambda dim, _stacklevel, dtype: nn.Softmax(dim), ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+        ),
+        (
+            (torch.log_softmax, F.log_softmax, "log_softmax"),
+            _call(
+                lambda dim, _stacklevel, dtype: nn.LogSoftmax(dim), ("dim", None), ("_stacklevel", 3), ("dtype", None)
+            ),
+        ),
+        (
+            (F.softmin,),
+            _call(lambda dim, _stacklevel, dtype: nn.Softmin(dim), ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+        ),
+    ]
+    for targets, make in acts:
+        for t in targets:
+            table[t] = make
+    table.update(MAX_POOL_CALLS)
+    return table
+
+
+#: parametric functional calls whose parameters forward reads with get_attr: (x, weight, bias, ...) -> module
+def _param_calls() -> dict[Any, Callable[..., nn.Module]]:
+    def linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
+        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        _set_params(m, weight, bias)
+        return m
+
+    def conv(cls: type) -> Callable[..., nn.Module]:
+        def make(
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            stride: Any = 1,
+            padding: Any = 0,
+            dilation: Any = 1,
+            groups: int = 1,
+        ) -> nn.Module:
+            out_c, in_per_group = weight.shape[:2]
+            m = cls(
+                in_per_group * groups,
+                out_c,
+                tuple(weight.shape[2:]),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=bias is not None,
+            )
+            _set_params(m, weight, bias)
+            return m
+
+        return make
+
+    def layer_norm(normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> nn.Module:
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        m = nn.LayerNorm(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None)
+        if weight is not None:
+            _set_params(m, weight, bias)
+        return m
+
+    def prelu(weight: torch.Tensor) -> nn.Module:
+        m = nn.PReLU(weight.numel())
+        _set_params(m, weight, None)
+        return m
 
     return {
-        torch.relu: act(nn.ReLU),
-        F.relu: act(nn.ReLU),
-        "relu": act(nn.ReLU),
-        F.gelu: gelu,
-        torch.tanh: act(nn.Tanh),
-        F.tanh: act(nn.Tanh),
-        "tanh": act(nn.Tanh),
-        torch.sigmoid: act(nn.Sigmoid),
-        F.sigmoid: act(nn.Sigmoid),
-        "sigmoid": act(nn.Sigmoid),
-        F.silu: act(nn.SiLU),
-        F.leaky_relu: leaky,
-        torch.flatten: flatten,
-        "flatten": method_flatten,
-        "contiguous": act(nn.Identity),
+        F.linear: linear,
+        F.conv1d: conv(nn.Conv1d),
+        F.conv2d: conv(nn.Conv2d),
+        F.conv3d: conv(nn.Conv3d),
+        F.layer_norm: layer_norm,
+        F.prelu: prelu,
     }
 
 
+def _set_params(m: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    with torch.no_grad():
+        w.copy_(weight.detach().reshape(w.shape))
+        if bias is not None:
+            b = m.bias
+            assert isinstance(b, torch.Tensor)
+            b.copy_(bias.detach().reshape(b.shape))
+
+
 _UNARY = _unary_calls()
+_PARAM_CALLS = _param_calls()
 _SUMS = (operator.add, operator.iadd, torch.add)
 _PRODS = (operator.mul, operator.imul, torch.mul)
 
@@ -137,8 +347,44 @@ def _options(m: nn.Module, opts: LiftOptions, init: str, hidden: bool) -> tuple[
     return new, f"W_std={wv:.4g}, b_std={bs} ({note})"
 
 
+_SOFTMAX_WHY = (
+    "over the feature (channel) axis it normalises across all infinitely many channels of a sample, so every output "
+    "→ 0 (LogSoftmax: → −∞) and no nontrivial kernel remains; over the batch it would couple samples. Fix: use "
+    "softmax only inside attention (nn.MultiheadAttention, whose softmax ntkit has), or apply it to the model's "
+    "outputs outside the lifted module (the kernel is that of the logits)"
+)
+#: modules with no infinite-width kernel (or none in ntkit), and why
+REFUSED: dict[type, str] = {
+    nn.Softmax: _SOFTMAX_WHY,
+    nn.LogSoftmax: _SOFTMAX_WHY,
+    nn.Softmin: _SOFTMAX_WHY,
+    nn.Softmax2d: _SOFTMAX_WHY,
+    nn.GLU: (
+        "GLU splits the channels into two halves a, b and returns a·σ(b); lift has no rule for that split. Fix: "
+        "write it as two nn.Linear layers and x * torch.sigmoid(y) in forward (FanInProd and the sigmoid rule)"
+    ),
+    nn.Unflatten: (
+        "Unflatten turns features into channels and positions; after a Dense layer those positions would be "
+        "independent, a layout ntkit's spatial kernels do not represent. Fix: keep the model's spatial axes from "
+        "the input (convolutions), or lift the part after the Unflatten on its own inputs"
+    ),
+    nn.Bilinear: (
+        "Bilinear's output is a product of two inputs through one weight tensor; lift has no rule for it. Fix: "
+        "write it as two nn.Linear layers and a product (FanInProd)"
+    ),
+    nn.LSTM: "recurrent layers are not mapped (their kernel needs the recursion unrolled over the sequence). Fix: "
+    "write the recursion with nn.Linear layers in forward (a fixed sequence length)",
+    nn.GRU: "recurrent layers are not mapped (their kernel needs the recursion unrolled over the sequence). Fix: "
+    "write the recursion with nn.Linear layers in forward (a fixed sequence length)",
+    nn.RNN: "recurrent layers are not mapped (their kernel needs the recursion unrolled over the sequence). Fix: "
+    "write the recursion with nn.Linear layers in forward (a fixed sequence length)",
+}
+
+
 def _lift_module(m: nn.Module, qualname: str, opts: LiftOptions) -> Layer:
     rule = SUPPORTED.get(type(m))
+    if rule is None and type(m) in REFUSED:
+        raise LiftError(f"{qualname} ({type(m).__name__}: {m!r}) has no infinite-width rule: {REFUSED[type(m)]}.")
     if rule is None:
         raise LiftError(
             f"{qualname} ({type(m).__name__}: {m!r}) has no infinite-width rule in ntkit (yet). Fix: replace it by "
@@ -153,8 +399,11 @@ def _lift_module(m: nn.Module, qualname: str, opts: LiftOptions) -> Layer:
 def _flatten_sequential(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     if isinstance(model, nn.Sequential):
         out: list[tuple[str, nn.Module]] = []
-        for name, child in model.named_children():
-            out += _flatten_sequential(child, f"{prefix}.{name}" if prefix else name)
+        # _modules, not named_children(): that skips a module registered twice (nn.Sequential(fc, act, fc2, act)
+        # applies the shared act twice)
+        for name, child in model._modules.items():
+            if child is not None:
+                out += _flatten_sequential(child, f"{prefix}.{name}" if prefix else name)
         return out
     return [(prefix or type(model).__name__, model)]
 
@@ -168,7 +417,7 @@ def _lift_sequential(model: nn.Module, opts: LiftOptions, init: str, rows: list[
         rows.append(_Row(qualname, type(m).__name__, repr(layer), note))
         layers.append(layer)
         after_param = after_param or _is_fan_in_layer(m)
-    return serial(*layers)
+    return serial(*fuse_maxpool(layers))  # ReLU -> MaxPool: the pool sees the Gaussian pre-activations
 
 
 def _call_name(n: torch.fx.Node) -> str:
@@ -217,7 +466,16 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
     def where(n: torch.fx.Node) -> str:
         return f"{n.target}" if n.op == "call_module" else f"{_call_name(n)} (graph node {n.name!r})"
 
+    attrs: dict[str, Any] = {}  # get_attr nodes: tensors forward reads directly (F.linear's weight, ...)
+
     def tensor_arg(n: torch.fx.Node, a: Any) -> str:
+        if isinstance(a, torch.fx.Node) and a.name in attrs:
+            raise LiftError(
+                f"{where(n)} uses the tensor attribute {a.target!r} read directly in forward; lift maps such "
+                f"tensors only as the weight/bias of F.linear, F.conv1d/2d/3d, F.layer_norm and F.prelu (a fixed "
+                f"tensor added to or multiplying activations has no infinite-width limit of its own). Fix: use a "
+                f"module (nn.Linear, ...) or one of those calls, {_FALLBACK}."
+            )
         if not isinstance(a, torch.fx.Node) or a.name not in value_names:
             raise LiftError(
                 f"{where(n)}: argument {a!r} is not a tensor value ntkit tracks (a constant, a size, or a call "
@@ -246,6 +504,7 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
                 out.append(a)
         return out
 
+    seq = SequenceGraph(model, opts, init)  # sequence models: the torch layout of every value (lift_attention)
     for n in gm_graph.nodes:
         if n.op == "placeholder":
             continue
@@ -258,10 +517,13 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
             output = tensor_arg(n, n.args[0])
             continue
         if n.op == "get_attr":
-            raise LiftError(
-                f"graph node {n.name!r} reads the tensor attribute {n.target!r} directly in forward; ntkit lifts "
-                f"parameters only through modules (nn.Linear, nn.Conv*). Fix: use a module for it, {_FALLBACK}."
-            )
+            attrs[n.name] = _fetch_attr(model, str(n.target))  # used by F.linear/F.conv*/... (refused elsewhere)
+            continue
+        s = seq.translate(n, after_param)  # attention, Embedding, layout-dependent calls (ntkit.lift_attention)
+        if s is not None:
+            add(n, s.layer, [tensor_arg(n, a) for a in s.inputs], s.torch_op, s.note)
+            after_param[n.name] = s.widens or any(after_param[i] for i in nodes[-1].inputs)
+            continue
         if n.op == "call_module":
             m = model.get_submodule(str(n.target))
             if len(n.args) != 1 or n.kwargs:
@@ -305,6 +567,43 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
                     f"mix the batch, channel and spatial axes. Fix: use torch.flatten(x, 1), {_FALLBACK}."
                 )
             add(n, _lift_module(nn.Flatten(), where(n), opts), [tensor_arg(n, n.args[0])], f"{t}(N, -1)")
+        elif t in _PARAM_CALLS and n.op == "call_function":
+            src = tensor_arg(n, n.args[0] if n.args else n.kwargs.get("input"))
+
+            def param(a: Any, n: torch.fx.Node = n) -> Any:
+                if isinstance(a, torch.fx.Node):
+                    if a.name not in attrs:
+                        raise LiftError(
+                            f"{where(n)}: its weight/bias {a.name!r} is computed in forward, not a parameter of the "
+                            f"model; lift reads the parameters of F.linear/F.conv*/F.layer_norm/F.prelu as they are "
+                            f"stored. Fix: pass self.weight / self.bias directly, or use the module, {_FALLBACK}."
+                        )
+                    return attrs[a.name]
+                return a
+
+            rest = [param(a) for a in n.args[1:]]
+            kw = {k: param(v) for k, v in n.kwargs.items() if k != "input"}
+            try:
+                m = _PARAM_CALLS[t](*rest, **kw)
+            except (TypeError, ValueError) as e:
+                raise LiftError(f"{where(n)}: arguments not understood ({e}).") from None
+            hidden = after_param[src]
+            o, note = _options(m, opts, init, hidden)
+            add(n, _lift_module(m, where(n), o), [src], f"{_call_name(n)} -> {type(m).__name__}", note)
+            after_param[n.name] = hidden or _is_fan_in_layer(m)
+            continue
+        elif t in ("mean", torch.mean) and n.op in ("call_function", "call_method"):
+            src = tensor_arg(n, n.args[0] if n.args else n.kwargs.get("input"))
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            keep = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+            if dim is None or n.kwargs.get("dtype") is not None:
+                raise LiftError(
+                    f"{where(n)}: a mean over every axis (or with a dtype) averages the channels of a sample, which "
+                    f"has no infinite-width kernel (the mean of infinitely many centred channels is 0). Fix: average "
+                    f"over the spatial axes only, x.mean((2, 3)), {_FALLBACK}."
+                )
+            dims = (dim,) if isinstance(dim, int) else tuple(dim)
+            add(n, SpatialMean(dims, keep, where(n)), [src], f"mean{dims}", "over the spatial axes")
         elif t in _UNARY and n.op in ("call_function", "call_method"):
             src = tensor_arg(n, n.args[0])
             try:
@@ -315,8 +614,8 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
         else:
             raise LiftError(
                 f"{where(n)} ({n.op} {n.format_node()}) has no infinite-width rule in ntkit (yet). Mapped calls: "
-                f"relu, gelu, tanh, sigmoid, silu, leaky_relu, flatten, view/reshape(N, -1), +, *, torch.cat; "
-                f"modules: {_supported_names()}. Fix: use one of those, {_FALLBACK}."
+                f"{_mapped_calls()}, view/reshape(N, -1), x.mean(spatial dims), +, *, torch.cat; modules: "
+                f"{_supported_names()}. Fix: use one of those, {_FALLBACK}."
             )
         after_param[n.name] = any(after_param.get(i, False) for i in nodes[-1].inputs)
     assert output is not None
@@ -325,8 +624,8 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
     chain = all(len(g.inputs) == 1 for g in nodes) and all(
         sum(i in g.inputs for g in nodes) <= 1 for i in [input_name, *(g.name for g in nodes)]
     )
-    net = GraphNet(nodes, input_name, output)
-    return serial(*net.sublayers()) if chain and nodes[-1].name == output else net
+    net = GraphNet(fuse_maxpool_nodes(nodes, output), input_name, output)  # ReLU -> MaxPool fused
+    return seq.wrap(serial(*net.sublayers()) if chain and nodes[-1].name == output else net)
 
 
 def format_table(rows: list[_Row]) -> str:
@@ -344,7 +643,7 @@ def lift(
     W_std: Std = "init",
     b_std: Std = "init",
     parameterization: str = "standard",
-    deg: int = 25,
+    deg: Optional[int] = None,
     explain: bool = False,
 ) -> Net:
     """The ntkit network of a torch model (see the module docstring for the mapping and the init semantics).
@@ -358,7 +657,12 @@ def lift(
         scaled by ``sqrt(fan_in)`` for weights) or a float applied to every layer. Layers without bias get
         ``b_std=None``.
       parameterization: ``"standard"`` (what a PyTorch model is) or ``"ntk"``.
-      deg: quadrature degree for activations without a closed form (Tanh, Sigmoid, SiLU).
+      deg: ``None`` (default): every activation gets its own rule — a closed form, the exact-piece rule of
+        piecewise ones (ReLU6, Hardtanh, ELU, ...; error ≤ 1e-9) or graded Gauss–Legendre for smooth ones (Tanh,
+        Sigmoid, SiLU, Mish, ...; error ≤ 1e-8, about 10 ms per kernel entry on one core) — see
+        :mod:`ntkit.layers.activations`. An int: 2-D Gauss–Hermite of that degree for the smooth activations
+        instead (``Elementwise``; much faster on large kernels, but its error grows with the variance: at
+        ``q = 20`` the Tanh NTK is 15 % off at ``deg=100``).
       explain: print the mapping table (torch node -> ntkit layer, init read); it is also kept as the returned
         net's ``lift_explanation`` attribute.
 
@@ -369,9 +673,12 @@ def lift(
         raise TypeError(f"lift takes a torch.nn.Module, got {type(model).__name__}.")
     if init not in INITS:
         raise ValueError(f"init={init!r}: choose one of {INITS}.")
-    opts = LiftOptions(W_std=W_std, b_std=b_std, parameterization=parameterization, deg=deg)
+    if deg is not None and not (isinstance(deg, int) and not isinstance(deg, bool) and deg >= 2):
+        raise ValueError(f"deg={deg!r}: give None (each activation's own rule) or an int >= 2 (Gauss–Hermite nodes).")
+    opts = LiftOptions(W_std=W_std, b_std=b_std, parameterization=parameterization, deg=0 if deg is None else deg)
     rows: list[_Row] = []
-    if isinstance(model, nn.Sequential) or type(model) in SUPPORTED:
+    model = as_traceable(model)  # a bare nn.MultiheadAttention/Embedding/...: traced as a one-module graph
+    if (isinstance(model, nn.Sequential) or type(model) in SUPPORTED) and not is_sequence_model(model):
         net = _lift_sequential(model, opts, init, rows)
     else:
         net = _lift_traced(model, opts, init, rows)

@@ -245,20 +245,37 @@ def _kernel_fn(layer: Layer, layout: _Layout) -> Callable:
         if isinstance(x1, Kernel) or (isinstance(x1, list) and x1 and isinstance(x1[0], Kernel)):
             k = layer.kernel(x1)
             return k if not names else _package(k, names, single)
-        if not diagonal_batch:
-            raise NotImplementedError(
-                "diagonal_batch=False (full covariances between the samples of x1 in cov1) "
-                "is not supported; call kernel_fn(x1, None) for the x1-x1 kernel instead."
-            )
         a, b = _as_tensor(x1), _as_tensor(x2)
         a = [layout.to_torch(v) for v in a] if isinstance(a, (list, tuple)) else layout.to_torch(a)
         if b is not None:
             b = [layout.to_torch(v) for v in b] if isinstance(b, (list, tuple)) else layout.to_torch(b)
         want = tuple(g for g in names if g in ("nngp", "ntk")) or ("nngp", "ntk")
         out = net.kernel_fn(a, b, get=want, diagonal_spatial=diagonal_spatial, **kwargs)
+        if not diagonal_batch and (not names or {"cov1", "cov2"} & set(names)):
+            assert isinstance(out, Kernel), "a tuple get gives a Kernel"
+            out = _full_batch_covariances(net, out, a, b, diagonal_spatial, kwargs)
         return out if not names else _package(out, names, single)
 
     return kernel_fn
+
+
+def _full_batch_covariances(
+    net: Net, out: Kernel, a: Any, b: Any, diagonal_spatial: bool, kwargs: dict[str, Any]
+) -> Kernel:
+    """NT's ``diagonal_batch=False``: ``cov1``/``cov2`` hold the covariances between all samples of x1 (of x2),
+    ``(N1, N1, ...)``: the NNGP of x1 against itself. Only the layout of ``cov1``/``cov2`` differs (NT computes
+    the same ``nngp``/``ntk`` either way); per-sample keyword arguments ``(v1, v2)`` go with their side."""
+
+    def side(i: int) -> dict[str, Any]:
+        return {k: (v[i], None) if isinstance(v, (tuple, list)) and len(v) == 2 else v for k, v in kwargs.items()}
+
+    def full(x: Any, i: int) -> Tensor:
+        k = net.kernel_fn(x, None, get="nngp", diagonal_spatial=diagonal_spatial, **side(i))
+        assert isinstance(k, Tensor), "one name gives a tensor"
+        return k
+
+    cov1 = out.nngp if (b is None and out.nngp is not None) else full(a, 0)
+    return out.replace(cov1=cov1, cov2=None if b is None else full(b, 1))
 
 
 def _torch_shape(layout: _Layout, input_shape: Any) -> Any:
@@ -313,6 +330,12 @@ def _init_fn(layer: Layer, layout: _Layout) -> Callable:
 def _apply_fn(layer: Layer, layout: _Layout) -> Callable:
     def apply_fn(params: nn.Module, inputs: Any, **kwargs: Any) -> Any:
         """The finite twin ``params`` on NT-layout ``inputs`` (NT-layout outputs)."""
+        if kwargs.get("mask_constant") is not None:
+            raise NotImplementedError(
+                "apply_fn(..., mask_constant=...): masked finite networks are not supported by ntkit.stax (only "
+                "kernel_fn masks). Zero the masked entries yourself; the finite attention twin takes a mask "
+                "directly: GlobalSelfAttentionModule.forward(x, mask=...)."
+            )
         x = _as_tensor(inputs)
         if isinstance(x, (list, tuple)):
             x = type(x)(layout.to_torch(v) for v in x)
@@ -379,10 +402,16 @@ def FanInProd() -> StaxLayer:
 
 
 def FanInConcat(axis: int = -1) -> StaxLayer:
-    """NT's ``stax.FanInConcat(axis=-1)``: ``axis`` in NT's layout (``-1``: channels)."""
-    if axis not in (-1,):
-        raise NotImplementedError(f"FanInConcat(axis={axis}): only the channel axis (-1) is supported so far.")
-    return _wrap(L.FanInConcat(1))
+    """NT's ``stax.FanInConcat(axis=-1)``: ``axis`` in NT's layout (``-1``: channels, ``1``: the first spatial axis
+    of NHWC activations, ...), translated to ``(N, C, *spatial)``; along a spatial axis the branches must be
+    independent zero-mean Gaussians (:class:`ntkit.layers.FanInConcat`, NT's rule)."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"FanInConcat(axis={axis!r}): axis must be an int.")
+
+    def make(ndim: int) -> Layer:
+        return L.FanInConcat(_torch_axis(axis, ndim, 0, -1, f"FanInConcat(axis={axis})"))
+
+    return _wrap(_NTAxes(make, f"FanInConcat(axis={axis!r})", False))
 
 
 def Identity() -> StaxLayer:

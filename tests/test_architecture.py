@@ -25,6 +25,7 @@ LAYERS: list[list[str]] = [
     ["ntkit._tiles", "ntkit.memory", "ntkit.kernel", "ntkit.theory"],
     ["ntkit.linalg", "ntkit.layers"],
     ["ntkit.nets", "ntkit.tiling", "ntkit.empirical", "ntkit.predict"],
+    ["ntkit.lift_attention"],
     ["ntkit.architectures", "ntkit.lift", "ntkit.random_features", "ntkit.monte_carlo"],
     ["ntkit.stax", "ntkit.feature_learning", "ntkit.datasets", "ntkit.plots"],
     ["ntkit.nt", "ntkit.integrations"],

@@ -62,7 +62,7 @@ def test_lift_options_and_activations():
 
 def test_lift_errors_list_supported_modules():
     with pytest.raises(LiftError, match="supported module .*Linear"):
-        lift(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)))
+        lift(nn.Sequential(nn.Linear(3, 3), nn.Upsample(scale_factor=2)))
     with pytest.raises(LiftError, match="empirical_ntk"):
         lift(nn.TransformerEncoderLayer(8, 2))
     with pytest.raises(TypeError):

@@ -65,6 +65,8 @@ def test_nt_code_runs_unchanged(name):
     kw11 = {"pattern": (ref["pattern1"], ref["pattern1"])} if "pattern1" in ref else {}
     if "diagonal_spatial=True" in INDEX[name]["description"]:
         kw12["diagonal_spatial"] = kw11["diagonal_spatial"] = True
+    if "mask_constant" in ref:  # NT's masking: kernel_fn(x1, x2, mask_constant=c), as the description says
+        kw12["mask_constant"] = kw11["mask_constant"] = float(ref["mask_constant"])
     if x2 is not None and "nngp_12" in ref:
         k = kernel_fn(x1, x2, **kw12)
         assert rel_err(k.nngp, ref["nngp_12"]) < tol
@@ -141,3 +143,31 @@ def test_width_scales_s_widen_the_twin_not_the_kernel():
     exact = kernel_fn(x, None, "nngp")
     se = (torch.einsum("si,sj->sij", outs, outs).std(0) / 20).norm() / exact.norm()
     assert rel_err(emp, exact) < 0.01 + 3 * float(se)
+
+
+def test_diagonal_batch_false_is_a_layout_of_cov1():
+    """NT's ``diagonal_batch=False``: ``cov1``/``cov2`` are the full ``(N, N, ...)`` covariances of each batch (its
+    NNGP with itself); ``nngp``/``ntk`` are the same numbers."""
+    _, _, kernel_fn = stax.serial(stax.Conv(4, (3,), padding="SAME"), stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
+    rs = np.random.RandomState(3)
+    x1, x2 = rs.randn(3, 5, 2), rs.randn(2, 5, 2)
+    full, diag = kernel_fn(x1, x2, diagonal_batch=False), kernel_fn(x1, x2)
+    assert torch.equal(full.nngp, diag.nngp) and torch.equal(full.ntk, diag.ntk)
+    assert full.cov1.shape == (3, 3) and full.cov2.shape == (2, 2)
+    assert rel_err(full.cov1, kernel_fn(x1, None, "nngp")) < 1e-15
+    assert rel_err(torch.diagonal(full.cov2), diag.cov2) < 1e-14
+
+
+def test_masking_keywords():
+    """``kernel_fn(..., mask_constant=)`` reaches the native API; ``apply_fn(..., mask_constant=)`` (a masked
+    finite network) is refused rather than ignored; ``FanInConcat``'s NT axis is translated."""
+    init_fn, apply_fn, kernel_fn = stax.serial(stax.Dense(8), stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
+    x = np.random.RandomState(4).randn(3, 6, 2)
+    padded = np.concatenate([x, np.full((3, 2, 2), -5.0)], 1)  # NWC: two masked time steps
+    assert rel_err(kernel_fn(padded, None, "ntk", mask_constant=-5.0), kernel_fn(x, None, "ntk")) < 1e-13
+    _, params = init_fn(0, x.shape)
+    with pytest.raises(NotImplementedError, match="mask_constant"):
+        apply_fn(params, padded, mask_constant=-5.0)
+    cat = stax.serial(stax.Dense(4), stax.FanOut(2), stax.parallel(stax.Dense(4), stax.Dense(4)), stax.FanInConcat(1))
+    assert cat[2](x, None, "nngp", diagonal_spatial=True).shape == (3, 3, 12)  # NWC axis 1: time
+    assert cat[0](0, x.shape)[0] == (3, 12, 4)

@@ -23,6 +23,7 @@ from ntkit.layers.elementwise import (
 from ntkit.layers.elementwise_poly import Hermite, Monomial, Polynomial, RectifiedMonomial
 from ntkit.layers.elementwise_smooth import Cos, Exp, ExpNormalized, Gabor, Gaussian, Gelu, Rbf, Sin
 from ntkit.layers.index import Index, Slice
+from ntkit.layers.maxpool import MaxPool
 from ntkit.layers.norm import LayerNorm
 from ntkit.layers.pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 from ntkit.layers.resize import ImageResize
@@ -65,6 +66,7 @@ __all__ = [
     "ConvLocal",
     "AvgPool",
     "SumPool",
+    "MaxPool",
     "GlobalAvgPool",
     "GlobalSumPool",
     "Flatten",

@@ -69,6 +69,8 @@ __all__ = [
     "FeatureSpec",
     "Features",
     "FeatureMap",
+    "PendingAffine",
+    "channel_matmul",
     "LinearUse",
     "LiftOptions",
     "lift_rule",
@@ -125,7 +127,9 @@ class FeatureSpec:
     ``dim``: width of the NNGP features ``f`` (``f·f' ≈ K``); ``ntk_dim``: width of the NTK features ``θ``
     (``θ·θ' ≈ Θ``; 0 before the first parametric layer); ``num_features``: ``m``, features drawn per
     nonlinearity; ``get``: ``"nngp"`` or ``"ntk"``; ``gaussian``: ``f`` is an affine layer's output (what a
-    nonlinearity needs).
+    nonlinearity needs); ``spatial``: the spatial shape of convolutional features (``f`` is then
+    ``(N, dim, *spatial)`` and ``f[:, :, y]·f'[:, :, y'] ≈ K[y, y']``, the pixel-pixel covariance); ``()`` for
+    vectors.
     """
 
     dim: int
@@ -134,14 +138,54 @@ class FeatureSpec:
     get: str
     dtype: torch.dtype
     gaussian: bool = False
+    spatial: tuple[int, ...] = ()
+
+
+def channel_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """``weight`` ``(m, D)`` applied along the feature axis of ``x`` ``(N, D, *spatial)``: ``(N, m, *spatial)``
+    (the same matrix at every pixel)."""
+    if x.dim() == 2:
+        return x @ weight.T
+    return torch.matmul(weight, x.flatten(2)).reshape((x.shape[0], weight.shape[0]) + tuple(x.shape[2:]))
+
+
+class PendingAffine:
+    """An affine layer's random features held unapplied (e.g. a convolution's patches, ``|F|`` times wider
+    than its input), so that a following random projection runs as one convolution instead.
+
+    ``Features.f``/``theta`` then hold the layer's *inputs*; the true features are ``materialize(feats)``.
+    ``project(feats, weight, which)`` returns ``weight @ v`` along the feature axis for the true ``v`` (``"f"``
+    or ``"theta"``), with ``weight`` laid out as the columns of the materialized features.
+    """
+
+    def materialize(self, feats: Features) -> Features:
+        raise NotImplementedError(f"{type(self).__name__} must define materialize(feats).")
+
+    def project(self, feats: Features, weight: Tensor, which: str) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define project(feats, weight, which).")
 
 
 @dataclasses.dataclass
 class Features:
-    """Random features of a batch: ``f`` ``(N, dim)`` and, for the NTK, ``theta`` ``(N, ntk_dim)``."""
+    """Random features of a batch: ``f`` ``(N, dim, *spatial)`` and, for the NTK, ``theta``
+    ``(N, ntk_dim, *spatial)``; ``pending``: an affine map not yet applied (:class:`PendingAffine`)."""
 
     f: Tensor
     theta: Optional[Tensor] = None
+    pending: Optional[PendingAffine] = None
+
+    def resolved(self) -> Features:
+        """The features with any pending affine map applied."""
+        return self if self.pending is None else self.pending.materialize(self)
+
+    def project(self, weight: Tensor, which: str = "f") -> Tensor:
+        """``weight`` ``(m, dim)`` applied along the feature axis of ``f`` (or ``theta``): ``(N, m, *spatial)``."""
+        if self.pending is not None:
+            return self.pending.project(self, weight, which)
+        x = self.f if which == "f" else self.theta
+        if x is None:
+            raise LayerError("NTK random features need a parametric layer (Dense or Conv) before a nonlinearity.")
+        return channel_matmul(x, weight)
 
 
 FeatureMap = Callable[[Features], Features]

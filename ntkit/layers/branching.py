@@ -91,6 +91,19 @@ def _mean_state(x: Kernel) -> str:
     return "zero" if x.mean1 is None else x.mean_kind
 
 
+def _sum_law(ks: list[Kernel]):
+    """The residual-stream program of a sum (``Kernel.law``): one non-Gaussian branch with a law plus Gaussian
+    branches (independent of it: checked by :func:`_check_independent`); ``None`` for any other sum."""
+    other = [x for x in ks if not x.is_gaussian]
+    if len(other) != 1 or other[0].law is None:
+        return None
+    law = other[0].law
+    for x in ks:
+        if x.is_gaussian:
+            law = law.plus_gauss(x)
+    return law
+
+
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return b if a is None else (a if b is None else a + b)
 
@@ -111,6 +124,7 @@ class FanOut(Layer):
     """Copy the input into ``n`` branches (to be followed by ``parallel`` of ``n`` layers)."""
 
     tracks_means = True
+    carries_law = True
 
     def __init__(self, n: int):
         if not (isinstance(n, int) and n >= 1):
@@ -146,9 +160,14 @@ class FanInSum(Layer):
     """Sum the branches (residual connections: ``serial(FanOut(2), parallel(block, Identity()), FanInSum())``).
 
     ``K = Σ K_i + Σ_{i≠j} μ_i(x) μ_j(x')`` and ``Θ = Σ Θ_i`` (module docstring); exact for independent
-    branches whatever their means."""
+    branches whatever their means.
+
+    A sum of one nonlinearity output (a record with a ``law``) and independent Gaussian branches keeps that
+    program, the Gaussian branches appended (:mod:`ntkit.layers.residual_law`): a nonlinearity applied to the
+    sum (a post-activation residual block) needs it."""
 
     tracks_means = True
+    carries_law = True
 
     def kernel(self, k):
         ks = _branches(k, self)
@@ -191,6 +210,7 @@ class FanInSum(Layer):
             mean2=mean2,
             mean_kind=kind,
             fresh=_merged_fresh(ks),
+            law=_sum_law(ks),
         )
         return out.with_exact_diagonal(inplace=True) if len(live) > 1 else out
 
@@ -267,11 +287,19 @@ class FanInProd(Layer):
 
 
 class FanInConcat(Layer):
-    """Concatenate the branches along ``axis`` (default: the channel axis; ``-1`` is accepted and means the
-    channel axis for fully-connected inputs ``(N, features)``).
+    """Concatenate the branches along ``axis`` of ``(N, C, *spatial)`` activations (default: the channel axis 1;
+    ``-1`` is the channel axis of fully-connected inputs ``(N, features)`` and the last spatial axis otherwise).
 
-    Only channel concatenation has a kernel rule here: the result is the width-weighted mean of the
-    branch kernels. Concatenating along a spatial axis raises an error.
+    Channels (``axis=1``): the result is the width-weighted mean of the branch kernels,
+    ``K = Σ_b C_b K_b / Σ_b C_b``; not Gaussian (the channels of different branches have different laws), so a
+    Dense/Conv must follow before a nonlinearity.
+
+    A spatial axis (NT's rule): the branches must be zero-mean Gaussian (each ending with a Dense/Conv) and
+    independent; their pixels are laid side by side, so a same-pixel kernel is the concatenation of the branches'
+    (``K[y] = K_b[y − o_b]`` for ``y`` in branch ``b``'s block, offset ``o_b``), and a full pixel-pixel kernel is
+    block-diagonal: ``K[y, y'] = K_b[y − o_b, y' − o_b]`` when both pixels lie in branch ``b``'s block and ``0``
+    between blocks (independent branches are uncorrelated). The output is Gaussian. The branches may have
+    different sizes along the axis; every other axis (channels too) must agree.
     """
 
     tracks_means = True
@@ -279,21 +307,21 @@ class FanInConcat(Layer):
     def __init__(self, axis: int = 1):
         self.axis = axis
 
-    def _channel_axis(self, ndim: int) -> int:
+    def _concat_axis(self, ndim: int) -> int:
+        """The concatenation axis of ``ndim``-D activations (1: channels, >= 2: spatial)."""
+        if not -ndim <= self.axis < ndim:
+            raise LayerError(f"FanInConcat(axis={self.axis}) is out of range for {ndim}-D activations.")
         ax = self.axis % ndim
         if ax == 0:
             raise LayerError("FanInConcat(axis=0) would concatenate along the batch axis; use axis=1 (channels).")
-        if ax != 1:
-            raise LayerError(
-                f"FanInConcat(axis={self.axis}) concatenates along a spatial axis of "
-                f"{ndim}-D activations; only channel concatenation (axis=1) has a kernel rule."
-            )
         return ax
 
     def kernel(self, k):
         ks = _branches(k, self)
-        ax = self._channel_axis(len(ks[0].shape1))
+        ax = self._concat_axis(len(ks[0].shape1))
         _same_shapes([x.shape1 for x in ks], self, skip_axis=ax)
+        if ax >= 2:
+            return self._spatial_kernel(ks, ax)
         widths = [x.width for x in ks]
         total_w = float(sum(widths))
 
@@ -331,10 +359,68 @@ class FanInConcat(Layer):
             fresh=_merged_fresh(ks),
         )
 
+    def _spatial_kernel(self, ks: list[Kernel], ax: int) -> Kernel:
+        """Concatenation along spatial axis ``ax`` (class docstring): same-pixel layouts concatenate, full ones
+        are block-diagonal."""
+        if not all(x.is_gaussian for x in ks):
+            raise LayerError(
+                f"FanInConcat(axis={self.axis}) along a spatial axis needs zero-mean Gaussian branches (as NT): end "
+                f"every branch with a Dense or Conv layer (a nonlinearity's output has a mean and another law)."
+            )
+        first = ks[0]
+        if len({x.diagonal_spatial for x in ks}) != 1:
+            raise LayerError(f"FanInConcat(axis={self.axis}): the branches track different pixel covariances.")
+        if not first.diagonal_spatial:
+            _check_independent(ks, self)  # the blocks between branches are zero only for independent branches
+        a = ax - 2
+
+        def cat(name: str, nd: int) -> Optional[Tensor]:
+            vals = [getattr(x, name) for x in ks]
+            if any(v is None for v in vals):
+                return None
+            if first.diagonal_spatial or name in ("var1", "var2"):
+                return torch.cat(vals, nd + a)
+            return _block_diagonal(vals, nd + 2 * a)
+
+        shape1, shape2 = list(first.shape1), list(first.shape2)
+        shape1[ax] = sum(x.shape1[ax] for x in ks)
+        shape2[ax] = sum(x.shape2[ax] for x in ks)
+        out = first.replace(
+            nngp=cat("nngp", 2),
+            ntk=cat("ntk", 2),
+            cov1=cat("cov1", 1),
+            cov2=cat("cov2", 1),
+            var1=cat("var1", 1),
+            var2=cat("var2", 1),
+            shape1=tuple(shape1),
+            shape2=tuple(shape2),
+            is_gaussian=True,
+            is_input=False,
+            mean1=None,
+            mean2=None,
+            mean_kind="exact",
+            fresh=_merged_fresh(ks),
+        )
+        return out.with_exact_diagonal()
+
     def build(self, in_shape, width, generator, readout):
         shapes = _branches(in_shape, self)
-        ax = self._channel_axis(len(shapes[0]) + 1)
+        ax = self._concat_axis(len(shapes[0]) + 1)
         _same_shapes(shapes, self, skip_axis=ax - 1)
         out = list(shapes[0])
         out[ax - 1] = sum(s[ax - 1] for s in shapes)
         return _FanInModule("concat", ax), tuple(out)
+
+
+def _block_diagonal(mats: list[Tensor], d: int) -> Tensor:
+    """Block-diagonal concatenation along the axis pair ``(d, d + 1)`` (the two sides of one spatial axis of a
+    full pixel-pixel kernel): block ``b`` is ``mats[b]``, zero between blocks."""
+    sizes = [m.shape[d] for m in mats]
+    shape = list(mats[0].shape)
+    shape[d] = shape[d + 1] = sum(sizes)
+    out = mats[0].new_zeros(shape)
+    off = 0
+    for m, n in zip(mats, sizes):
+        out.narrow(d, off, n).narrow(d + 1, off, n).copy_(m)
+        off += n
+    return out

@@ -37,10 +37,14 @@ from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
 from ntkit.layers.base import (
+    FeatureMap,
+    Features,
+    FeatureSpec,
     Layer,
     LayerError,
     LiftOptions,
     LinearUse,
+    PendingAffine,
     gaussian,
     lift_rule,
     single,
@@ -574,16 +578,18 @@ class Conv(Layer):
         order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
 
         def T(x: Optional[Tensor], batch_ndim: int, alpha: float, base: Optional[Tensor] = None) -> Optional[Tensor]:
-            """``base + alpha · |F| · T(x)``: the joint-shift window sums, scaled in the first pass and
-            ``base`` added in the last."""
+            """``base + alpha · |F| · T(x)``: the joint-shift window sums, ``base`` added in the last pass."""
             if x is None:
                 return None
+            # the scale goes with the first pass, or with ``base`` into the last one (one pass fewer: a SAME
+            # window sum's first two terms are then one unscaled fused pass)
+            at = len(order) - 1 if base is not None else 0
             for i, a in enumerate(order):
                 x = window_sum(
                     x,
                     spatial_axes(batch_ndim, a, full),
                     wins[a],
-                    alpha if i == 0 else 1.0,
+                    alpha if i == at else 1.0,
                     base if i == len(order) - 1 else None,
                 )
             return x
@@ -696,6 +702,97 @@ class Conv(Layer):
 
     def tunables(self) -> dict:
         return {"W_std": self.W_std} if self.b_std is None else {"W_std": self.W_std, "b_std": self.b_std}
+
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator) -> tuple[FeatureMap, FeatureSpec]:
+        """Random features of the convolution, exact given its input features (the CNTK recursion of Arora et
+        al. 2019 in the feature form of Zandieh et al. 2021, "Scaling neural tangent kernels via sketching and
+        random features"): with ``P(f)[y]`` the (zero-padded or wrapped) patch of ``f`` under the filter at
+        output pixel ``y`` (``dim·|F|`` entries),
+
+            ``g[y] = [W_std/√|F| · P(f)[y], b_std]``:  ``g[y]·g'[y'] = W_std² T(K)[y, y'] + b_std²``
+            ``θ'[y] = [W_std/√|F| · P(θ)[y], g[y]]``:  ``θ'[y]·θ''[y'] = W_std² T(Θ)[y, y'] + K'[y, y']``
+
+        (``T`` the patch mean over joint shifts of the module docstring). The patches are kept unapplied
+        (:class:`ConvPatches`): a following nonlinearity's projection ``G g`` is one convolution of ``f`` with
+        ``m`` random filters (``m x dim x F``); any other following layer gets them materialized."""
+        if type(self).kernel is not Conv.kernel:  # a variant with its own rule (ConvTranspose, ConvLocal)
+            raise LayerError(
+                f"{type(self).__name__} has no random-feature map; compute its kernel with "
+                f"ntkit.tiling.kernel_matrix (or approximate it with ntkit.linalg.nystrom) instead."
+            )
+        if spec.get == "ntk" and self.parameterization != "ntk":
+            raise LayerError("NTK random features need Conv(..., parameterization='ntk').")
+        wins = self._plan((spec.dim,) + tuple(spec.spatial))
+        f_size = math.prod(w.size for w in wins)
+        b = self.b_std
+        bias = None if (b is None or (not isinstance(b, Tensor) and b == 0.0)) else b
+        dim_g = spec.dim * f_size + (bias is not None)
+        ntk = spec.get == "ntk"
+        ntk_dim = ((spec.ntk_dim * f_size + dim_g) if spec.ntk_dim else dim_g) if ntk else 0
+        pending = ConvPatches(wins, self.W_std / math.sqrt(f_size), bias, ntk)
+
+        def fmap(feats: Features) -> Features:
+            feats = feats.resolved()
+            if ntk and spec.ntk_dim and feats.theta is None:
+                raise LayerError("Conv: NTK random features lost their theta part (an internal error).")
+            return Features(feats.f, feats.theta if ntk else None, pending)
+
+        out = dataclasses.replace(spec, dim=dim_g, ntk_dim=ntk_dim, gaussian=True, spatial=tuple(w.n_out for w in wins))
+        return fmap, out
+
+
+class ConvPatches(PendingAffine):
+    """The random features of a :class:`Conv` before its patches are taken (see ``Conv.random_features``).
+
+    ``Features.f``/``theta`` hold the convolution's inputs; the true features are
+    ``g = [scale·P(f), bias]`` and, for the NTK, ``θ' = [scale·P(θ), g]`` (``= g`` when the input has no
+    ``θ``), each patch flattened in a convolution weight's ``(channels, *F)`` order. ``project`` applies an
+    ``m x dim`` matrix laid out that way as ``m`` filters: ``scale·(W ⋆ x) + bias·w_b``, never forming ``P``.
+    """
+
+    def __init__(self, wins: Sequence[AxisWindow], scale, bias, ntk: bool):
+        self.wins = tuple(wins)
+        self.kernel_size = tuple(w.size for w in self.wins)
+        self.stride = tuple(w.stride for w in self.wins)
+        self.out_spatial = tuple(w.n_out for w in self.wins)
+        self.scale, self.bias, self.ntk = scale, bias, ntk
+
+    def _input(self, feats: Features, which: str) -> Tensor:
+        if which == "f" or feats.theta is None:
+            return feats.f
+        return torch.cat([feats.theta, feats.f], 1)  # P([θ, f]) flattened = [P(θ), P(f)]
+
+    def project(self, feats: Features, weight: Tensor, which: str) -> Tensor:
+        if which == "theta" and not self.ntk:
+            raise LayerError("Conv: NTK features were asked of NNGP-only random features (an internal error).")
+        x = self._input(feats, which)
+        c, fs = x.shape[1], math.prod(self.kernel_size)
+        if weight.shape[1] != c * fs + (self.bias is not None):
+            raise LayerError(
+                f"Conv random features: a projection of width {weight.shape[1]} does not match the patches "
+                f"({c} channels x {fs} filter pixels{' + bias' if self.bias is not None else ''})."
+            )
+        filters = weight[:, : c * fs].reshape((weight.shape[0], c) + self.kernel_size)
+        u = _CONV_FNS[len(self.wins)](pad_spatial(x, self.wins), filters, None, self.stride) * self.scale
+        if self.bias is not None:
+            u = u + self.bias * weight[:, c * fs].reshape((1, -1) + (1,) * len(self.wins))
+        return u
+
+    def _patches(self, x: Tensor, bias: bool) -> Tensor:
+        d = len(self.wins)
+        p = patches(pad_spatial(x, self.wins), self.kernel_size, self.stride, (1,) * d, 1)  # (n, L, 1, C·|F|)
+        p = p.reshape((x.shape[0],) + self.out_spatial + (-1,)).movedim(-1, 1) * self.scale
+        if bias and self.bias is not None:
+            ones = torch.ones((x.shape[0], 1) + self.out_spatial, dtype=p.dtype, device=p.device)
+            p = torch.cat([p, ones * self.bias], 1)
+        return p
+
+    def materialize(self, feats: Features) -> Features:
+        g = self._patches(feats.f, True)
+        theta = None
+        if self.ntk:
+            theta = g if feats.theta is None else torch.cat([self._patches(feats.theta, False), g], 1)
+        return Features(g, theta)
 
 
 @lift_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Lambda, Layer, LayerError, single, single_shape
+from ntkit.layers.base import Lambda, Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
 
 __all__ = ["Dropout", "DropoutModule", "MODES"]
 
@@ -179,3 +179,37 @@ class Dropout(Layer):
 
     def __repr__(self) -> str:
         return f"Dropout({self.rate}" + ("" if self.mode == "train" else f", mode={self.mode!r}") + ")"
+
+
+# ---------------------------------------------------------------------------------------------------
+# lift: torch's dropout modules
+# ---------------------------------------------------------------------------------------------------
+@lift_rule(nn.Dropout)
+def _lift_dropout(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.Dropout(p)``: the identity in eval mode; in train mode :class:`Dropout` with keep rate ``1 − p``
+    (torch's ``p`` is the drop probability, NT's ``rate`` the keep probability)."""
+    assert isinstance(m, nn.Dropout)
+    p = float(m.p)
+    if not m.training or p == 0.0:
+        return Dropout(1.0, mode="test")
+    if p >= 1.0:
+        raise unsupported(
+            m,
+            "in train mode with p=1 it zeroes every activation (the kernel is 0). Fix: model.eval(), or p < 1.",
+        )
+    return Dropout(1.0 - p, mode="train")
+
+
+@lift_rule(nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+def _lift_dropout_variants(m: nn.Module, opts: LiftOptions) -> Layer:
+    """Channel dropout and alpha dropout: the identity in eval mode; refused in train mode."""
+    if not m.training or float(getattr(m, "p", 0.0)) == 0.0:
+        return Dropout(1.0, mode="test")
+    why = (
+        "drops whole channels (one mask entry per channel, shared by all its positions), so the same-sample kernel "
+        "is scaled at every pixel pair, not only on the same pixel as ntkit's Dropout rule does"
+        if isinstance(m, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
+        else "replaces dropped entries by SELU's negative saturation value and re-centres with an affine map; ntkit "
+        "has no rule for that"
+    )
+    raise unsupported(m, f"in train mode it {why}. Fix: model.eval() (then it is the identity), or nn.Dropout.")

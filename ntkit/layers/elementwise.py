@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
+from ntkit.layers import residual_law
 from ntkit.layers.base import (
     Features,
     FeatureSpec,
@@ -69,6 +70,7 @@ from ntkit.layers.base import (
     Layer,
     LayerError,
     LiftOptions,
+    channel_matmul,
     lift_rule,
     single,
 )
@@ -120,13 +122,19 @@ def _correlation(q12: Tensor, q11: Tensor, q22: Tensor, sign: float = 1.0) -> tu
     variance is 0 (then ``q12 = 0``), and no overflow or underflow for variances anywhere in the dtype's range.
 
     When every variance lies in :func:`_product_range` (a check on the small, broadcast variances) ``P`` is
-    ``√(q11·q22)`` in one rounding each, so ``ρ`` is correctly rounded whenever ``q11 = q22`` (``√(q²) = q``
-    in IEEE arithmetic); else ``P = √q11 · √q22`` (reciprocals on the variances: no intermediate leaves the
-    range).
+    ``√(q11·q22)`` in one rounding each where the variances are as large as ``q12`` (then ``ρ`` is correctly
+    rounded whenever ``q11 = q22``: ``√(q²) = q`` in IEEE arithmetic), and ``√q11·√q22`` where they broadcast
+    (roots of the small vectors: ``ρ`` within 2 ulps; ``|ρ| ≥ 1 − 16 eps`` is snapped to ``±1`` afterwards
+    anyway); else ``P = √q11 · √q22`` (reciprocals on the variances: no intermediate leaves the range).
     """
     lo, hi = _product_range(q12.dtype)
     if _within(q11, lo, hi) and _within(q22, lo, hi):
-        prod = torch.sqrt(q11 * q22)
+        if 4 * (q11.numel() + q22.numel()) <= q12.numel():
+            # broadcast variances: roots of the small vectors and one outer product, not a root over every
+            # entry (benchmarks/cnn.py: 7 % of Myrtle-5); √q11·√q22 is within 1.5 ulp of √(q11 q22)
+            prod = torch.sqrt(q11) * torch.sqrt(q22)
+        else:
+            prod = torch.sqrt(q11 * q22)
         if sign == 1.0:
             return prod, q12 / prod
         return prod, torch.addcdiv(q12.new_zeros(()), q12, prod, value=sign)
@@ -244,6 +252,8 @@ class ElementwiseLayer(Layer):
     K' and K̇ (:class:`RuleLayer` subclasses write ``rule`` alone)."""
 
     tracks_means = True
+    #: keeps ``Kernel.law`` (the residual-stream program, :mod:`ntkit.layers.residual_law`)
+    carries_law = True
 
     def fn(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define fn(x), its elementwise function.")
@@ -281,11 +291,15 @@ class ElementwiseLayer(Layer):
     # -- Layer protocol ------------------------------------------------------------------------------
     def kernel(self, k):
         k = single(k, self)
+        if not k.is_gaussian and k.law is not None:
+            # a residual sum (nonlinearity output + independent Gaussian branches): ntkit.layers.residual_law
+            return residual_law.law_kernel(self, k, (self.a, self.b) if isinstance(self, ABRelu) else None)
         if not k.is_gaussian:
             where = (
                 "the raw inputs"
                 if k.is_input
-                else "non-Gaussian activations (a nonlinearity's output, FanInProd or FanInConcat)"
+                else "non-Gaussian activations (a nonlinearity's output, FanInProd, FanInConcat, Dropout, or a "
+                "sum other than one nonlinearity output plus independent Gaussian branches)"
             )
             raise LayerError(
                 f"{type(self).__name__} needs Gaussian pre-activations but is applied to {where}. "
@@ -315,6 +329,7 @@ class ElementwiseLayer(Layer):
             mean1=mean1,
             mean2=mean2,
             mean_kind="exact",  # i.i.d. channels of a Gaussian input: every channel has this mean
+            law=residual_law.ResidualLaw.of_nonlinearity(k, self),  # for a later residual sum
         )
         return out.with_exact_diagonal(inplace=_owns(nngp, k))
 
@@ -332,9 +347,15 @@ class ElementwiseLayer(Layer):
     def random_features(self, spec: FeatureSpec, generator: torch.Generator):
         """``f = φ(G g)/√m`` with ``G`` an ``m x dim`` standard Gaussian matrix (``E[f·f'] = E[φ(u)φ(v)]``),
         and for the NTK the Gaussian tensor sketch ``θ' = (A θ) ∘ (B ḟ)/√m`` of ``Θ·K̇`` with
-        ``ḟ = φ'(G g)/√m`` (Zandieh et al. 2021); see :mod:`ntkit.random_features`."""
+        ``ḟ = φ'(G g)/√m`` (Zandieh et al. 2021); see :mod:`ntkit.random_features`.
+
+        On convolutional features ``(N, dim, *spatial)`` the same ``G``, ``A``, ``B`` act at every pixel (so
+        ``E[f[y]·f'[y']] = E[φ(u_y)φ(v_y')]`` for every pixel pair); after a ``Conv`` the projection ``G g`` of
+        its patches is one convolution with ``m`` random filters (:class:`~ntkit.layers.base.PendingAffine`)."""
         if not spec.gaussian:
-            raise LayerError(f"{type(self).__name__} needs Gaussian pre-activations; put a Dense layer before it.")
+            raise LayerError(
+                f"{type(self).__name__} needs Gaussian pre-activations; put a Dense or Conv layer before it."
+            )
         m, ntk = spec.num_features, spec.get == "ntk"
 
         def draw(*shape: int) -> Tensor:
@@ -345,13 +366,12 @@ class ElementwiseLayer(Layer):
         root = math.sqrt(m)
 
         def fmap(feats: Features) -> Features:
-            u = feats.f @ gm.T
+            u = feats.project(gm.to(feats.f.device))
             f = self.fn(u) / root
             theta = None
             if sketch is not None:
-                a, b = sketch
-                assert feats.theta is not None
-                theta = (feats.theta @ a.T) * ((self.derivative(u) / root) @ b.T) / root
+                a, b = (t.to(feats.f.device) for t in sketch)
+                theta = feats.project(a, "theta") * channel_matmul(self.derivative(u) / root, b) / root
             return Features(f, theta)
 
         return fmap, dataclasses.replace(spec, dim=m, ntk_dim=m if ntk else spec.ntk_dim, gaussian=False)
@@ -672,16 +692,4 @@ def _lift_leaky_relu(m: nn.Module, opts: LiftOptions) -> Layer:
     return LeakyRelu(m.negative_slope)
 
 
-@lift_rule(nn.Tanh)
-def _lift_tanh(m: nn.Module, opts: LiftOptions) -> Layer:
-    return Elementwise(torch.tanh, name="tanh", deg=opts.deg)
-
-
-@lift_rule(nn.Sigmoid)
-def _lift_sigmoid(m: nn.Module, opts: LiftOptions) -> Layer:
-    return Elementwise(torch.sigmoid, name="sigmoid", deg=opts.deg)
-
-
-@lift_rule(nn.SiLU)
-def _lift_silu(m: nn.Module, opts: LiftOptions) -> Layer:
-    return Elementwise(nn.functional.silu, name="silu", deg=opts.deg)
+# nn.Tanh, nn.Sigmoid, nn.SiLU and every other activation module: ntkit/layers/activations.py

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
 from ntkit.layers.base import Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
+from ntkit.layers.masking import position_masks
 
 __all__ = ["LayerNorm"]
 
@@ -105,9 +106,15 @@ class LayerNorm(Layer):
             [d for t in spatial for d in (1 + 2 * t, 2 + 2 * t)],
         )
 
-    def _scale(self, v: Tensor, dims: list[int]) -> Tensor:
-        """``√(eps + mean_dims(v))``; a zero variance with ``eps = 0`` gives a tiny scale, not a 0/0."""
-        if dims:
+    def _scale(self, v: Tensor, dims: list[int], keep: Optional[Tensor] = None) -> Tensor:
+        """``√(eps + mean_dims(v))``; a zero variance with ``eps = 0`` gives a tiny scale, not a 0/0. With masks
+        (``keep``: ``True`` at unmasked positions, broadcast like ``v``) the mean is over the unmasked positions,
+        as the finite layer's masked mean and variance (NT's ``mean_and_var(..., mask=)``)."""
+        if dims and keep is not None:
+            keep = keep.expand(v.shape)
+            n = keep.sum(dim=dims, keepdim=True).clamp_min(1).to(v.dtype)
+            v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)).sum(dim=dims, keepdim=True) / n
+        elif dims:
             v = v.mean(dim=dims, keepdim=True)
         return torch.sqrt((v + self.eps).clamp_min(torch.finfo(v.dtype).tiny))
 
@@ -121,12 +128,22 @@ class LayerNorm(Layer):
             )
         pair_dims, self_dims = self._dims(k)
         q11, q22 = k.variances()
-        den = self._scale(q11, pair_dims) * self._scale(q22, pair_dims)
+        # masks (NT's mask_constant) matter when spatial axes are normalised: the mean is over unmasked positions
+        p1, p2 = position_masks(k, repr(self)) if pair_dims else (None, None)
+        keep = [None] * 4
+        if p1 is not None:
+            assert p2 is not None, "position_masks gives both sides"
+            keep = [k._outer_view(~p1, 0, True), k._outer_view(~p2, 1, True)]
+            keep += [k._outer_view(~p, side, False) for p, side in ((p1, 0), (p1, 1))]
+        den = self._scale(q11, pair_dims, keep[0]) * self._scale(q22, pair_dims, keep[1])
 
         def self_cov(which: int) -> Tensor:
             qa, qb = k.self_variances(which)
             cov = k.cov1 if which == 1 else k.cov2
-            return cov / (self._scale(qa, self_dims) * self._scale(qb, self_dims))
+            ka, kb = keep[2:]
+            if which == 2 and p2 is not None:
+                ka, kb = k._outer_view(~p2, 0, False), k._outer_view(~p2, 1, False)
+            return cov / (self._scale(qa, self_dims, ka) * self._scale(qb, self_dims, kb))
 
         out = k.replace(
             nngp=None if k.nngp is None else k.nngp / den,
@@ -174,6 +191,7 @@ class BatchNormEval(Layer):
     per-pair kernel (:func:`ntkit.lift` refuses them)."""
 
     tracks_means = True
+    carries_law = True  # the residual-stream program, scaled (ntkit.layers.residual_law)
 
     def __init__(self, eps: float = 1e-5):
         self.eps = float(eps)
@@ -199,6 +217,7 @@ class BatchNormEval(Layer):
             mean1=sc(k.mean1, s),
             mean2=sc(k.mean2, s),
             is_input=False,
+            law=None if k.law is None else k.law.scaled(s),
         )
 
     def build(self, in_shape, width, generator, readout):
@@ -237,3 +256,92 @@ def _lift_batchnorm(m: nn.Module, opts: LiftOptions) -> Layer:
             "infinite-width limit. Reset them (module.reset_parameters()) to lift the model at initialisation.",
         )
     return BatchNormEval(m.eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lift: LayerNorm, GroupNorm, InstanceNorm on (N, C, *spatial)
+# ---------------------------------------------------------------------------------------------------
+class ChannelSpatialNorm(LayerNorm):
+    """:class:`LayerNorm` over every non-batch axis (the channels and all spatial axes), whatever the input's
+    rank: the limit of ``nn.GroupNorm(G, C)`` for fixed ``G`` as ``C → ∞`` (each group of ``C/G → ∞`` i.i.d.
+    channels is normalised over its channels and positions, which tends to the same mean 0 and variance — the
+    pre-activation variance averaged over the positions — for every group)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__(axis=1, eps=eps)
+
+    def _full(self, ndim: int) -> LayerNorm:
+        return LayerNorm(tuple(range(1, ndim)), self.eps)
+
+    def kernel(self, k):
+        return self._full(len(single(k, self).shape1)).kernel(k)
+
+    def build(self, in_shape, width, generator, readout):
+        return self._full(len(single_shape(in_shape, self)) + 1).build(in_shape, width, generator, readout)
+
+    def __repr__(self):
+        return f"ChannelSpatialNorm(eps={self.eps})"
+
+
+def _default_affine(m: nn.Module) -> bool:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    with torch.no_grad():
+        return (w is None or bool((w == 1).all())) and (b is None or bool((b == 0).all()))
+
+
+_AFFINE_WHY = (
+    "its affine weight/bias differ from PyTorch's init (1, 0): per-channel values then scale and shift every "
+    "channel differently, which has no infinite-width limit of its own (the law of those values as the channels "
+    "grow is not fixed by a finite model). Fix: module.reset_parameters() to lift the model at initialisation."
+)
+
+
+@lift_rule(nn.LayerNorm)
+def _lift_layernorm(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.LayerNorm(normalized_shape)`` on ``(N, C, *spatial)``: normalises the last ``len(normalized_shape)``
+    axes, i.e. :class:`LayerNorm` over ``axis = (−k, …, −1)``; these must include the channel axis 1
+    (``normalized_shape = (C,)`` on ``(N, C)``, ``(C, H, W)`` on images; checked when the kernel is computed).
+    Affine parameters at their init (1, 0) are exact; other values are refused."""
+    assert isinstance(m, nn.LayerNorm)
+    if not _default_affine(m):
+        raise unsupported(m, _AFFINE_WHY)
+    k = len(m.normalized_shape)
+    return LayerNorm(axis=tuple(range(-k, 0)), eps=float(m.eps))
+
+
+@lift_rule(nn.GroupNorm)
+def _lift_groupnorm(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.GroupNorm(G, C)`` with ``G < C`` -> :class:`ChannelSpatialNorm` (exact in the limit ``C → ∞`` at
+    fixed ``G``); ``G = C`` (one channel per group, InstanceNorm) is refused."""
+    assert isinstance(m, nn.GroupNorm)
+    if m.num_groups == m.num_channels:
+        raise unsupported(
+            m,
+            f"num_groups == num_channels ({m.num_groups}): every channel is normalised alone over its own positions "
+            f"(InstanceNorm). Its output is a nonlinear function of a fixed, finite number of Gaussian values per "
+            f"channel, whose kernel has no closed form in ntkit (and without spatial axes it is identically 0). Fix: "
+            f"fewer groups (num_groups < num_channels: the limit is a LayerNorm over channels and positions), or "
+            f"nn.LayerNorm / nn.BatchNorm in eval mode.",
+        )
+    if not _default_affine(m):
+        raise unsupported(m, _AFFINE_WHY)
+    return ChannelSpatialNorm(float(m.eps))
+
+
+@lift_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _lift_instancenorm(m: nn.Module, opts: LiftOptions) -> Layer:
+    """``nn.InstanceNorm*d``: refused (see the message), except in eval mode with untouched running statistics
+    (``track_running_stats=True``), where it is the fixed scaling ``x/√(1 + eps)`` (:class:`BatchNormEval`)."""
+    assert isinstance(m, nn.modules.instancenorm._InstanceNorm)
+    if not m.training and m.track_running_stats and m.running_mean is not None and m.running_var is not None:
+        with torch.no_grad():
+            untouched = bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
+        if untouched and _default_affine(m):
+            return BatchNormEval(m.eps)
+    raise unsupported(
+        m,
+        "InstanceNorm normalises every channel over its own positions: its output is a nonlinear function of a "
+        "fixed, finite number of Gaussian values per channel (the pixels), whose kernel has no closed form in ntkit. "
+        "Fix: nn.GroupNorm(num_groups < C, C) or nn.LayerNorm over channels and positions (whose limit ntkit has), "
+        "or nn.BatchNorm in eval mode.",
+    )

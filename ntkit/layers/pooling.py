@@ -17,6 +17,7 @@ its entries as the next Dense layer sees it, is the mean over pixels of the same
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -26,7 +27,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkit.kernel import Kernel
-from ntkit.layers.base import Lambda, Layer, LayerError, LiftOptions, lift_rule, single, single_shape, unsupported
+from ntkit.layers.base import (
+    FeatureMap,
+    Features,
+    FeatureSpec,
+    Lambda,
+    Layer,
+    LayerError,
+    LiftOptions,
+    lift_rule,
+    single,
+    single_shape,
+    unsupported,
+)
 from ntkit.layers.conv import (
     AxisWindow,
     IntOrTuple,
@@ -38,6 +51,7 @@ from ntkit.layers.conv import (
     spatial_axes,
     window_sum,
 )
+from ntkit.layers.masking import position_masks
 
 __all__ = ["AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten", "PoolModule"]
 
@@ -171,6 +185,19 @@ class _Pool(Layer):
         wins = self._plan(s)
         return PoolModule(wins, self._average, self.normalize_edges), (s[0],) + tuple(w.n_out for w in wins)
 
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator) -> tuple[FeatureMap, FeatureSpec]:
+        """Pooling is linear with fixed weights: ``f' = pool(f)``, ``θ' = pool(θ)`` (the finite twin's window
+        sums, per feature channel) give ``f'[y]·f''[y'] = Σ_{d,d'} w_d w_d' K[σy + d, σy' + d']``, the rule of
+        the module docstring, exactly; see :mod:`ntkit.random_features`."""
+        wins = self._plan((spec.dim,) + tuple(spec.spatial))
+        pool = PoolModule(wins, self._average, self.normalize_edges)
+
+        def fmap(feats: Features) -> Features:
+            feats = feats.resolved()
+            return Features(pool(feats.f), None if feats.theta is None else pool(feats.theta))
+
+        return fmap, dataclasses.replace(spec, spatial=tuple(w.n_out for w in wins))
+
     def __repr__(self):
         return (
             f"{type(self).__name__}({self.window_shape}, strides={self.strides}, padding={self.padding!r}"
@@ -207,6 +234,10 @@ class _GlobalPool(Layer):
         k = single(k, self)
         _need_full(k, self)
         out = {}
+        p1, p2 = position_masks(k, repr(self)) if self._average else (None, None)
+        if p1 is not None:
+            assert p2 is not None, "position_masks gives both sides"
+            return self._masked_average(k, p1, p2)
         for name, t, nd in _fields(k):
             dims = tuple(range(nd, t.dim()))
             out[name] = t.mean(dims) if self._average else t.sum(dims)
@@ -215,6 +246,23 @@ class _GlobalPool(Layer):
             if m is not None:
                 dims = tuple(range(1, m.dim()))
                 out[name] = m.mean(dims) if self._average else m.sum(dims)
+        return k.replace(**out, shape1=k.shape1[:2], shape2=k.shape2[:2], diagonal_spatial=True)
+
+    def _masked_average(self, k: Kernel, p1: Tensor, p2: Tensor) -> Kernel:
+        """NT's masked mean (``mean_and_var(..., mask=)``): the sum over all pixel pairs divided by the number of
+        pairs whose pixels are both unmasked, ``K' = Σ_{y, y'} K[y, y'] / max(n_1 n_2, 1)`` (``n``: a sample's
+        unmasked positions; the masked ones are zero in ``K``)."""
+        n1 = (~p1).reshape(p1.shape[0], -1).sum(-1).to(k.dtype)
+        n2 = (~p2).reshape(p2.shape[0], -1).sum(-1).to(k.dtype)
+        n12 = n1[:, None] * n2[None, :]
+        count = {"nngp": n12, "ntk": n12, "cov1": n1 * n1, "cov2": n2 * n2}
+        out = {}
+        for name, t, nd in _fields(k):
+            out[name] = t.sum(tuple(range(nd, t.dim()))) / count[name].clamp_min(1)
+        for name, n in (("mean1", n1), ("mean2", n2)):
+            m = getattr(k, name)
+            if m is not None:
+                out[name] = m.sum(tuple(range(1, m.dim()))) / n.clamp_min(1)
         return k.replace(**out, shape1=k.shape1[:2], shape2=k.shape2[:2], diagonal_spatial=True)
 
     def build(self, in_shape, width, generator, readout):
@@ -226,6 +274,22 @@ class _GlobalPool(Layer):
             )
         red = torch.mean if self._average else torch.sum
         return Lambda(lambda x: red(x, dim=tuple(range(2, x.dim()))), repr(self)), (s[0],)
+
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator) -> tuple[FeatureMap, FeatureSpec]:
+        """``f' = mean_y f[y]`` (or the sum), ``θ'`` alike: ``f'·f'' = mean_{y,y'} K[y, y']`` exactly."""
+        if not spec.spatial:
+            raise LayerError(f"{type(self).__name__} pools spatial axes but its random features have none.")
+        average = self._average
+
+        def red(x: Tensor) -> Tensor:
+            dims = tuple(range(2, x.dim()))
+            return x.mean(dims) if average else x.sum(dims)
+
+        def fmap(feats: Features) -> Features:
+            feats = feats.resolved()
+            return Features(red(feats.f), None if feats.theta is None else red(feats.theta))
+
+        return fmap, dataclasses.replace(spec, spatial=())
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -278,6 +342,21 @@ class Flatten(Layer):
     def build(self, in_shape, width, generator, readout):
         s = single_shape(in_shape, self)
         return nn.Flatten(), (math.prod(s),)
+
+    def random_features(self, spec: FeatureSpec, generator: torch.Generator) -> tuple[FeatureMap, FeatureSpec]:
+        """``f' = flatten(f)/√|S|`` (``θ'`` alike): ``f'·f'' = mean_y K[y, y]``, the rule above, exactly."""
+        if not spec.spatial:
+            return (lambda feats: feats), spec
+        size = math.prod(spec.spatial)
+        root = math.sqrt(size)
+
+        def fmap(feats: Features) -> Features:
+            feats = feats.resolved()
+            theta = None if feats.theta is None else feats.theta.flatten(1) / root
+            return Features(feats.f.flatten(1) / root, theta)
+
+        out = dataclasses.replace(spec, dim=spec.dim * size, ntk_dim=spec.ntk_dim * size, spatial=(), gaussian=False)
+        return fmap, out
 
     def __repr__(self):
         return "Flatten()"

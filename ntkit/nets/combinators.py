@@ -20,6 +20,7 @@ from ntkit.kernel import GETS, Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.aggregate import SampleKwargs
 from ntkit.layers.attention import requires_self_covariances
 from ntkit.layers.base import Layer, LayerError, warn_if_channels_last
+from ntkit.layers.masking import TileMasks, masked_inputs
 from ntkit.nets.tiler import (
     NonFinite,
     apply_layer,
@@ -59,7 +60,13 @@ class _ParallelModule(nn.Module):
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    """``t`` in ``dtype``, as a tensor of its own (the inputs' zero NTK is a broadcast view until a layer writes
+    it: a result handed to the user never shares one memory location between entries)."""
+    if t is None:
+        return None
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        t = t.contiguous()
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class Net(Layer):
@@ -76,6 +83,7 @@ class Net(Layer):
         tile_size: Optional[int] = None,
         memory_budget: Optional[int] = None,
         diagonal_spatial: Optional[bool] = None,
+        mask_constant: Optional[float] = None,
         **kwargs: Any,
     ) -> Union[Kernel, Tensor]:
         """Infinite-width kernels of this network between ``x1`` and ``x2``.
@@ -95,6 +103,10 @@ class Net(Layer):
             same-pixel covariances, outputs ``(N1, N2, *spatial)`` (an error for a net that needs the others, as
             in NT); ``False``: every pixel pair, outputs ``(N1, N2, H, H', W, W', ...)`` (NT's layout) where the
             output has spatial axes.
+          mask_constant: NT's masking (e.g. the padding of variable-length sequences): input entries equal to it
+            (``float("nan")`` matches NaN) are masked: zeroed, and carried through the layers as NT does (masked
+            keys get no attention, GlobalAvgPool averages the unmasked positions, ...; :mod:`ntkit.nets.masks`).
+            The result carries no masks.
           **kwargs: per-sample inputs of the layers that read them (``Aggregate``'s ``pattern``), as NT: a pair
             ``(v1, v2)`` whose leading axes run over the samples of ``x1`` and ``x2`` (``x2=None``: ``(v1, None)``);
             each tile gets its samples' rows (:class:`ntkit.layers.aggregate.SampleKwargs`).
@@ -107,7 +119,13 @@ class Net(Layer):
         fields, single_out = normalize_get(get, allowed=KERNEL_FIELDS, default=GETS)
         # the kernels to compute: those asked for (other fields, e.g. get="cov1", come with the NNGP)
         names = tuple(g for g in fields if g in GETS) or ("nngp",)
+        m1 = m2 = None
+        if mask_constant is not None:  # masked entries zeroed before the checks (a NaN constant is allowed)
+            x1, m1 = masked_inputs(x1, mask_constant, "x1")
+            if x2 is not None:
+                x2, m2 = masked_inputs(x2, mask_constant, "x2")
         x1, x2, out_dtype = kernel_inputs(x1, x2)
+        masks = None if m1 is None else TileMasks(x1, x2, m1.to(x1.device), None if m2 is None else m2.to(x1.device))
         warn_if_channels_last(x1, "Net.kernel_fn")
         sample = SampleKwargs.of(self, kwargs, x1, x2)  # None without keyword arguments
         expected = self.input_rank()
@@ -144,13 +162,26 @@ class Net(Layer):
         )
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
+            ma = mb = None
+            if masks is not None:  # a, b are sample numbers (masks.indices()): the tile's rows of the masks
+                ma, mb = masks.rows(a, b)
             if sample is not None:  # a, b are sample numbers (sample.indices()): the tile's inputs and kwargs rows
                 with sample.tile(a, b) as (xa, xb):
-                    return run_inputs(xa, xb, pair_only)
-            return run_inputs(a, b, pair_only)
+                    return run_inputs(xa, xb, pair_only, ma, mb)
+            if masks is not None:
+                a, b = masks.inputs(a, b)
+            return run_inputs(a, b, pair_only, ma, mb)
 
-        def run_inputs(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
-            k = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, pair_only=pair_only)
+        def run_inputs(
+            a: Tensor,
+            b: Optional[Tensor],
+            pair_only: bool = False,
+            ma: Optional[Tensor] = None,
+            mb: Optional[Tensor] = None,
+        ) -> Kernel:
+            k = kernel_from_inputs(
+                a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, pair_only=pair_only, mask1=ma, mask2=mb
+            )
             # no silent Inf/NaN (issue #16): the variances are checked after every layer (apply_layer) and the
             # outputs here, each a single reduction; only a tile that fails is re-run layer by layer, to name
             # the first layer whose output is not finite
@@ -163,11 +194,14 @@ class Net(Layer):
                 if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
                     raise NonFinite()
             except NonFinite:
-                full = kernel_from_inputs(a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
+                full = kernel_from_inputs(
+                    a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, mask1=ma, mask2=mb
+                )
                 raise diagnose_non_finite(self, full, a, b) from None
             return out
 
-        t1, t2 = (x1, x2) if sample is None else sample.indices()  # what the tiles slice
+        # what the tiles slice: the inputs, or sample numbers (the same for per-sample kwargs and masks)
+        t1, t2 = sample.indices() if sample is not None else ((x1, x2) if masks is None else masks.indices())
         if tile >= n1 and tile >= n2:
             out = run(t1, t2)
         else:
@@ -190,6 +224,8 @@ class Net(Layer):
             mean1=None,
             mean2=None,
             mean_kind="exact" if out.is_gaussian else "unknown",
+            mask1=None,  # per tile, like the means
+            mask2=None,
         )
         return getattr(res, fields[0]) if single_out else res
 

@@ -26,6 +26,7 @@ from ntkit._inputs import all_finite
 from ntkit._tiles import Assembler, Tile, TilePlan
 from ntkit.kernel import Kernel
 from ntkit.layers.base import Kernels, Layer, NonFiniteKernelError
+from ntkit.nets.masks import has_masks, propagate_masks
 
 __all__ = [
     "Tape",
@@ -90,6 +91,10 @@ def apply_layer(layer: Layer, k: Kernels) -> Kernels:
     out = layer.kernel(k)
     if layer.is_combinator:
         return out
+    if out is not k and not getattr(layer, "carries_law", False):
+        out = drop_law(out)
+    if has_masks(k):  # NT's mask_constant: the output's masks, and its kernels zeroed at masked positions
+        out = propagate_masks(layer, k, out)
     if not layer.tracks_means:
         out = untracked_means(out)
     tape = _TAPE.get()
@@ -101,6 +106,16 @@ def apply_layer(layer: Layer, k: Kernels) -> Kernels:
     elif not variances_finite(out):
         raise NonFinite()
     return out
+
+
+def drop_law(out: Kernels) -> Kernels:
+    """The output of a layer that does not keep :attr:`~ntkit.kernel.Kernel.law` (the residual-stream program,
+    kept only by layers with ``carries_law``, and by layers that return their input unchanged): without it."""
+
+    def fix(x: Kernel) -> Kernel:
+        return x if x.law is None else x.replace(law=None)
+
+    return [fix(x) for x in out] if isinstance(out, list) else fix(out)
 
 
 def untracked_means(out: Kernels) -> Kernels:
@@ -286,6 +301,7 @@ def run_tiled(run: Run, x1: Tensor, x2: Optional[Tensor], tile: int, names: Sequ
         x1_is_x2=sym,
         var1=None,
         var2=None,
+        law=None,  # the first tile's residual-stream program, not the assembled kernel's
     )
 
 

@@ -1159,6 +1159,294 @@ def conv_s_standard() -> Result:
     return zoo_result(net, 27, "im")
 
 
+# =====================================================================================================================
+# Family "masking" (issue #14): kernel_fn(x1, x2, mask_constant=MASK) — variable-length sequences and images with
+# masked pixels through attention (every mechanism and positional embedding, 1-D and 2-D), Conv, pooling, LayerNorm,
+# Flatten and branches; family "concat": FanInConcat along a spatial axis (with and without masks). Seed 31.
+# =====================================================================================================================
+MASK = 10.0
+
+
+@functools.cache
+def mask_inputs() -> dict[str, np.ndarray]:
+    """RandomState(31), in this order: NWC sequences (4, 7, 3), (3, 7, 3) and their lengths (2..7; the tail is
+    MASK in every channel); NHWC images (4, 4, 5, 2), (3, 4, 5, 2) and masked pixels (each with probability 0.25,
+    every channel MASK; pixel (0, 0) never); vectors (6, 5), (4, 5). Then fixed edits: one sequence entry and one
+    image entry equal MASK in a single channel (not a masked position: the first Dense/Conv keeps it, as NT), and
+    the last vector of each batch all MASK (a masked sample)."""
+    rs = np.random.RandomState(31)
+    seq1, seq2 = rs.randn(4, 7, 3), rs.randn(3, 7, 3)
+    len1, len2 = rs.randint(2, 8, 4), rs.randint(2, 8, 3)
+    for x, lengths in ((seq1, len1), (seq2, len2)):
+        for i, n in enumerate(lengths):
+            x[i, n:] = MASK
+    im1, im2 = rs.randn(4, 4, 5, 2), rs.randn(3, 4, 5, 2)
+    pm1, pm2 = rs.rand(4, 4, 5) < 0.25, rs.rand(3, 4, 5) < 0.25
+    pm1[:, 0, 0] = pm2[:, 0, 0] = False
+    im1[pm1], im2[pm2] = MASK, MASK
+    vec1, vec2 = rs.randn(6, 5), rs.randn(4, 5)
+    seq1[0, 0, 1] = MASK
+    im1[1, 0, 0, 0] = MASK
+    vec1[-1], vec2[-1] = MASK, MASK
+    arrays = _frozen(seq1, seq2, im1, im2, vec1, vec2)
+    return dict(zip(("seq1", "seq2", "im1", "im2", "vec1", "vec2"), arrays))
+
+
+def mask_result(net: Spec, kind: str, mask_constant: float = MASK) -> Result:
+    """``kernel_fn(x1, x2, mask_constant=...)`` (*_12) and ``kernel_fn(x1, None, mask_constant=...)`` (*_11)."""
+    data = mask_inputs()
+    x1, x2 = data[f"{kind}1"], data[f"{kind}2"]
+    if np.isnan(mask_constant):
+        x1, x2 = np.where(x1 == MASK, np.nan, x1), np.where(x2 == MASK, np.nan, x2)
+    key = {"vec": "", "im": "_nhwc", "seq": "_nwc"}[kind]
+    kernel_fn = net.kernel_fn()
+    k12 = kernel_fn(x1, x2, BOTH, mask_constant=mask_constant)
+    k11 = kernel_fn(x1, None, BOTH, mask_constant=mask_constant)
+    arrays = {
+        f"x1{key}": x1,
+        f"x2{key}": x2,
+        "mask_constant": np.array(mask_constant),
+        "nngp_12": np.asarray(k12.nngp),
+        "ntk_12": np.asarray(k12.ntk),
+        "nngp_11": np.asarray(k11.nngp),
+        "ntk_11": np.asarray(k11.ntk),
+    }
+    c = "np.nan" if np.isnan(mask_constant) else repr(mask_constant)
+    calls = f"*_12 = kernel_fn(x1, x2, mask_constant={c}), *_11 = kernel_fn(x1, None, mask_constant={c})"
+    return Result(f"{net}; inputs {key[1:].upper() or 'vectors'}; {calls}", arrays)
+
+
+def masked_attention_case(kwargs: dict[str, Any], kind: str) -> Result:
+    """The attention family's net (Conv-ReLU, attention twice, GlobalAvgPool, Dense) on masked inputs."""
+    att = attention_layer(kwargs)
+    conv = L.Conv(8, (3, 3) if kind == "2d" else (3,), padding="SAME", b_std=0.1)
+    net = L.serial(conv, L.Relu(), att, L.Relu(), att, L.GlobalAvgPool(), L.Dense(1))
+    return mask_result(net, "im" if kind == "2d" else "seq")
+
+
+for _tag, (_kwargs, _kinds) in ATTENTION_CASES.items():
+    for _kind in ("1d", "2d"):
+        register("masking", f"mask_attention_{_kind}_{_tag}", functools.partial(masked_attention_case, _kwargs, _kind))
+
+
+@case("masking")
+def mask_attention_2d_residual() -> Result:
+    """Residual attention blocks with LayerNorm over channels (a transformer encoder), masked pixels."""
+    att = attention_layer(dict(pos_emb_type="SUM", pos_emb_decay_fn="exp", val_pos_emb=True, b_std=0.1))
+    mlp = L.serial(L.Dense(16, W_std=1.2, b_std=0.1), L.Relu(), L.Dense(8))
+    return mask_result(
+        L.serial(
+            L.Conv(8, (3, 3), padding="SAME"),
+            L.FanOut(2),
+            L.parallel(att, L.Identity()),
+            L.FanInSum(),
+            L.LayerNorm(),
+            L.FanOut(2),
+            L.parallel(mlp, L.Identity()),
+            L.FanInSum(),
+            L.LayerNorm(),
+            L.GlobalAvgPool(),
+            L.Dense(1),
+        ),
+        "im",
+    )
+
+
+@case("masking")
+def mask_attention_1d_nan() -> Result:
+    """mask_constant=np.nan: NaN entries are the padding."""
+    att = attention_layer(dict(pos_emb_type="CONCAT", pos_emb_decay_fn="exp", n_chan_pos_emb=4))
+    net = L.serial(L.Dense(8, b_std=0.1), L.Relu(), att, L.Relu(), L.GlobalAvgPool(), L.Dense(1))
+    return mask_result(net, "seq", float("nan"))
+
+
+@case("masking")
+def mask_conv_avgpool_layernorm() -> Result:
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1),
+        L.Relu(),
+        L.AvgPool((2, 2), padding="SAME"),
+        L.Conv(8, (3, 3), strides=(1, 2), padding="SAME"),
+        L.LayerNorm(axis=(1, 2, 3)),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "im")
+
+
+@case("masking")
+def mask_conv_sumpool_strided() -> Result:
+    net = L.serial(
+        L.Conv(8, (2, 2), padding="VALID", b_std=0.1),
+        L.Erf(),
+        L.SumPool((2, 2), strides=(1, 2), padding="VALID"),
+        L.Conv(8, (2, 2), padding="SAME"),
+        L.Gelu(),
+        L.GlobalSumPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "im")
+
+
+@case("masking")
+def mask_conv_flatten() -> Result:
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1),
+        L.Relu(),
+        L.Conv(8, (2, 2), padding="SAME"),
+        L.Relu(),
+        L.Flatten(),
+        L.Dense(16, b_std=0.1),
+        L.Relu(),
+        L.Dense(1),
+    )
+    return mask_result(net, "im")
+
+
+@case("masking")
+def mask_seq_layernorm_time() -> Result:
+    """LayerNorm over channels and time of a masked sequence (the mean over the unmasked positions)."""
+    net = L.serial(
+        L.Dense(8, b_std=0.1),
+        L.Erf(),
+        L.Conv(8, (3,), padding="SAME"),
+        L.LayerNorm(axis=(1, 2)),
+        L.Relu(),
+        L.Conv(8, (2,), padding="CIRCULAR"),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "seq")
+
+
+@case("masking")
+def mask_fc() -> Result:
+    """Vectors, one of them all MASK: a masked sample (its kernel entries are zero after the first Dense)."""
+    net = L.serial(L.Dense(16, W_std=1.5, b_std=0.1), L.Gaussian(), L.Dense(16, b_std=0.2), L.Relu(), L.Dense(1))
+    return mask_result(net, "vec")
+
+
+@case("masking")
+def mask_branches_sum_concat() -> Result:
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME"),
+        L.Relu(),
+        L.FanOut(2),
+        L.parallel(L.Conv(8, (3, 3), padding="SAME", b_std=0.1), L.Conv(8, (2, 2), padding="SAME")),
+        L.FanInSum(),
+        L.Relu(),
+        L.FanOut(2),
+        L.parallel(L.Conv(8, (3, 3), padding="SAME"), L.Conv(4, (1, 1))),
+        L.FanInConcat(),
+        L.Conv(8, (2, 2), padding="SAME"),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "im")
+
+
+@case("masking")
+def mask_concat_spatial() -> Result:
+    """Two masked sequences' branches concatenated along time (their masks too)."""
+    att = attention_layer(dict(pos_emb_type="SUM", pos_emb_decay_fn="exp"))
+    net = L.serial(
+        L.Conv(8, (3,), padding="SAME", b_std=0.1),
+        L.Relu(),
+        L.FanOut(2),
+        L.parallel(L.Conv(8, (3,), padding="SAME"), L.Conv(8, (2,), padding="SAME")),
+        L.FanInConcat(axis=1),
+        L.Relu(),
+        att,
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "seq")
+
+
+@case("masking")
+def mask_index_crop_flip() -> Result:
+    """Index (a crop and a flip of the masked image, NT's mask[idx]) before attention."""
+    att = attention_layer(dict(attention_mechanism="RELU", pos_emb_type="SUM", pos_emb_decay_fn="exp"))
+    crop = Code("stax.Slice[:, 3:0:-1, 1:, :]", stax.Slice[:, 3:0:-1, 1:, :])
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1),
+        L.Relu(),
+        L.Index(crop),
+        L.Conv(8, (2, 2), padding="SAME"),
+        att,
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return mask_result(net, "im")
+
+
+def concat_result(net: Spec, kind: str, **kw: Any) -> Result:
+    """Unmasked inputs of the masking family's RandomState(31) stream (zoo seed 31)."""
+    return zoo_result(net, 31, kind, **kw)
+
+
+@case("concat")
+def concat_spatial_h_gap() -> Result:
+    """Branches of different heights (a strided Conv) concatenated along H (NHWC axis 1), full covariances."""
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1),
+        L.Relu(),
+        L.FanOut(3),
+        L.parallel(
+            L.Conv(8, (3, 3), padding="SAME"),
+            L.Conv(8, (3, 3), strides=(2, 1), padding="SAME", b_std=0.2),
+            L.Dense(8, W_std=1.3),
+        ),
+        L.FanInConcat(axis=1),
+        L.Relu(),
+        L.Conv(8, (2, 2), padding="VALID"),
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return concat_result(net, "im")
+
+
+@case("concat")
+def concat_spatial_w_flatten() -> Result:
+    """Concatenation along W (NHWC axis -2), then Flatten: diagonal covariances."""
+    net = L.serial(
+        L.Conv(8, (3, 3), padding="SAME", b_std=0.1),
+        L.Erf(),
+        L.FanOut(2),
+        L.parallel(L.Conv(8, (2, 2), padding="SAME"), L.Conv(8, (3, 3), strides=(1, 2), padding="SAME")),
+        L.FanInConcat(axis=-2),
+        L.Relu(),
+        L.Conv(8, (3, 3), padding="SAME"),
+        L.Relu(),
+        L.Flatten(),
+        L.Dense(1),
+    )
+    return concat_result(net, "im")
+
+
+@case("concat")
+def concat_spatial_seq_attention() -> Result:
+    att = attention_layer(dict(attention_mechanism="RELU", pos_emb_type="CONCAT", pos_emb_decay_fn="inverse"))
+    net = L.serial(
+        L.Dense(8, b_std=0.1),
+        L.FanOut(2),
+        L.parallel(L.Conv(8, (3,), padding="SAME"), L.Conv(8, (3,), strides=(2,), padding="VALID")),
+        L.FanInConcat(axis=1),
+        L.Relu(),
+        att,
+        L.Relu(),
+        L.GlobalAvgPool(),
+        L.Dense(1),
+    )
+    return concat_result(net, "seq")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------------

@@ -234,6 +234,15 @@ CASES: dict[str, Case] = {
         mc="img",
         why="no NT reference case yet (NT has GlobalSumPool; the exact check covers its rule)",
     ),
+    "MaxPool": Case(
+        lambda: nk.MaxPool((2, 1)),
+        "exact",
+        None,
+        ([C()], [C(), nk.Relu(), nk.GlobalAvgPool(), D(64, 1.0, 0.1)]),
+        mc="img",
+        why="NT has no max pooling (NT issue #27); the exact check is the closed form of two-value windows, "
+        "tests/layers/test_maxpool.py checks the quasi-Monte-Carlo rule of larger windows",
+    ),
     "Flatten": Case(
         lambda: nk.Flatten(),
         "exact",
@@ -532,6 +541,35 @@ def _exact_conv_variant(kind: str):
 
 
 EXACT.update({"ConvTranspose": _exact_conv_variant("transpose"), "ConvLocal": _exact_conv_variant("local")})
+
+
+def _exact_maxpool(x1: torch.Tensor, x2: torch.Tensor):
+    """``serial(C(), MaxPool((2, 1)))``: windows of two values ``(t, b)`` (rows 2r and 2r + 1), and ``max(t, b) =
+    (t + b)/2 + |t − b|/2``: with ``s = t + b``, ``d = t − b`` of each side, ``K' = E[s s']/4 + E[|d||d'|]/4`` (the
+    cross terms are odd), ``E|d||d'| = (2/π)√(AB)(√(1 − ρ²) + ρ asin ρ)``; the argmax is the sign of ``d``, so
+    ``Θ' = ΣΘ/4 + (Θ_tt − Θ_tb − Θ_bt + Θ_bb)·(2/π) asin(ρ)/4``, with ``Θ = K`` after the Conv."""
+    t = torch.tensor([10 * r + c for r in range(2) for c in range(5)])  # top pixel of output (r, c)
+    bt = t + 5
+
+    def sums(k, sign):  # Cov(t ± b, t' ± b') of every window pair: (..., 10, 10)
+        def g(a, b):
+            return k[..., a[:, None], b[None, :]]
+
+        return g(t, t) + sign * g(t, bt) + sign * g(bt, t) + g(bt, bt)
+
+    k12 = _conv_full(x1, x2)
+    a = torch.diagonal(sums(torch.diagonal(_conv_full(x1, x1), 0, 0, 1).permute(2, 0, 1), -1), 0, 1, 2)
+    b = torch.diagonal(sums(torch.diagonal(_conv_full(x2, x2), 0, 0, 1).permute(2, 0, 1), -1), 0, 1, 2)
+    root = torch.sqrt(a[:, None, :, None] * b[None, :, None, :])
+    cdd = sums(k12, -1)
+    rho = (cdd / root).clamp(-1, 1)
+    e_abs = 2 / math.pi * root * (torch.sqrt(1 - rho * rho) + rho * torch.asin(rho))
+    nngp = (sums(k12, 1) + e_abs) / 4
+    ntk = (sums(k12, 1) + cdd * (2 / math.pi) * torch.asin(rho)) / 4
+    return _record_layout(nngp, 2, 5), _record_layout(ntk, 2, 5)
+
+
+EXACT["MaxPool"] = _exact_maxpool
 
 
 def _pool_matrix(layer: Layer, shape) -> torch.Tensor:

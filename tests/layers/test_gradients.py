@@ -157,6 +157,10 @@ CASES: dict[str, GradCase] = {
 
 ABSTRACT = {"Layer", "ElementwiseLayer"}
 
+#: numerical (quasi-Monte-Carlo) rules, whose sample counts adapt to the values: they refuse autograd with a
+#: LayerError instead of returning the gradient of one sample set (tested below)
+NO_GRADIENTS = {"MaxPool": lambda: nk.serial(C(), ntkit.layers.MaxPool(2, activation=nk.Relu()), nk.Flatten(), D(1))}
+
 
 def public_layers() -> set[str]:
     return {
@@ -167,8 +171,16 @@ def public_layers() -> set[str]:
 
 
 def test_every_public_layer_has_a_gradient_case():
-    missing = public_layers() - set(CASES)
+    missing = public_layers() - set(CASES) - set(NO_GRADIENTS)
     assert not missing, f"add a GradCase to tests/layers/test_gradients.py for {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", sorted(NO_GRADIENTS))
+def test_numerical_rules_refuse_autograd(name):
+    net = NO_GRADIENTS[name]()
+    x = torch.randn(2, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    with pytest.raises(ntkit.layers.LayerError):
+        net.kernel_fn(x, None, "nngp")
 
 
 def _inputs(where: str):

@@ -247,8 +247,8 @@ def test_random_features_krr_and_errors():
         assert rel_err(pred, dual) < 1e-9
         errs.append(float((pred - exact).norm() / exact.norm()))
     assert errs[1] < 0.1 and errs[1] < 0.75 * errs[0], errs
-    with pytest.raises(ValueError, match="Conv has no random-feature map"):
-        RandomFeatures(ntkit.serial(ntkit.Conv(4, (3,)), ntkit.Relu(), ntkit.Flatten(), ntkit.Dense(1)), 6)
+    with pytest.raises(ValueError, match="ConvLocal has no random-feature map"):  # Conv has one: CNN features
+        RandomFeatures(ntkit.serial(ntkit.ConvLocal(4, (3,)), ntkit.Relu(), ntkit.Flatten(), ntkit.Dense(1)), 6)
     with pytest.raises(ValueError, match="parameterization"):
         RandomFeatures(
             ntkit.serial(ntkit.Dense(8, parameterization="standard"), ntkit.Relu(), ntkit.Dense(1)), 6, get="ntk"
