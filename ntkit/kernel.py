@@ -216,6 +216,18 @@ class Kernel:
         return self._outer_view(d, 0, False), self._outer_view(d, 1, False)
 
 
+def swap_pair(t: Tensor, k: Kernel) -> Tensor:
+    """The kernel block of (x2, x1) from that of (x1, x2): swap the batch axes, and each (s, s') pair of a
+    full spatial layout."""
+    perm = [1, 0]
+    if not k.diagonal_spatial and k.spatial_ndim:
+        for a in range(k.spatial_ndim):
+            perm += [3 + 2 * a, 2 + 2 * a]
+    else:
+        perm += list(range(2, t.dim()))
+    return t.permute(perm)
+
+
 # ---------------------------------------------------------------------------------------------------
 # which kernels to return
 # ---------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkit.kernel import Kernel
+from ntkit.kernel import Kernel, swap_pair
 from ntkit.layers.base import LayerError
 
 __all__ = ["ResidualLaw", "Gauss", "Apply", "Scale", "bvn_upper", "pair_expectations", "single_expectations"]
@@ -584,17 +584,6 @@ def single_expectations(
     return m.reshape(shape), sq.reshape(shape), dsq.reshape(shape)
 
 
-def _swap(t: Tensor, k: Kernel) -> Tensor:
-    """The block of ``(x2, x1)`` from that of ``(x1, x2)``: batch axes and each pixel pair swapped."""
-    perm = [1, 0]
-    if not k.diagonal_spatial and k.spatial_ndim:
-        for a in range(k.spatial_ndim):
-            perm += [3 + 2 * a, 2 + 2 * a]
-    else:
-        perm += list(range(2, t.dim()))
-    return t.permute(perm)
-
-
 def _symmetric_pairs(
     lv0: tuple[Tensor, ...],
     lvg: tuple[Tensor, ...],
@@ -621,7 +610,7 @@ def _symmetric_pairs(
         out = t.new_empty(full[0].shape)
         out[ju, iu] = t.permute(pix)
         out[iu, ju] = t
-        return (out + _swap(out, k)) / 2  # exact off the diagonal blocks (x + x)/2 = x; symmetrises them
+        return (out + swap_pair(out, k)) / 2  # exact off the diagonal blocks (x + x)/2 = x; symmetrises them
 
     return place(v), (None if d is None else place(d))
 

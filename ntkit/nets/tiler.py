@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ntkit._inputs import all_finite
 from ntkit._tiles import Assembler, Tile, TilePlan
-from ntkit.kernel import Kernel
+from ntkit.kernel import Kernel, swap_pair
 from ntkit.layers.base import Kernels, Layer, NonFiniteKernelError
 from ntkit.nets.masks import has_masks, propagate_masks
 
@@ -41,18 +41,6 @@ __all__ = [
     "diagnose_non_finite",
     "untracked_means",
 ]
-
-
-def swap_pair(t: Tensor, k: Kernel) -> Tensor:
-    """The kernel block of (x2, x1) from that of (x1, x2): swap the batch axes, and each (s, s') pair of a
-    full spatial layout."""
-    perm = [1, 0]
-    if not k.diagonal_spatial and k.spatial_ndim:
-        for a in range(k.spatial_ndim):
-            perm += [3 + 2 * a, 2 + 2 * a]
-    else:
-        perm += list(range(2, t.dim()))
-    return t.permute(perm)
 
 
 class Tape:
