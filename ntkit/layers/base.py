@@ -294,6 +294,9 @@ class Layer:
     #: for layers that do not, the network takes a Gaussian output as zero-mean and fresh and marks any other
     #: output's means unknown (a later FanInSum then refuses rather than guess)
     tracks_means: bool = False
+    #: the rule keeps (or builds) the record's ``law``, the residual-stream program of
+    #: :mod:`ntkit.layers.residual_law`; for other layers the network drops it (``ntkit.nets.tiler.apply_layer``)
+    carries_law: bool = False
 
     # -- required ------------------------------------------------------------------------------------
     def kernel(self, k: Kernels) -> Kernels:

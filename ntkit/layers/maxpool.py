@@ -515,7 +515,7 @@ class MaxPool(Layer):
                 f"MaxPool (or MaxPool → ReLU) fuse the activation into the pool: MaxPool(..., activation=Relu()) "
                 f"(any monotone non-decreasing activation; ntkit.lift does this itself)."
             )
-        if getattr(k, "mask1", None) is not None or getattr(k, "mask2", None) is not None:
+        if k.mask1 is not None or k.mask2 is not None:
             raise LayerError(
                 f"{self!r}: masked inputs (mask_constant=) are not supported by the max-pooling kernel; pad with "
                 f"a constant that is not masked, or pool before masking."

@@ -136,7 +136,7 @@ class ResidualLaw:
 
 
 def _bare(k: Kernel) -> Kernel:
-    return k.replace(ntk=None, law=None) if getattr(k, "law", None) is not None or k.ntk is not None else k
+    return k.replace(ntk=None, law=None) if k.law is not None or k.ntk is not None else k
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -628,7 +628,7 @@ def law_kernel(layer: Any, k: Kernel, ab: Optional[tuple[float, float]]) -> Kern
             f"LeakyReLU, Abs: ABRelu) only so far. Use ReLU there, or pre-activation blocks (x + conv(φ(bn(x)))), "
             f"whose kernel is in closed form."
         )
-    if getattr(k, "mask1", None) is not None or getattr(k, "mask2", None) is not None:
+    if k.mask1 is not None or k.mask2 is not None:
         raise LayerError(f"{name}: masked inputs (mask_constant) are not supported by the residual-stream rule.")
     try:
         z, prefix, g = _split_law(law)

@@ -79,7 +79,7 @@ def apply_layer(layer: Layer, k: Kernels) -> Kernels:
     out = layer.kernel(k)
     if layer.is_combinator:
         return out
-    if out is not k and not getattr(layer, "carries_law", False):
+    if out is not k and not layer.carries_law:
         out = drop_law(out)
     if has_masks(k):  # NT's mask_constant: the output's masks, and its kernels zeroed at masked positions
         out = propagate_masks(layer, k, out)
