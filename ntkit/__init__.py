@@ -6,6 +6,7 @@ each concern lives.
 """
 
 from ntkit import _compat, architectures, empirical, linalg, memory, predict, random_features, tiling  # noqa: F401
+from ntkit._compile import CompileError, compiled
 from ntkit._version import __version__
 from ntkit.kernel import Kernel
 from ntkit.layers import *  # noqa: F403
@@ -34,6 +35,8 @@ __all__ = [
     "parallel",
     "repeat",
     "lift",
+    "compiled",
+    "CompileError",
     "monte_carlo_kernel_fn",
     "__version__",
     *_layers_all,

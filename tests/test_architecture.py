@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "ntkit"
 
 #: units from the bottom up; a unit may import the units of lower rows only (ARCHITECTURE.md)
 LAYERS: list[list[str]] = [
-    ["ntkit._version", "ntkit._inputs", "ntkit._memory", "ntkit._deprecation", "ntkit.distributed"],
+    ["ntkit._version", "ntkit._inputs", "ntkit._memory", "ntkit._deprecation", "ntkit.distributed", "ntkit._compile"],
     ["ntkit._tiles", "ntkit.memory", "ntkit.kernel", "ntkit.theory"],
     ["ntkit.linalg", "ntkit.layers"],
     ["ntkit.nets", "ntkit.tiling", "ntkit.empirical", "ntkit.predict"],

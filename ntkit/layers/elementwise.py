@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ntkit import _compile
 from ntkit.kernel import Kernel
 from ntkit.layers import residual_law
 from ntkit.layers.base import (
@@ -306,10 +307,14 @@ class ElementwiseLayer(Layer):
                 f"Put a Dense or Conv layer before it."
             )
         q11, q22 = k.variances()
-        nngp, dot = self.rule(k.nngp, q11, q22, k.ntk is not None)
-        if k.ntk is None:
+        fused = self._fused_rule(k.nngp, q11, q22, k.ntk) if _compile.compile_enabled() else None
+        if fused is not None:  # inside ntkit.compiled(): K' and Θ' = Θ·K̇ in one compiled pass
+            nngp, ntk = fused
+        elif k.ntk is None:
+            nngp, _ = self.rule(k.nngp, q11, q22, False)
             ntk = None
         else:
+            nngp, dot = self.rule(k.nngp, q11, q22, True)
             assert dot is not None, "rule(..., need_dot=True) returns the derivative kernel"
             # in place only into a fresh K̇ that aliases nothing else (a user's d_nngp_fn may return its input)
             fresh = dot.shape == nngp.shape and _owns(dot, k) and not _same_storage(dot, nngp)
@@ -339,7 +344,15 @@ class ElementwiseLayer(Layer):
         if k.diagonal_spatial or k.spatial_ndim == 0:
             return self.var_fn(cov)
         qa, qb = k.self_variances(which)
-        return self.nngp_fn(cov, qa, qb)
+        fused = self._fused_rule(cov, qa, qb, None) if _compile.compile_enabled() else None
+        return fused[0] if fused is not None else self.nngp_fn(cov, qa, qb)
+
+    def _fused_rule(
+        self, q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor]
+    ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """``(K', Θ·K̇)`` by a compiled fused form of the rule (:mod:`ntkit._compile`), or ``None`` where this
+        layer has none or the call stays eager (small, recorded by autograd, variances out of range)."""
+        return None
 
     def build(self, in_shape, width, generator, readout):
         return Lambda(self.fn, repr(self)), in_shape
@@ -453,12 +466,73 @@ class ABRelu(RuleLayer):
             nngp = ipc(nngp, ip, "addcmul", sin, prod, value=alpha)
         return nngp, (dot if need_dot else None)
 
+    def _fused_rule(self, q12, q11, q22, ntk):
+        """The rule above in one compiled pass (:func:`_abrelu_fused`), where the eager rule would take its
+        broadcast-variance path (the hot path of convolutional nets): same formulas, same snapping."""
+        if type(self).rule is not ABRelu.rule or not _fusable(q12, q11, q22, ntk):
+            return None
+        lo, hi = _product_range(q12.dtype)
+        if not (_within(q11, lo, hi) and _within(q22, lo, hi)):
+            return None
+        c1 = (self.a - self.b) ** 2
+        consts = (
+            _SNAP_ULPS * torch.finfo(q12.dtype).eps - 1.0,
+            _snap_angle(q12.dtype),
+            self.a * self.b,
+            c1 / (2 * _PI),
+        )
+        r1, r2 = torch.sqrt(q11), torch.sqrt(q22)
+        if ntk is None:
+            return _compile.fused(_abrelu_fused, q12, r1, r2, *consts), None
+        return _compile.fused(_abrelu_fused_ntk, q12, r1, r2, ntk, *consts)
+
     def var_fn(self, q):
         return (self.a**2 + self.b**2) / 2 * q
 
     def mean_fn(self, q):
         """``E[φ(u)] = (b − a)·√(q/(2π))``."""
         return None if self.a == self.b else (self.b - self.a) * torch.sqrt(q / (2 * _PI))
+
+
+def _fusable(q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor]) -> bool:
+    """Whether a fused rule may run (``ntkit.compiled()``): at least ``MIN_NUMEL`` entries in float32/64, no
+    autograd recording, broadcast (small) variances as on the eager rules' fast path, ``Θ`` of ``q12``'s shape.
+    (A subclass that overrides ``rule`` keeps its own rule, eagerly: the callers check that.)"""
+    return (
+        q12.numel() >= _compile.MIN_NUMEL
+        and q12.dtype in (torch.float32, torch.float64)
+        and can_inplace(q12, q11, q22, *(() if ntk is None else (ntk,)))
+        and 4 * (q11.numel() + q22.numel()) <= q12.numel()
+        and (ntk is None or ntk.shape == q12.shape)
+    )
+
+
+def _abrelu_body(q12: Tensor, r1: Tensor, r2: Tensor, lo: float, ang: float, ab: float, alpha: float):
+    """:meth:`ABRelu.rule` on ``P = r1·r2`` (``r = √q``): ``y = −ρ`` snapped at ``lo``, ``ψ = arccos y``
+    snapped at ``ang``, ``K̇ = ab + αψ``, ``K' = K̇ q12 + α·P sin ψ`` (``α = (a − b)²/2π``), with
+    ``sin ψ = √((1 − y)(1 + y))`` (exact identity; ``1 ∓ y`` exact near ``y = ±1``, so within 2 ulps like
+    ``sin(arccos y)``, and a third cheaper: one root instead of a sine), 0 where ``ψ`` is snapped to 0."""
+    prod = r1 * r2
+    y = -(q12 / prod)
+    y = torch.where(y <= lo, -1.0, y).clamp(max=1.0)
+    psi = torch.acos(y)
+    keep = psi > ang
+    sin = torch.where(keep, torch.sqrt((1.0 - y) * (1.0 + y)), 0.0)
+    dot = ab + alpha * torch.where(keep, psi, 0.0)
+    return dot * q12 + alpha * (sin * prod), dot
+
+
+def _abrelu_fused(q12: Tensor, r1: Tensor, r2: Tensor, lo: float, ang: float, ab: float, alpha: float) -> Tensor:
+    """``K'`` of :func:`_abrelu_body` (compiled by :func:`ntkit._compile.fused`)."""
+    return _abrelu_body(q12, r1, r2, lo, ang, ab, alpha)[0]
+
+
+def _abrelu_fused_ntk(
+    q12: Tensor, r1: Tensor, r2: Tensor, ntk: Tensor, lo: float, ang: float, ab: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """``(K', Θ·K̇)`` of :func:`_abrelu_body` in one pass (compiled by :func:`ntkit._compile.fused`)."""
+    nngp, dot = _abrelu_body(q12, r1, r2, lo, ang, ab, alpha)
+    return nngp, dot * ntk
 
 
 class Relu(ABRelu):
@@ -558,9 +632,63 @@ class Erf(RuleLayer):
             dot = (a * a * 2 * t / _PI) / (m * root)
         return nngp, dot
 
+    def _fused_rule(self, q12, q11, q22, ntk):
+        """The rule above in one compiled pass (:func:`_erf_fused`) where the variances broadcast: ``m`` of
+        :func:`_root_det` is ``max(m1, m2)`` of the two sides' powers of 2 (the exponent is monotone), taken from
+        the small variance tensors; the rest term for term."""
+        if type(self).rule is not Erf.rule or not _fusable(q12, q11, q22, ntk):
+            return None
+        t = 2 * self.b * self.b
+        if not (math.isfinite(t) and t > 0):
+            return None
+        m1, m2 = _pow2_above(q11 * t), _pow2_above(q22 * t)
+        consts = (t, self.a * self.a * 2 / _PI, self.c * self.c, _SPLIT.get(q12.dtype, 2.0**6 + 1.0))
+        if ntk is None:
+            return _compile.fused(_erf_fused, q12, q11, q22, m1, m2, *consts), None
+        return _compile.fused(_erf_fused_ntk, q12, q11, q22, m1, m2, ntk, *consts)
+
     def mean_fn(self, q):
         """``E[φ(u)] = c`` (erf is odd)."""
         return None if self.c == 0 else torch.full_like(q, self.c)
+
+
+def _pow2_above(u: Tensor) -> Tensor:
+    """The power of 2 that :func:`_root_det` divides by, ``2^e`` with ``max(1, u) = f·2^e``, ``f ∈ [1/2, 1)``."""
+    _, e = torch.frexp(u.clamp_min(1.0))
+    return torch.ldexp(torch.ones_like(u), e)
+
+
+def _erf_body(q12, q11, q22, m1, m2, t: float, a2: float, c2: float, split: float):
+    """:meth:`Erf.rule` with :func:`_root_det` inlined (``m = max(m1, m2)``; Dekker's two-products by
+    Veltkamp's ``split``): ``(K', K̇)``, ``K' = a2·atan((t q12/m)/S) + c²``, ``K̇ = a2·t/(m S)``."""
+    m = torch.maximum(m1, m2)
+    a, b, r = q11 / m, q22 / m, q12 / m
+
+    def two_prod(x, y):
+        p = x * y
+        tx, ty = x * split, y * split
+        xh, yh = tx - (tx - x), ty - (ty - y)
+        xl, yl = x - xh, y - yh
+        return p, ((xh * yh - p) + (xh * yl + xl * yh)) + xl * yl
+
+    p1, e1 = two_prod(a, b)
+    p2, e2 = two_prod(r, r)
+    disc = ((p1 - p2) + (e1 - e2)).clamp_min(0.0)
+    inv = 1.0 / m
+    det = (inv * inv + (a + b) * inv * t) + (t * t) * disc
+    root = torch.sqrt(det.clamp_min(0.0))
+    return a2 * torch.atan(((t * q12) / m) / root) + c2, (a2 * t) / (m * root)
+
+
+def _erf_fused(q12, q11, q22, m1, m2, t: float, a2: float, c2: float, split: float) -> Tensor:
+    """``K'`` of :func:`_erf_body` (compiled by :func:`ntkit._compile.fused`)."""
+    return _erf_body(q12, q11, q22, m1, m2, t, a2, c2, split)[0]
+
+
+def _erf_fused_ntk(q12, q11, q22, m1, m2, ntk, t: float, a2: float, c2: float, split: float):
+    """``(K', Θ·K̇)`` of :func:`_erf_body` in one pass (compiled by :func:`ntkit._compile.fused`)."""
+    nngp, dot = _erf_body(q12, q11, q22, m1, m2, t, a2, c2, split)
+    return nngp, dot * ntk
 
 
 class Sigmoid_like(Erf):
