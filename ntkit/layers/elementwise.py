@@ -310,15 +310,15 @@ class ElementwiseLayer(Layer):
         fused = self._fused_rule(k.nngp, q11, q22, k.ntk) if _compile.compile_enabled() else None
         if fused is not None:  # inside ntkit.compiled(): K' and Θ' = Θ·K̇ in one compiled pass
             nngp, ntk = fused
-        elif k.ntk is None:
-            nngp, _ = self.rule(k.nngp, q11, q22, False)
-            ntk = None
         else:
-            nngp, dot = self.rule(k.nngp, q11, q22, True)
-            assert dot is not None, "rule(..., need_dot=True) returns the derivative kernel"
-            # in place only into a fresh K̇ that aliases nothing else (a user's d_nngp_fn may return its input)
-            fresh = dot.shape == nngp.shape and _owns(dot, k) and not _same_storage(dot, nngp)
-            ntk = dot.mul_(k.ntk) if fresh and can_inplace(dot, k.ntk) else k.ntk * dot
+            nngp, dot = self.rule(k.nngp, q11, q22, k.ntk is not None)
+            if k.ntk is None:
+                ntk = None
+            else:
+                assert dot is not None, "rule(..., need_dot=True) returns the derivative kernel"
+                # in place only into a fresh K̇ that aliases nothing else (a user's d_nngp_fn may return its input)
+                fresh = dot.shape == nngp.shape and _owns(dot, k) and not _same_storage(dot, nngp)
+                ntk = dot.mul_(k.ntk) if fresh and can_inplace(dot, k.ntk) else k.ntk * dot
         cov1 = None if k.cov1 is None else self._self_rule(k, 1)
         cov2 = None if k.cov2 is None else self._self_rule(k, 2)
         d1, d2 = k.same_pixel_variances()
@@ -482,9 +482,7 @@ class ABRelu(RuleLayer):
             c1 / (2 * _PI),
         )
         r1, r2 = torch.sqrt(q11), torch.sqrt(q22)
-        if ntk is None:
-            return _compile.fused(_abrelu_fused, q12, r1, r2, *consts), None
-        return _compile.fused(_abrelu_fused_ntk, q12, r1, r2, ntk, *consts)
+        return _compile.fused(_abrelu_fused, q12, ntk, r1, r2, *consts)
 
     def var_fn(self, q):
         return (self.a**2 + self.b**2) / 2 * q
@@ -507,9 +505,12 @@ def _fusable(q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor]) -> bo
     )
 
 
-def _abrelu_body(q12: Tensor, r1: Tensor, r2: Tensor, lo: float, ang: float, ab: float, alpha: float):
-    """:meth:`ABRelu.rule` on ``P = r1·r2`` (``r = √q``): ``y = −ρ`` snapped at ``lo``, ``ψ = arccos y``
-    snapped at ``ang``, ``K̇ = ab + αψ``, ``K' = K̇ q12 + α·P sin ψ`` (``α = (a − b)²/2π``), with
+def _abrelu_fused(
+    q12: Tensor, ntk: Optional[Tensor], r1: Tensor, r2: Tensor, lo: float, ang: float, ab: float, alpha: float
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:meth:`ABRelu.rule` and ``Θ·K̇`` (``ntk`` given) in one pass, compiled by :func:`ntkit._compile.fused`
+    (once per rank with and without ``ntk``), on ``P = r1·r2`` (``r = √q``): ``y = −ρ`` snapped at ``lo``,
+    ``ψ = arccos y`` snapped at ``ang``, ``K̇ = ab + αψ``, ``K' = K̇ q12 + α·P sin ψ`` (``α = (a − b)²/2π``), with
     ``sin ψ = √((1 − y)(1 + y))`` (exact identity; ``1 ∓ y`` exact near ``y = ±1``, so within 2 ulps like
     ``sin(arccos y)``, and a third cheaper: one root instead of a sine), 0 where ``ψ`` is snapped to 0."""
     prod = r1 * r2
@@ -519,20 +520,7 @@ def _abrelu_body(q12: Tensor, r1: Tensor, r2: Tensor, lo: float, ang: float, ab:
     keep = psi > ang
     sin = torch.where(keep, torch.sqrt((1.0 - y) * (1.0 + y)), 0.0)
     dot = ab + alpha * torch.where(keep, psi, 0.0)
-    return dot * q12 + alpha * (sin * prod), dot
-
-
-def _abrelu_fused(q12: Tensor, r1: Tensor, r2: Tensor, lo: float, ang: float, ab: float, alpha: float) -> Tensor:
-    """``K'`` of :func:`_abrelu_body` (compiled by :func:`ntkit._compile.fused`)."""
-    return _abrelu_body(q12, r1, r2, lo, ang, ab, alpha)[0]
-
-
-def _abrelu_fused_ntk(
-    q12: Tensor, r1: Tensor, r2: Tensor, ntk: Tensor, lo: float, ang: float, ab: float, alpha: float
-) -> tuple[Tensor, Tensor]:
-    """``(K', Θ·K̇)`` of :func:`_abrelu_body` in one pass (compiled by :func:`ntkit._compile.fused`)."""
-    nngp, dot = _abrelu_body(q12, r1, r2, lo, ang, ab, alpha)
-    return nngp, dot * ntk
+    return dot * q12 + alpha * (sin * prod), (None if ntk is None else dot * ntk)
 
 
 class Relu(ABRelu):
@@ -643,9 +631,7 @@ class Erf(RuleLayer):
             return None
         m1, m2 = _pow2_above(q11 * t), _pow2_above(q22 * t)
         consts = (t, self.a * self.a * 2 / _PI, self.c * self.c, _SPLIT.get(q12.dtype, 2.0**6 + 1.0))
-        if ntk is None:
-            return _compile.fused(_erf_fused, q12, q11, q22, m1, m2, *consts), None
-        return _compile.fused(_erf_fused_ntk, q12, q11, q22, m1, m2, ntk, *consts)
+        return _compile.fused(_erf_fused, q12, ntk, q11, q22, m1, m2, *consts)
 
     def mean_fn(self, q):
         """``E[φ(u)] = c`` (erf is odd)."""
@@ -658,9 +644,13 @@ def _pow2_above(u: Tensor) -> Tensor:
     return torch.ldexp(torch.ones_like(u), e)
 
 
-def _erf_body(q12, q11, q22, m1, m2, t: float, a2: float, c2: float, split: float):
-    """:meth:`Erf.rule` with :func:`_root_det` inlined (``m = max(m1, m2)``; Dekker's two-products by
-    Veltkamp's ``split``): ``(K', K̇)``, ``K' = a2·atan((t q12/m)/S) + c²``, ``K̇ = a2·t/(m S)``."""
+def _erf_fused(
+    q12: Tensor, ntk: Optional[Tensor], q11: Tensor, q22: Tensor, m1: Tensor, m2: Tensor,
+    t: float, a2: float, c2: float, split: float,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """:meth:`Erf.rule` and ``Θ·K̇`` (``ntk`` given) in one pass, compiled by :func:`ntkit._compile.fused`, with
+    :func:`_root_det` inlined (``m = max(m1, m2)``; Dekker's two-products by Veltkamp's ``split``):
+    ``K' = a2·atan((t q12/m)/S) + c²``, ``K̇ = a2·t/(m S)``."""
     m = torch.maximum(m1, m2)
     a, b, r = q11 / m, q22 / m, q12 / m
 
@@ -677,18 +667,8 @@ def _erf_body(q12, q11, q22, m1, m2, t: float, a2: float, c2: float, split: floa
     inv = 1.0 / m
     det = (inv * inv + (a + b) * inv * t) + (t * t) * disc
     root = torch.sqrt(det.clamp_min(0.0))
-    return a2 * torch.atan(((t * q12) / m) / root) + c2, (a2 * t) / (m * root)
-
-
-def _erf_fused(q12, q11, q22, m1, m2, t: float, a2: float, c2: float, split: float) -> Tensor:
-    """``K'`` of :func:`_erf_body` (compiled by :func:`ntkit._compile.fused`)."""
-    return _erf_body(q12, q11, q22, m1, m2, t, a2, c2, split)[0]
-
-
-def _erf_fused_ntk(q12, q11, q22, m1, m2, ntk, t: float, a2: float, c2: float, split: float):
-    """``(K', Θ·K̇)`` of :func:`_erf_body` in one pass (compiled by :func:`ntkit._compile.fused`)."""
-    nngp, dot = _erf_body(q12, q11, q22, m1, m2, t, a2, c2, split)
-    return nngp, dot * ntk
+    nngp = a2 * torch.atan(((t * q12) / m) / root) + c2
+    return nngp, (None if ntk is None else (a2 * t) / (m * root) * ntk)
 
 
 class Sigmoid_like(Erf):

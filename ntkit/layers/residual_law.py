@@ -67,7 +67,6 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -341,33 +340,10 @@ def _half(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _gauss_from_measure(n, lambda r: math.sqrt(2 / math.pi) * np.exp(-r * r / 2))
 
 
-@functools.cache
-def _legendre_600() -> tuple[np.ndarray, np.ndarray]:
-    """600-node Gauss–Legendre on ``[−1, 1]``: the nodes as the eigenvalues of the tridiagonal Jacobi matrix
-    (``O(n²)``; numpy's dense ``leggauss`` takes 0.3 s at this size), one Newton step on ``P_n``, and the weights
-    ``2 / (n P_{n−1}(x) P_n'(x))`` (``P_n, P_n'`` by their three-term recurrences)."""
-    n = 600
-    j = np.arange(1, n)
-    x = scipy.linalg.eigvalsh_tridiagonal(np.zeros(n), j / np.sqrt(4.0 * j * j - 1))
-
-    def legendre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p0, p1, d0, d1 = np.ones_like(x), x, np.zeros_like(x), np.ones_like(x)
-        for m in range(2, n + 1):
-            p0, p1, d0, d1 = p1, ((2 * m - 1) * x * p1 - (m - 1) * p0) / m, d1, d0 + (2 * m - 1) * p1
-        return p0, p1, d1  # P_{n−1}, P_n, P_n'
-
-    _, p, dp = legendre(x)
-    x = x - p / dp
-    pm, _, dp = legendre(x)
-    w = 2 / (n * pm * dp)
-    x, w = (x - x[::-1]) / 2, (w + w[::-1]) / 2
-    return x, w * (2 / w.sum())
-
-
 def _gauss_from_measure(n: int, weight: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    x, w = _legendre_600()
-    x = (x + 1) * 7.0
-    w = w * 7.0 * weight(x)
+    x, w = _legendre(600)  # on [0, 1]
+    x = x * 14.0
+    w = w * 14.0 * weight(x)
     # Stieltjes: three-term recurrence of the orthonormal polynomials of the discrete measure (x, w)
     alpha, beta = np.zeros(n), np.zeros(n)
     p_prev, p = np.zeros_like(x), np.ones_like(x) / math.sqrt(w.sum())

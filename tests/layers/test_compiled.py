@@ -17,12 +17,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from in
 
 @pytest.fixture
 def count(monkeypatch):
-    """Counts the fused calls (and passes them through to the compiled functions)."""
+    """Counts the fused calls, by name and ``_ntk`` where ``Θ`` was passed (and passes them through to the
+    compiled functions; their second argument is ``Θ`` or ``None``)."""
     calls = []
     real = _compile.fused
 
     def counting(fn, *args):
-        calls.append(fn.__name__)
+        calls.append(fn.__name__ + ("" if args[1] is None else "_ntk"))
         return real(fn, *args)
 
     monkeypatch.setattr(_compile, "fused", counting)
