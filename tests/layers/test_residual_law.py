@@ -50,6 +50,21 @@ def test_bvn_against_mpmath():
     assert err < 1e-8  # 6-node rules: measured 5.7e-9 (at ρ = 0.75); 5 nodes would be 5e-8
 
 
+def test_bvn_node_count_on_a_grid(monkeypatch):
+    # the bound of bvn_upper's docstring on a grid of h, k ∈ [−8, 8] (step 0.5) × ρ ∈ (−1, 1) (step 0.01)
+    # against the same formulas with 24 nodes; 5 nodes exceed it (the bound is sharp enough to fail)
+    h = torch.arange(-8.0, 8.001, 0.5, dtype=F64)
+    H, K, P = torch.meshgrid(h, h, torch.arange(-0.995, 0.996, 0.01, dtype=F64), indexing="ij")
+    errs, shipped = {}, rl._BVN_NODES
+    monkeypatch.setattr(rl, "_BVN_NODES", 24)
+    ref = rl.bvn_upper(H, K, P)
+    for n in (5, shipped):
+        monkeypatch.setattr(rl, "_BVN_NODES", n)
+        errs[n] = float((rl.bvn_upper(H, K, P) - ref).abs().max())
+    print(f"bvn_upper vs 24 nodes on the grid: {errs}")
+    assert errs[shipped] < 1e-8 < errs[5]
+
+
 def test_bvn_rows_match_broadcast():
     """The row-wise evaluation (one correlation per row, as the rule calls it) equals the elementwise one."""
     g = torch.Generator().manual_seed(3)
