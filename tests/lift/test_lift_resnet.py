@@ -71,6 +71,24 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class ResNet18Stage(nn.Module):
+    """ResNet-18's first stage (two identity BasicBlocks in a row: two non-Gaussian levels in the residual
+    stream) on the stem Conv + BN + ReLU, then global average pooling and Linear."""
+
+    def __init__(self, w: int = 16, classes: int = 10, block=BasicBlock):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(block(w, w), block(w, w))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -91,10 +109,10 @@ def _mc_nngp(make, x, n_models, seed=0):
     return t.mean(0), t.std(0) / math.sqrt(n_models)
 
 
-def _check(block):
+def _check(block, model=SmallResNet):
     x = _x(3, 3, 4, 4)
-    k = nt.lift(SmallResNet(block=block).eval()).kernel_fn(x, None, "nngp")
-    mc, se = _mc_nngp(lambda: SmallResNet(w=256, classes=64, block=block), x, 120)
+    k = nt.lift(model(block=block).eval()).kernel_fn(x, None, "nngp")
+    mc, se = _mc_nngp(lambda: model(w=256, classes=64, block=block), x, 120)
     err, tol = rel_err(mc, k), 0.03 + 3 * float(se.max() / k.abs().max())
     print(f"ResNet NNGP: MC error {err:.4f} (tolerance {tol:.4f})")
     assert err < tol
@@ -107,3 +125,9 @@ def test_small_resnet_against_monte_carlo():
 def test_torchvision_basic_block():
     tv = pytest.importorskip("torchvision.models.resnet", reason="torchvision is not installed")
     _check(tv.BasicBlock)
+
+
+def test_two_identity_blocks_in_a_row():
+    """ResNet-18's stage of two identity BasicBlocks: the second block's ReLU sees a sum whose skip is itself a
+    ReLU of a non-Gaussian sum (the three-level rule of ntkit.layers.residual_law)."""
+    _check(BasicBlock, ResNet18Stage)
