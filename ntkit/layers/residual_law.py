@@ -489,9 +489,10 @@ def _pair_rules(
     weight: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     forms: tuple[tuple[Tensor, Tensor], ...] = (),
 ) -> list[tuple[Tensor, Optional[tuple[Tensor, Tensor]]]]:
-    """``(E[φ(h)φ(h')], (E[φ'(h)φ'(h')], E[φ'(h)φ'(h') r'(z) r'(z')]))`` (the second ``None`` unless
-    ``need_dot``; ``r = prefix``) for flat ``(E,)`` covariances by each ``(n_ang, n_rad)`` rule of ``rules``: the
-    nodes of all the rules are evaluated in one pass (their pieces are the same).
+    """``(E[φ(h)φ(h')], (E[φ'(h)φ'(h') r'(z) r'(z')], E[φ'(h)φ'(h')]))`` (the path weights ``(P_0, P_1)`` of
+    :func:`pair_expectations`; ``None`` unless ``need_dot``; ``r = prefix``) for flat ``(E,)`` covariances by
+    each ``(n_ang, n_rad)`` rule of ``rules``: the nodes of all the rules are evaluated in one pass (their pieces
+    are the same).
 
     ``weight(z, z')`` (``(E, nodes)`` in, out), if given, multiplies the integrand: ``E[w(z, z') φ(h)φ(h')]``;
     ``forms``: pairs ``(w1, w2)`` of ``(E,)`` coefficients whose lines ``w1 z + w2 z' = 0`` (where the weight
@@ -565,7 +566,7 @@ def _pair_rules(
             dot, dotd = (dv[:, cols] * w).sum(-1), (dvd[:, cols] * w).sum(-1)
             if const:
                 dot, dotd = dot + dv[:, -1] * w0, dotd + dvd[:, -1] * w0
-            dots = (dot, dotd)
+            dots = (dotd, dot)
         out.append((nngp, dots))
     return out
 
@@ -678,9 +679,9 @@ def _pair_rules3(
         c11, c22, c12 = g11 + a1 * a1 * q11, g22 + a2 * a2 * q22, g12 + a1 * a2 * q12
         if a1 == 0.0 and a2 == 0.0:
             zero = torch.zeros_like(q12)
-            pq = bvn_upper(zero, zero, sg1 * sg2 * rho0)[:, None]  # P(z ∈ Q)
+            pq = bvn_upper(zero, zero, sg1 * sg2 * rho0)  # P(z ∈ Q)
             res = _pair_rules((c12, c11, c22), last, pre2, ab, rules, need_dot)
-            res = [(v * pq[:, 0], None if d is None else (d[0] * pq[:, 0], d[1] * pq[:, 0])) for v, d in res]
+            res = [(v * pq, None if d is None else (d[0] * pq, d[1] * pq)) for v, d in res]
         else:
             # C⁻¹ with a relative ridge of 64 eps (C singular only where Σ0 A v = 0 for its null vector v, so M
             # has a limit there)
@@ -718,9 +719,10 @@ def _pair_rules3(
             else:
                 forms = ((m11, m12),) if a1 else ((m21, m22),)
             res = _pair_rules((c12, c11, c22), last, pre2, ab, rules, need_dot, weight, forms)
-        # the NTK's path weights (pair_expectations): on Q, ψ'(z) ψ'(z') = a1 a2
+        # the NTK's path weights (pair_expectations): the two-level rule's (P_0, P_1) are this program's (P_1,
+        # P_2), and on Q, ψ'(z) ψ'(z') = a1 a2 gives P_0
         terms: list[tuple[Tensor, Optional[tuple[Tensor, ...]]]] = [
-            (v, None if d is None else (a1 * a2 * d[1], d[1], d[0])) for v, d in res
+            (v, None if d is None else (a1 * a2 * d[0], d[0], d[1])) for v, d in res
         ]
         if total is None:
             total = terms
@@ -791,16 +793,25 @@ _TOO_DEEP = (
 )
 
 
-def _rules_fn(levels: Levels, prefixes: Prefixes, ab: tuple[float, float], rules, need_dot: bool):
+def _levels(flat: list[Tensor]) -> Levels:
+    """``(q12, q11, q22)`` per level from a flat list of three tensors per level."""
+    return tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
+
+
+def _rules_fn(
+    levels: Levels, prefixes: Prefixes, ab: tuple[float, float], rules: tuple[tuple[int, int], ...], need_dot: bool
+) -> list[tuple[Tensor, Optional[tuple[Tensor, ...]]]]:
+    """``(E[φ(h)φ(h')], path weights)`` by each rule of ``rules``, for two or three levels."""
     if len(levels) == 2:
-        res = _pair_rules(levels[0], levels[1], prefixes[0], ab, rules, need_dot)
-        return [(v, None if d is None else (d[1], d[0])) for v, d in res]
+        return list(_pair_rules(levels[0], levels[1], prefixes[0], ab, rules, need_dot))
     return _pair_rules3(levels, prefixes, ab, rules, need_dot)
 
 
-def _single_any(variances: list[Tensor], prefixes: Prefixes, ab: tuple[float, float], fine: bool):
-    """``(E[φ(h)], E[φ(h)²], E[φ'(h)²])`` at flat per-level variances: exact to ~1e-14 (``fine``) or ~1e-4 (the
-    error scale)."""
+def _single_any(
+    variances: list[Tensor], prefixes: Prefixes, ab: tuple[float, float], fine: bool
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(E[φ(h)], E[φ(h)²], (P_0, …, P_{L−1}))`` at one point, flat per-level variances: exact to ~1e-14
+    (``fine``) or ~1e-4 (the error scale)."""
     if len(variances) == 2:
         return _single_rule(variances[0], variances[1], prefixes[0], ab, 40 if fine else 12)
     n_out, n_in = (40, 48) if fine else (12, 12)
@@ -835,11 +846,10 @@ def pair_expectations(
     dots = [torch.empty_like(out) for _ in range(nl)] if need_dot else None
     # the same point on both sides (same sample and pixel, ρ = 1 at every level): the exact 1-D rule
     same = torch.ones_like(out, dtype=torch.bool)
-    for lv in range(nl):
-        q12, q11, q22 = flat[3 * lv : 3 * lv + 3]
+    for q12, q11, q22 in _levels(flat):
         same &= (q11 == q22) & (q12 == q11)
     if bool(same.any()):
-        _, sq, dsq = _single_any([flat[3 * lv + 1][same] for lv in range(nl)], prefixes, ab, True)
+        _, sq, dsq = _single_any([q11[same] for _, q11, _ in _levels(flat)], prefixes, ab, True)
         out[same] = sq
         if dots is not None:
             for t, ds in zip(dots, dsq):
@@ -853,14 +863,13 @@ def pair_expectations(
         return result()
     scale = torch.empty_like(out)
     dot_unit = max(1.0, abs(ab[0]) + abs(ab[1])) ** 2
-    terms = 1 if nl == 2 else 8  # four sign patterns, each with a Φ₂ weight
+    terms = 1 if nl == 2 else 8  # three levels: four terms, three with a Φ₂ weight; ~8× the temporaries per entry
     for i, (fine, coarse) in enumerate(_RULES):
         chunk = max(1, _CHUNK // (terms * 12 * (fine[0] * fine[1] + coarse[0] * coarse[1]) + 1))
         bad_parts, err_parts = [], []
         for s0 in range(0, idx.numel(), chunk):
             part = idx[s0 : s0 + chunk]
-            cols = [t[part] for t in flat]
-            lvs = tuple(tuple(cols[3 * lv : 3 * lv + 3]) for lv in range(nl))
+            lvs = _levels([t[part] for t in flat])
             if i == 0:
                 scale[part] = _pair_scale(lvs, prefixes, ab)
             (v, d), (vc, dc) = _rules_fn(lvs, prefixes, ab, (fine, coarse), need_dot)
@@ -923,8 +932,7 @@ def _symmetric_pairs(
     iu, ju = torch.triu_indices(n, n, device=full[0].device)
     picked = [t[iu, ju] for t in full]
     if k.diagonal_spatial or not k.spatial_ndim:
-        lvs = tuple(tuple(picked[3 * lv : 3 * lv + 3]) for lv in range(len(levels)))
-        v, d = pair_expectations(lvs, prefixes, ab, need_dot)
+        v, d = pair_expectations(_levels(picked), prefixes, ab, need_dot)
     else:
         v, d = _pixel_symmetric_pairs(picked, iu == ju, k.spatial_ndim, prefixes, ab, need_dot)
     pix = [0]
@@ -960,9 +968,7 @@ def _pixel_symmetric_pairs(
         t = t.permute(to_pp).reshape(-1, npix, npix)
         return torch.cat([t[off].reshape(-1), t[diag][:, ti, tj].reshape(-1)])
 
-    e = [entries(t) for t in picked]
-    lvs = tuple(tuple(e[3 * lv : 3 * lv + 3]) for lv in range(len(e) // 3))
-    vals = pair_expectations(lvs, prefixes, ab, need_dot)  # type: ignore[arg-type]
+    vals = pair_expectations(_levels([entries(t) for t in picked]), prefixes, ab, need_dot)
     n_off = int(off.sum()) * npix * npix
 
     def back(e: Tensor) -> Tensor:

@@ -111,37 +111,48 @@ def test_relu_pair_against_quadrature():
         assert abs(float(f) - f_ref) < 1e-9 and abs(float(p) - p_ref) < 1e-9
 
 
-def _cartesian_reference(lv0, lvg, slope_neg=0.0, n=48):
-    """``(E[φ(h) φ(h')], E[φ'(h)φ'(h')], E[φ'(h)φ'(h') φ0'(z)φ0'(z')])``, ``h = g + φ0(z)`` (φ = relu, φ0 =
-    ABRelu(slope_neg, 1)) by an independent rule: Cholesky
-    coordinates ``z = σ1 u``, ``z' = σ2(ρu + s v)``, Gauss–Legendre on ``u ∈ [−9, 0], [0, 9]`` and, for each
-    ``u``, on ``v`` split at the kink ``v = −ρu/s``; the last level by the closed form (tested above)."""
+def _leg(n, lo, hi):
+    """Gauss–Legendre nodes and weights on ``[lo, hi]`` (broadcast tensors)."""
     import numpy as np
 
-    q12, q11, q22 = lv0
     x, w = np.polynomial.legendre.leggauss(n)
-    xs, ws = torch.as_tensor((x + 1) / 2, dtype=F64), torch.as_tensor(w / 2, dtype=F64)
-    s1, s2 = math.sqrt(q11), math.sqrt(q22)
-    rho = q12 / (s1 * s2)
-    s = math.sqrt(max(0.0, 1 - rho * rho))
-    total = [0.0, 0.0, 0.0]
-    for ulo, uhi in ((-9.0, 0.0), (0.0, 9.0)):
-        u = ulo + (uhi - ulo) * xs
-        wu = (uhi - ulo) * ws * torch.exp(-u * u / 2) / math.sqrt(2 * math.pi)
-        kink = (-rho * u / s).clamp(-9, 9) if s > 0 else torch.zeros_like(u)
-        for part in (0, 1):
-            a, b = (torch.full_like(u, -9.0), kink) if part == 0 else (kink, torch.full_like(u, 9.0))
-            v = a[:, None] + (b - a)[:, None] * xs
-            wv = (b - a)[:, None] * ws * torch.exp(-v * v / 2) / math.sqrt(2 * math.pi)
-            z1, z2 = s1 * u[:, None].expand_as(v), s2 * (rho * u[:, None] + s * v)
-            r1 = torch.where(z1 > 0, z1, slope_neg * z1)
-            r2 = torch.where(z2 > 0, z2, slope_neg * z2)
-            g12, g11, g22 = (_t(c) for c in lvg)
-            f, p, *_ = rl._relu_pair(r1, r2, g11.sqrt(), g22.sqrt(), g12 / (g11 * g22).sqrt())
-            d = torch.where(z1 > 0, 1.0, slope_neg) * torch.where(z2 > 0, 1.0, slope_neg)
-            for i, t in enumerate((f, p, p * d)):
-                total[i] += float((t * wv * wu[:, None]).sum())
-    return tuple(total)
+    x, w = torch.as_tensor((x + 1) / 2, dtype=F64), torch.as_tensor(w / 2, dtype=F64)
+    return lo[..., None] + (hi - lo)[..., None] * x, (hi - lo)[..., None] * w
+
+
+def _gauss_split(cov, m1, m2, n, slope_neg, width=9.0):
+    """Nodes of ``ABRelu(slope_neg, 1)`` applied to ``N((m1, m2), cov)`` (``m`` broadcast) and their weights:
+    Cholesky coordinates ``u, v`` by Gauss–Legendre on ``[−9, 9]`` split at ``u = −m1/σ1`` and, per ``u``, at the
+    ``v`` where the second coordinate is 0."""
+    c12, c11, c22 = cov
+    s1, s2 = math.sqrt(c11), math.sqrt(c22)
+    rho = c12 / (s1 * s2)
+    s = math.sqrt(1 - rho * rho)
+    phi = lambda t: torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    act = lambda t: torch.where(t > 0, t, slope_neg * t)
+    cut = (-m1 / s1).clamp(-width, width)
+    outs = []
+    for lo, hi in ((torch.full_like(cut, -width), cut), (cut, torch.full_like(cut, width))):
+        u, wu = _leg(n, lo, hi)
+        vc = ((-m2[..., None] / s2 - rho * u) / s).clamp(-width, width)
+        for vlo, vhi in ((torch.full_like(vc, -width), vc), (vc, torch.full_like(vc, width))):
+            v, wv = _leg(n, vlo, vhi)
+            h1 = (m1[..., None] + s1 * u)[..., None].expand_as(v)
+            h2 = m2[..., None, None] + s2 * (rho * u[..., None] + s * v)
+            outs.append((act(h1), act(h2), (wu * phi(u))[..., None] * wv * phi(v)))
+    return [torch.cat([o[i].flatten(-2) for o in outs], -1) for i in range(3)]
+
+
+def _cartesian_reference(lv0, lvg, slope_neg=0.0, n=48):
+    """``(E[φ(h) φ(h')], E[φ'(h)φ'(h')], E[φ'(h)φ'(h') φ0'(z)φ0'(z')])``, ``h = g + φ0(z)`` (φ = relu, φ0 =
+    ABRelu(slope_neg, 1)) by an independent rule: ``(z, z')`` by :func:`_gauss_split` (Gauss–Legendre in Cholesky
+    coordinates, split at both kinks); the last level by the closed form (tested above)."""
+    zero = torch.zeros((), dtype=F64)
+    r1, r2, w = _gauss_split(lv0, zero, zero, n, slope_neg)
+    g12, g11, g22 = (_t(c) for c in lvg)
+    f, p, *_ = rl._relu_pair(r1, r2, g11.sqrt(), g22.sqrt(), g12 / (g11 * g22).sqrt())
+    d = torch.where(r1 > 0, 1.0, slope_neg) * torch.where(r2 > 0, 1.0, slope_neg)  # φ0'(z)φ0'(z'): r > 0 iff z > 0
+    return tuple(float((t * w).sum()) for t in (f, p, p * d))
 
 
 CASES = [  # (level-0 covariance (q12, q11, q22), Gaussian branch's)
@@ -193,38 +204,6 @@ def test_single_rule_is_exact_on_the_diagonal():
 # ---------------------------------------------------------------------------------------------------
 # three levels (two post-activation blocks in a row): the rule against a 4-D nested quadrature
 # ---------------------------------------------------------------------------------------------------
-def _leg(n, lo, hi):
-    """Gauss–Legendre nodes and weights on ``[lo, hi]`` (broadcast tensors)."""
-    import numpy as np
-
-    x, w = np.polynomial.legendre.leggauss(n)
-    x, w = torch.as_tensor((x + 1) / 2, dtype=F64), torch.as_tensor(w / 2, dtype=F64)
-    return lo[..., None] + (hi - lo)[..., None] * x, (hi - lo)[..., None] * w
-
-
-def _gauss_split(cov, m1, m2, n, slope_neg, width=9.0):
-    """Nodes of ``ABRelu(slope_neg, 1)`` applied to ``N((m1, m2), cov)`` (``m`` broadcast) and their weights:
-    Cholesky coordinates ``u, v`` by Gauss–Legendre on ``[−9, 9]`` split at ``u = −m1/σ1`` and, per ``u``, at the
-    ``v`` where the second coordinate is 0."""
-    c12, c11, c22 = cov
-    s1, s2 = math.sqrt(c11), math.sqrt(c22)
-    rho = c12 / (s1 * s2)
-    s = math.sqrt(1 - rho * rho)
-    phi = lambda t: torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
-    act = lambda t: torch.where(t > 0, t, slope_neg * t)
-    cut = (-m1 / s1).clamp(-width, width)
-    outs = []
-    for lo, hi in ((torch.full_like(cut, -width), cut), (cut, torch.full_like(cut, width))):
-        u, wu = _leg(n, lo, hi)
-        vc = ((-m2[..., None] / s2 - rho * u) / s).clamp(-width, width)
-        for vlo, vhi in ((torch.full_like(vc, -width), vc), (vc, torch.full_like(vc, width))):
-            v, wv = _leg(n, vlo, vhi)
-            h1 = (m1[..., None] + s1 * u)[..., None].expand_as(v)
-            h2 = m2[..., None, None] + s2 * (rho * u[..., None] + s * v)
-            outs.append((act(h1), act(h2), (wu * phi(u))[..., None] * wv * phi(v)))
-    return [torch.cat([o[i].flatten(-2) for o in outs], -1) for i in range(3)]
-
-
 def _nested_reference(c0, c1, c2, n=20, slope_neg=0.0):
     """``(E[relu(h2) relu(h2')], P_2, P_1, P_0)`` for ``h2 = g2 + φ(g1 + φ(z))`` (``φ = ABRelu(slope_neg, 1)``;
     ``P_2 = P(h2 > 0, h2' > 0)``, ``P_1 = E[1{h2 > 0, h2' > 0} φ'(h1)φ'(h1')]``, ``P_0`` that times ``φ'(z)φ'(z')``:
