@@ -431,7 +431,11 @@ class ABRelu(RuleLayer):
         self.a, self.b = float(a), float(b)
 
     def fn(self, x):
-        return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
+        a, b = self.a, self.b
+        if a == 0.0:  # the ReLU family's common case in one pass (two for b ≠ 1); same values and gradients
+            pos = torch.clamp(x, min=0)
+            return pos if b == 1.0 else pos * b
+        return a * torch.clamp(x, max=0) + b * torch.clamp(x, min=0)
 
     def derivative(self, x):
         return torch.where(x > 0, torch.as_tensor(self.b, dtype=x.dtype), torch.as_tensor(self.a, dtype=x.dtype))
