@@ -307,6 +307,38 @@ class _Row:
     torch_op: str
     layer: str
     init: str
+    kernel: str = "exact"
+
+
+def _walk(layer: Layer) -> list[Layer]:
+    out = [layer]
+    for sub in layer.sublayers():
+        out += _walk(sub)
+    return out
+
+
+def kernel_note(layer: Layer, after_sum: bool = False) -> str:
+    """The explain table's ``kernel`` column: how the layer's kernel is computed (``exact``: closed form or exact
+    recursion), with the numerical rules' methods and stated errors; ``after_sum``: the layer's input is a sum."""
+    from ntkit.layers.activations import Piecewise, Smooth
+    from ntkit.layers.attention import GlobalSelfAttention
+    from ntkit.layers.elementwise import ABRelu, Elementwise
+    from ntkit.layers.maxpool import MaxPool
+
+    parts = _walk(layer)
+    if any(isinstance(x, MaxPool) for x in parts):
+        return "numerical: randomized QMC, per-entry error estimate"
+    if any(isinstance(x, GlobalSelfAttention) and x.attention_mechanism == "SOFTMAX" for x in parts):
+        return "numerical: QMC over Gaussian logits (softmax_tol); NNGP only"
+    if isinstance(layer, Smooth):
+        return "numerical: graded Gauss–Legendre, error ≤ 1e-8"
+    if isinstance(layer, Piecewise):
+        return "exact pieces, error ≤ 1e-9"
+    if isinstance(layer, Elementwise):
+        return "numerical: Gauss–Hermite (lift(deg=)), no error bound"
+    if isinstance(layer, ABRelu) and after_sum:
+        return "closed form; of a non-Gaussian sum: residual-stream law, error ≤ 1e-3"
+    return "exact"
 
 
 class _Tracer(torch.fx.Tracer):
@@ -414,7 +446,7 @@ def _lift_sequential(model: nn.Module, opts: LiftOptions, init: str, rows: list[
     for qualname, m in _flatten_sequential(model, ""):
         o, note = _options(m, opts, init, after_param)
         layer = _lift_module(m, qualname, o)
-        rows.append(_Row(qualname, type(m).__name__, repr(layer), note))
+        rows.append(_Row(qualname, type(m).__name__, repr(layer), note, kernel_note(layer)))
         layers.append(layer)
         after_param = after_param or _is_fan_in_layer(m)
     return serial(*fuse_maxpool(layers))  # ReLU -> MaxPool: the pool sees the Gaussian pre-activations
@@ -462,6 +494,8 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
     after_param: dict[str, bool] = {input_name: False}
     output: Optional[str] = None
     value_names = {input_name}
+    layer_of: dict[str, Layer] = {}
+    calls: dict[str, int] = {}
 
     def where(n: torch.fx.Node) -> str:
         return f"{n.target}" if n.op == "call_module" else f"{_call_name(n)} (graph node {n.name!r})"
@@ -484,9 +518,14 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
         return a.name
 
     def add(n: torch.fx.Node, layer: Layer, inputs: list[str], torch_op: str, note: str = "") -> None:
+        after_sum = any(isinstance(layer_of.get(i), FanInSum) for i in inputs)
         nodes.append(GraphNode(n.name, layer, tuple(inputs)))
+        layer_of[n.name] = layer
         value_names.add(n.name)
-        rows.append(_Row(n.name, torch_op, repr(layer), note))
+        label = str(n.target) if n.op == "call_module" else n.name  # modules by their qualified name
+        calls[label] = calls.get(label, 0) + 1
+        label += f" (call {calls[label]})" if calls[label] > 1 else ""  # a module called again (BasicBlock's relu)
+        rows.append(_Row(label, torch_op, repr(layer), note, kernel_note(layer, after_sum)))
 
     def operands(n: torch.fx.Node, kinds: tuple) -> list[Any]:
         """Operands of a chain ``a + b + c`` (an inner sum used only here is merged into one n-ary sum)."""
@@ -629,11 +668,12 @@ def _lift_traced(model: nn.Module, opts: LiftOptions, init: str, rows: list[_Row
 
 
 def format_table(rows: list[_Row]) -> str:
-    """The explain table: torch node -> ntkit layer, and the init read."""
-    head = ("torch node", "torch op", "ntkit layer", "init")
-    cells = [head] + [(r.node, r.torch_op, r.layer, r.init) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(3)]
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(3)) + ("  " + c[3] if c[3] else "") for c in cells)
+    """The explain table: torch node (a module by its qualified name) -> ntkit layer, how its kernel is computed,
+    and the init read."""
+    head = ("torch node", "torch op", "ntkit layer", "kernel", "init")
+    cells = [head] + [(r.node, r.torch_op, r.layer, r.kernel, r.init) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(4)) + ("  " + c[4] if c[4] else "") for c in cells)
 
 
 def lift(
@@ -663,8 +703,9 @@ def lift(
         :mod:`ntkit.layers.activations`. An int: 2-D Gauss–Hermite of that degree for the smooth activations
         instead (``Elementwise``; much faster on large kernels, but its error grows with the variance: at
         ``q = 20`` the Tanh NTK is 15 % off at ``deg=100``).
-      explain: print the mapping table (torch node -> ntkit layer, init read); it is also kept as the returned
-        net's ``lift_explanation`` attribute.
+      explain: print the mapping table (torch node -> ntkit layer, how its kernel is computed — exact, or the
+        numerical rule and its stated error — and the init read); it is also kept as the returned net's
+        ``lift_explanation`` attribute.
 
     Raises:
       LiftError: naming the module or call, its qualified name in the model, why it has no kernel, and the fix.

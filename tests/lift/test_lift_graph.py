@@ -198,6 +198,28 @@ def test_explain_prints_the_mapping(capsys):
     assert "fc1" in out and "FanInSum" in out and "hidden bias" in out and out.strip() == net.lift_explanation
 
 
+def test_explain_says_how_each_kernel_is_computed():
+    """The kernel column: exact rows, the numerical rules with their stated errors, qualified module names and a
+    module called twice (torchvision's BasicBlock calls its relu before and after the sum)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.body = nn.Sequential(nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1))
+            self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+
+        def forward(self, x):
+            h = self.relu(self.stem(x))
+            h = self.relu(self.conv(h) + h)
+            return self.pool(self.body(h))
+
+    rows = {line.split("  ")[0]: line for line in lift(Block()).lift_explanation.splitlines()[1:]}
+    assert "exact" in rows["stem"] and "residual-stream law, error ≤ 1e-3" in rows["relu (call 2)"]
+    assert "residual-stream" not in rows["relu"]
+    assert "Gauss–Legendre, error ≤ 1e-8" in rows["body.0"] and "QMC" in rows["pool"]
+
+
 def test_chain_module_lifts_to_serial_and_functional_calls():
     class Chain(nn.Module):
         def __init__(self):
