@@ -35,9 +35,12 @@ from torch import nn
 
 import ntkit.layers
 import ntkit.layers.activations  # noqa: F401  (every activation torch has: their lift rules)
+from ntkit.layers.activations import Piecewise, Smooth
+from ntkit.layers.attention import GlobalSelfAttention
 from ntkit.layers.base import LIFT_RULES, Layer, LayerError, LiftError, LiftOptions, Std, single, single_shape
 from ntkit.layers.branching import FanInConcat, FanInProd, FanInSum
-from ntkit.layers.maxpool import MAX_POOL_CALLS, fuse_maxpool, fuse_maxpool_nodes
+from ntkit.layers.elementwise import ABRelu, Elementwise
+from ntkit.layers.maxpool import MAX_POOL_CALLS, MaxPool, fuse_maxpool, fuse_maxpool_nodes
 from ntkit.layers.pooling import GlobalAvgPool
 from ntkit.lift_attention import SequenceGraph, as_traceable, is_sequence_model
 from ntkit.nets import GraphNet, GraphNode, Net, serial
@@ -320,11 +323,6 @@ def _walk(layer: Layer) -> list[Layer]:
 def kernel_note(layer: Layer, after_sum: bool = False) -> str:
     """The explain table's ``kernel`` column: how the layer's kernel is computed (``exact``: closed form or exact
     recursion), with the numerical rules' methods and stated errors; ``after_sum``: the layer's input is a sum."""
-    from ntkit.layers.activations import Piecewise, Smooth
-    from ntkit.layers.attention import GlobalSelfAttention
-    from ntkit.layers.elementwise import ABRelu, Elementwise
-    from ntkit.layers.maxpool import MaxPool
-
     parts = _walk(layer)
     if any(isinstance(x, MaxPool) for x in parts):
         return "numerical: randomized QMC, per-entry error estimate"
