@@ -89,6 +89,16 @@ deviation (default-initialised ResNets are nearer 7×) the first rung is within 
 entry (four terms, three with a ``Φ₂`` weight per node and more pieces: the lines of the weight are cut as
 well; the ResNet-18 stage's times in BENCHMARKS.md).
 
+**Known limitation of the three-level rule** (measured 2026-12-02 with a script outside the repository, on 360
+random entries with middle branches down to ``σ_g1² = 0.005 σ_0²`` and 30 % of the correlations within 1e-6 to
+1e-1 of 1): 10 entries came back 1.0e-3 to 4.2e-3 of the scale off the ``(32, 48)`` rung (which agrees with the
+nested 4-D reference of the tests to 2e-4 there), *above* the tolerance, with an error estimate below it. The
+weight ``π_Q`` then changes within a few thousandths of a radian of its cut lines, over an angular width that
+shrinks like ``1/R`` (a strip around the line in Cartesian coordinates), with algebraic tails that 4-node pieces
+do not resolve and that the coarse rule misses in the same way. The version before 2026-12-02 had the same
+failure (11 of 360 entries, up to 4.0e-3). On the entries of the tests' models (ResNet-18's first stage) the rule
+is within 6.4e-5 (800 of its entries); the two-level rule stays within 3.4e-4 on the same kind of random covariances.
+
 Three or more non-Gaussian levels in a row (three identity blocks) are refused with an error, as are other
 final nonlinearities than the ReLU family, and two levels with a smooth nonlinearity before the last sum;
 pre-activation blocks (``x + conv(relu(bn(x)))``) never need this rule.
