@@ -81,23 +81,24 @@ the weight ``π_Q``, whose steps, along the lines ``(M h)_i = 0`` (and, as the c
 the line where ``Φ₂``'s arguments are equal or opposite), are cut as extra rays; for ReLU's ``z, z' < 0`` the
 weight is the constant ``P(z ∈ Q)``. The same error control. The same point on both sides: a nested 1-D rule
 (:func:`_single_rule3`, to ~1e-10). Measured (tests/layers/test_residual_law.py): within 7.3e-5 of the scale of an
-independent nested 4-D rule on the NNGP's ladder and 7.6e-6 on the path weights' (the reference's own accuracy is
-~2e-5), path weights within 2.1e-5; on branches 3–4× smaller than the skip in standard
+independent nested 4-D rule on the NNGP's ladder and 8.3e-6 on the path weights' (the reference's own accuracy is
+~2e-5), path weights within 2.5e-5; on branches 3–4× smaller than the skip in standard
 deviation (default-initialised ResNets are nearer 7×) the first rung is within the tolerance of the finest rule
 (32 angular nodes per piece, 48 radial), and the ladder converges slowly beyond it (``π_Q`` steps over a width
 ~σ_g1 across its cut lines: (16, 24) is 4e-5 from (32, 48)). Cost: about four times the two-level rule per
 entry (four terms, three with a ``Φ₂`` weight per node and more pieces: the lines of the weight are cut as
 well; the ResNet-18 stage's times in BENCHMARKS.md).
 
-**Known limitation of the three-level rule** (measured 2026-12-02 with a script outside the repository, on 360
+**Known limitation of the three-level rule** (measured 2026-12-02 with a script outside the repository, on 400
 random entries with middle branches down to ``σ_g1² = 0.005 σ_0²`` and 30 % of the correlations within 1e-6 to
-1e-1 of 1): 10 entries came back 1.0e-3 to 4.2e-3 of the scale off the ``(32, 48)`` rung (which agrees with the
-nested 4-D reference of the tests to 2e-4 there), *above* the tolerance, with an error estimate below it. The
-weight ``π_Q`` then changes within a few thousandths of a radian of its cut lines, over an angular width that
-shrinks like ``1/R`` (a strip around the line in Cartesian coordinates), with algebraic tails that 4-node pieces
-do not resolve and that the coarse rule misses in the same way. The version before 2026-12-02 had the same
-failure (11 of 360 entries, up to 4.0e-3). On the entries of the tests' models (ResNet-18's first stage) the rule
-is within 6.4e-5 (800 of its entries); the two-level rule stays within 3.4e-4 on the same kind of random covariances.
+1e-1 of 1, against the ``(32, 48)`` rung, which equals ``(64, 96)`` and the tests' nested 4-D reference to 1e-6
+on the worst entry): 7 entries came back 1.0e-3 to 2.7e-3 of the scale off, *above* the tolerance, with an error
+estimate below it (fine and coarse rule off alike; an estimate threshold of 2e-4 would catch them all but refine
+247 of the 400). Before 2026-12-02 a line of the weight with ``atan2`` angle in ``(−π, −π/2)`` was not cut on
+the arc through ``(π, 3π/2)`` (:func:`_ray_in`): then 11 of 360 entries were off by up to 4.0e-3, and the high
+rungs converged only slowly. On the entries of the tests' models (ResNet-18's first stage) the rule is within
+6.4e-5 (800 of its entries; that fix moved its NNGP by 4e-8); the two-level rule stays within 3.4e-4 on the same
+kind of random covariances.
 
 Three or more non-Gaussian levels in a row (three identity blocks) are refused with an error, as are other
 final nonlinearities than the ReLU family, and two levels with a smooth nonlinearity before the last sum;
@@ -459,9 +460,12 @@ def _slopes(prefix: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -
 
 
 def _ray_in(tt: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The angle of the ray ``tt`` (mod π) inside the arc ``(lo, hi)``, else ``hi`` (a zero-length piece)."""
+    """The angle of the ray ``tt`` (mod π; ``tt`` from ``atan2``, in ``(−π, π]``) inside the arc ``(lo, hi)`` of
+    ``[−π/2, 3π/2)``, else ``hi`` (a zero-length piece). The representatives there are ``tt + kπ``, ``k = −1 … 2``:
+    before 2026-12-02 ``k = 2`` was missing, so a line at ``tt ∈ (−π, −π/2)`` went uncut on the arc through
+    ``(π, 3π/2)``."""
     cut = hi
-    for shift in (-math.pi, 0.0, math.pi):
+    for shift in (-math.pi, 0.0, math.pi, 2 * math.pi):
         c = tt + shift
         cut = torch.where((c > lo) & (c < hi), c, cut)
     return cut

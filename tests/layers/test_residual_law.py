@@ -478,3 +478,15 @@ def test_refusals():
     )
     with pytest.raises(LayerError, match="ReLU family"):
         other.kernel_fn(_x(2, 3))
+
+
+def test_ray_in_finds_every_representative_of_a_line():
+    """A line through the origin (an angle mod π, as atan2 returns it in (−π, π]) is cut on every arc of
+    [−π/2, 3π/2) it crosses, also at tt + 2π (missing before 2026-12-02: the three-level rule's weight went uncut
+    on the arc through (π, 3π/2) and was 4e-3 off on such entries)."""
+    lo = _t([-math.pi / 2, 0.0, math.pi, math.pi])
+    hi = _t([0.0, math.pi, 3 * math.pi / 2, 3 * math.pi / 2])
+    tt = _t([-1.842, 1.2993, -1.842, 0.3])  # representatives: −1.842 + π = 1.2996, −1.842 + 2π = 4.4412
+    got = rl._ray_in(tt, lo, hi)
+    want = _t([0.0, 1.2993, -1.842 + 2 * math.pi, 0.3 + math.pi])
+    assert torch.allclose(got, want, rtol=0, atol=1e-12), got
