@@ -44,6 +44,7 @@ from ntkit.layers.maxpool import MAX_POOL_CALLS, MaxPool, fuse_maxpool, fuse_max
 from ntkit.layers.pooling import GlobalAvgPool
 from ntkit.lift_attention import SequenceGraph, as_traceable, is_sequence_model
 from ntkit.nets import GraphNet, GraphNode, Net, serial
+from ntkit.nets.tiler import leaf_paths
 
 __all__ = ["lift", "LiftError", "SUPPORTED", "REFUSED", "INITS"]
 
@@ -313,17 +314,10 @@ class _Row:
     kernel: str = "exact"
 
 
-def _walk(layer: Layer) -> list[Layer]:
-    out = [layer]
-    for sub in layer.sublayers():
-        out += _walk(sub)
-    return out
-
-
 def kernel_note(layer: Layer, after_sum: bool = False) -> str:
     """The explain table's ``kernel`` column: how the layer's kernel is computed (``exact``: closed form or exact
     recursion), with the numerical rules' methods and stated errors; ``after_sum``: the layer's input is a sum."""
-    parts = _walk(layer)
+    parts = [leaf for _, leaf in leaf_paths(layer)]
     if any(isinstance(x, MaxPool) for x in parts):
         return "numerical: randomized QMC, per-entry error estimate"
     if any(isinstance(x, GlobalSelfAttention) and x.attention_mechanism == "SOFTMAX" for x in parts):
@@ -335,7 +329,7 @@ def kernel_note(layer: Layer, after_sum: bool = False) -> str:
     if isinstance(layer, Elementwise):
         return "numerical: Gauss–Hermite (lift(deg=)), no error bound"
     if isinstance(layer, ABRelu) and after_sum:
-        return "closed form; of a non-Gaussian sum: residual-stream law, error ≤ 1e-3"
+        return "closed form; of a non-Gaussian sum: residual-stream law, error ≤ 1e-3 (per-entry estimate)"
     return "exact"
 
 

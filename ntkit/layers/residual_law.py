@@ -497,7 +497,8 @@ def _pieces(
     half = math.pi / 2
     zero = torch.zeros_like(t0)
     edges = [zero - half, t0 - half, zero + half, t0 + half, zero + 3 * half]
-    layer = [_LAYER / u1.clamp_min(1e-300), _LAYER / u2.clamp_min(1e-300)]  # at the z = 0 and z' = 0 edges
+    tiny = torch.finfo(t0.dtype).tiny
+    layer = [_LAYER / u1.clamp_min(tiny), _LAYER / u2.clamp_min(tiny)]  # at the z = 0 and z' = 0 edges
     signs = [(1, -1), (1, 1), (-1, 1), (-1, -1)]
     los, lns = [], []
     for j in range(4):
