@@ -2,13 +2,15 @@
 Monte-Carlo estimate from wide default-initialised instances of the same torch model (more instances than the
 tests in tests/lift/ afford; the models are those tests' own).
 
-    python benchmarks/lift_models.py [--cases mlp,resnet,stage,attn,enc] [--blocks 2] [--size 8] [--samples 4]
+    python benchmarks/lift_models.py [--cases mlp,resnet,stage,attn,enc,rule] [--blocks 2] [--size 8] [--samples 4]
                                      [--instances 300] [--width 256] [--threads 2]
 
 ``mlp`` is the residual MLP of tests/layers/test_residual_law.py (``--blocks`` post-activation blocks; its NNGP
 and NTK against wide ntkit twins, and the NTK by the mean rule ntkit had before the path weights). ``stage`` is
 ResNet-18's first stage (tests/lift/test_lift_resnet.py's ResNet18Stage: two identity BasicBlocks
-in a row). One JSON line per case: ``seconds`` (lift + NNGP), ``rel_err`` (max |MC − lift| / max lift),
+in a row). ``rule`` is the residual-law rule alone on ``--samples`` × 100 random covariances per program (two
+levels with ReLU and LeakyReLU, three with ReLU) against its own ``(32, 48)`` rung.
+One JSON line per case: ``seconds`` (lift + NNGP), ``rel_err`` (max |MC − lift| / max lift),
 ``mc_se`` (the MC estimate's largest standard error, same scale) and, for the ResNets, ``gaussian_sum_rel_err``:
 the answer when the residual sum is treated as Gaussian (the rule ntkit had before ``Kernel.law``).
 """
@@ -156,6 +158,55 @@ def attention(name: str, args: argparse.Namespace) -> None:
     )
 
 
+def _random_levels(n: int, levels: int, g: torch.Generator) -> tuple:
+    """Random ``(q12, q11, q22)`` per level: the first (the skip's ``z``) with variances in [0.5, 2], the later
+    (Gaussian branches) in [0.01, 4] (log-uniform; the two sides within a factor e^±0.7), 30 % of the
+    correlations within 1e-6 to 1e-1 of 1, the others uniform in (−0.99, 0.99)."""
+    out = []
+    for lv in range(levels):
+        lo, hi = (0.5, 2.0) if lv == 0 else (0.01, 4.0)
+        v1 = torch.empty(n, dtype=torch.float64).uniform_(math.log(lo), math.log(hi), generator=g).exp()
+        v2 = v1 * torch.empty(n, dtype=torch.float64).uniform_(-0.7, 0.7, generator=g).exp()
+        near = torch.rand(n, generator=g, dtype=torch.float64) < 0.3
+        gap = 10 ** torch.empty(n, dtype=torch.float64).uniform_(-6, -1, generator=g)
+        rho = torch.where(near, 1 - gap, torch.empty(n, dtype=torch.float64).uniform_(-0.99, 0.99, generator=g))
+        out.append((rho * torch.sqrt(v1 * v2), v1, v2))
+    return tuple(out)
+
+
+def rule_stress(args: argparse.Namespace) -> None:
+    """The residual-law rule's NNGP (``pair_expectations``, with its error control) on ``--samples`` × 100 random
+    covariances per program against its ``(32, 48)`` rung: how many entries come back above the tolerance, and
+    how many of those with an error estimate below it (silently). Entries the rule refuses are counted apart."""
+    g = torch.Generator().manual_seed(7)
+    n = 100 * args.samples
+    for levels, act in ((2, ntkit.Relu()), (2, ntkit.LeakyRelu(0.1)), (3, ntkit.Relu())):
+        lvs = _random_levels(n, levels, g)
+        prefixes = ((residual_law.Apply(act),),) * (levels - 1)
+        errs, refused = [], 0
+        for s0 in range(0, n, 20):  # in blocks, so that an entry the rule refuses costs only its block
+            part = tuple(tuple(t[s0 : s0 + 20] for t in lv) for lv in lvs)
+            try:
+                got, _ = residual_law.pair_expectations(part, prefixes, (0.0, 1.0), False)
+            except ntkit.layers.base.LayerError:
+                refused += 1
+                continue
+            ref = residual_law._rules_fn(part, prefixes, (0.0, 1.0), ((32, 48),), False)[0][0]
+            errs.append((got - ref).abs() / residual_law._pair_scale(part, prefixes, (0.0, 1.0)))
+        err = torch.cat(errs)
+        emit(
+            bench="residual_law_random_covariances",
+            levels=levels,
+            prefix=repr(act),
+            entries=int(err.numel()),
+            refused_blocks_of_20=refused,
+            max_err=float(err.max()),
+            above_tol=int((err > residual_law.TOL).sum()),
+            tol=residual_law.TOL,
+            machine=machine(),
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="resnet,attn,enc")
@@ -174,8 +225,10 @@ def main() -> None:
             resnet(args, stage=case == "stage")
         elif case in ("attn", "enc"):
             attention(case, args)
+        elif case == "rule":
+            rule_stress(args)
         else:
-            raise SystemExit(f"unknown case {case!r}: choose mlp, resnet, stage, attn, enc")
+            raise SystemExit(f"unknown case {case!r}: choose mlp, resnet, stage, attn, enc, rule")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ Numerical rule (:func:`pair_expectations`), for ``φ`` of the ReLU family ``φ(x
   each end (or at its midpoint if nearer): the boundary layer ``|r| ≲ σ_g`` across which the last level smooths
   the kink of ``relu(g + r)``, thin when the Gaussian branch is small against the skip (as in default-initialised
   ResNets, ``σ_0/σ_g ≈ 7``); without these cuts the angular rule converges only algebraically (with 3 nodes per
-  piece 6.6e-4 of the scale on the ResNet-18 stage's entries, with them 4.5e-5). 16 pieces in all; the radius
-  by the Gauss rule of the weight ``R e^{−R²/2}`` on ``[0, ∞)``. On each piece the integrand is analytic for
-  piecewise-linear ``φ0`` (ReLU, LeakyReLU, Abs) and smooth ``φ0``.
+  piece 6.6e-4 of the scale on the ResNet-18 stage's entries, with them 4.5e-5; a script outside the
+  repository). 16 pieces in all; the radius by the Gauss rule of the weight ``R e^{−R²/2}`` on ``[0, ∞)``. On
+  each piece the integrand is analytic for piecewise-linear ``φ0`` (ReLU, LeakyReLU, Abs) and smooth ``φ0``.
 * the same point on both sides (same sample and pixel): the exact 1-D rule (:func:`single_expectations`).
 
 Error control (:func:`pair_expectations`). Every entry is computed with two rules ``(n_ang, n_rad)`` (nodes per
@@ -89,16 +89,16 @@ deviation (default-initialised ResNets are nearer 7×) the first rung is within 
 entry (four terms, three with a ``Φ₂`` weight per node and more pieces: the lines of the weight are cut as
 well; the ResNet-18 stage's times in BENCHMARKS.md).
 
-**Known limitation of the three-level rule** (measured 2026-12-02 with a script outside the repository, on 400
-random entries with middle branches down to ``σ_g1² = 0.005 σ_0²`` and 30 % of the correlations within 1e-6 to
-1e-1 of 1, against the ``(32, 48)`` rung, which equals ``(64, 96)`` and the tests' nested 4-D reference to 1e-6
-on the worst entry): 7 entries came back 1.0e-3 to 2.7e-3 of the scale off, *above* the tolerance, with an error
-estimate below it (fine and coarse rule off alike; an estimate threshold of 2e-4 would catch them all but refine
-247 of the 400). Before 2026-12-02 a line of the weight with ``atan2`` angle in ``(−π, −π/2)`` was not cut on
-the arc through ``(π, 3π/2)`` (:func:`_ray_in`): then 11 of 360 entries were off by up to 4.0e-3, and the high
-rungs converged only slowly. On the entries of the tests' models (ResNet-18's first stage) the rule is within
-6.4e-5 (800 of its entries; that fix moved its NNGP by 4e-8); the two-level rule stays within 3.4e-4 on the same
-kind of random covariances.
+**Known limitation of the three-level rule** (``python benchmarks/lift_models.py --cases rule --samples 4``: 400
+random entries per program, middle branches down to ``σ_g1² = 0.005 σ_0²``, 30 % of the correlations within 1e-6
+to 1e-1 of 1, against the rule's own ``(32, 48)`` rung): 7 entries come back 1.0e-3 to 2.7e-3 of the scale off,
+*above* the tolerance although their error estimate passed (fine and coarse rule off alike; a script outside the
+repository found that an estimate threshold of 2e-4 would catch all 7 but refine 247 of the 400, and that on the
+worst entry ``(32, 48)``, ``(64, 96)`` and the tests' nested 4-D reference agree to 1e-6). Until 2026-12-02 a line
+of the weight with ``atan2`` angle in ``(−π, −π/2)`` was not cut on the arc through ``(π, 3π/2)``
+(:func:`_ray_in`); the same command on that code: 11 of 360 entries above the tolerance, up to 4.0e-3 (two blocks
+of 20 refused). The two-level rule stays within 3.4e-4 on these covariances; on the entries of the tests' models
+(800 of ResNet-18's first stage, script outside the repository) the three-level rule is within 6.4e-5.
 
 Three or more non-Gaussian levels in a row (three identity blocks) are refused with an error, as are other
 final nonlinearities than the ReLU family, and two levels with a smooth nonlinearity before the last sum;
@@ -292,7 +292,7 @@ def _bvn_low(h: Tensor, k: Tensor, rho: Tensor, qh: Tensor, qk: Tensor, n: int) 
     """``|ρ| < 0.75`` (see :func:`bvn_upper`): the exponent ``−(h²+k²)/(2cos²θ) + hk sin θ/cos²θ`` with its
     per-row coefficients (``cos²θ = 1 − sin²θ ≥ 0.43``: no cancellation), accumulated node by node (one
     ``(P, M)`` temporary: 4× faster than one ``(P, M, n)`` exponent and a batched product, measured at
-    ``P, M = 300, 700``)."""
+    ``P, M = 300, 700`` with a script outside the repository)."""
     xs, ws = _legendre_t(n, h.dtype, h.device)
     top = torch.asin(rho)[:, None]  # (P, 1)
     sn = torch.sin(top * xs)  # (P, n)
@@ -490,7 +490,7 @@ def _pieces(
     * at ``_LAYER / u`` from each end (``u`` of the side that vanishes there), or at the arc's midpoint if that
       is nearer: the boundary layer where ``|r| ≲ σ_g``, across which the last level's kink is smoothed
       (``|cos t| ≲ 1/(u R)``; without these cuts the angular rule converges only algebraically, 6.6e-4 with 3
-      nodes per piece against 4.5e-5 with them on the ResNet-18 stage's entries);
+      nodes per piece against 4.5e-5 with them on the ResNet-18 stage's entries, script outside the repository);
     * at the given ``rays`` (angles mod π, the same for every arc).
 
     Each arc has the same number of pieces (a cut outside the arc sits at its end: a zero-length piece)."""
