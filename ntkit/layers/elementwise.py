@@ -321,6 +321,15 @@ class ElementwiseLayer(Layer):
                 ntk = dot.mul_(k.ntk) if fresh and can_inplace(dot, k.ntk) else k.ntk * dot
         cov1 = None if k.cov1 is None else self._self_rule(k, 1)
         cov2 = None if k.cov2 is None else self._self_rule(k, 2)
+        out = self.output_record(k, nngp, ntk, cov1, cov2)
+        return out.replace(law=residual_law.ResidualLaw.of_nonlinearity(k, self))  # for a later residual sum
+
+    def output_record(
+        self, k: Kernel, nngp: Tensor, ntk: Optional[Tensor], cov1: Optional[Tensor], cov2: Optional[Tensor]
+    ) -> Kernel:
+        """The record after this layer from the Gaussian record ``k`` of its input and the output kernels: the
+        means of ``k``'s same-pixel variances, and (for ``x1_is_x2``) ``nngp[i, i] = cov1[i]`` written into
+        ``nngp`` when it is fresh. Its ``law`` is ``None`` (:meth:`kernel` sets it)."""
         d1, d2 = k.same_pixel_variances()
         mean1 = self.mean_fn(d1)
         mean2 = None if (mean1 is None or d2 is None) else self.mean_fn(d2)
@@ -334,7 +343,7 @@ class ElementwiseLayer(Layer):
             mean1=mean1,
             mean2=mean2,
             mean_kind="exact",  # i.i.d. channels of a Gaussian input: every channel has this mean
-            law=residual_law.ResidualLaw.of_nonlinearity(k, self),  # for a later residual sum
+            law=None,
         )
         return out.with_exact_diagonal(inplace=_owns(nngp, k))
 
@@ -344,14 +353,15 @@ class ElementwiseLayer(Layer):
         if k.diagonal_spatial or k.spatial_ndim == 0:
             return self.var_fn(cov)
         qa, qb = k.self_variances(which)
-        fused = self._fused_rule(cov, qa, qb, None) if _compile.compile_enabled() else None
+        fused = self._fused_rule(cov, qa, qb, None, batch_dims=1) if _compile.compile_enabled() else None
         return fused[0] if fused is not None else self.nngp_fn(cov, qa, qb)
 
     def _fused_rule(
-        self, q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor]
+        self, q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor], batch_dims: int = 2
     ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """``(K', Θ·K̇)`` by a compiled fused form of the rule (:mod:`ntkit._compile`), or ``None`` where this
-        layer has none or the call stays eager (small, recorded by autograd, variances out of range)."""
+        layer has none or the call stays eager (small, recorded by autograd, variances out of range).
+        ``batch_dims``: the sample axes of ``q12`` (2 for a cross-covariance, 1 for a self-covariance)."""
         return None
 
     def build(self, in_shape, width, generator, readout):
@@ -470,7 +480,7 @@ class ABRelu(RuleLayer):
             nngp = ipc(nngp, ip, "addcmul", sin, prod, value=alpha)
         return nngp, (dot if need_dot else None)
 
-    def _fused_rule(self, q12, q11, q22, ntk):
+    def _fused_rule(self, q12, q11, q22, ntk, batch_dims=2):
         """The rule above in one compiled pass (:func:`_abrelu_fused`), where the eager rule would take its
         broadcast-variance path (the hot path of convolutional nets): same formulas, same snapping."""
         if type(self).rule is not ABRelu.rule or not _fusable(q12, q11, q22, ntk):
@@ -478,15 +488,23 @@ class ABRelu(RuleLayer):
         lo, hi = _product_range(q12.dtype)
         if not (_within(q11, lo, hi) and _within(q22, lo, hi)):
             return None
-        c1 = (self.a - self.b) ** 2
-        consts = (
-            _SNAP_ULPS * torch.finfo(q12.dtype).eps - 1.0,
-            _snap_angle(q12.dtype),
-            self.a * self.b,
-            c1 / (2 * _PI),
-        )
         r1, r2 = torch.sqrt(q11), torch.sqrt(q22)
-        return _compile.fused(_abrelu_fused, q12, ntk, r1, r2, *consts)
+        return _compile.fused(_abrelu_fused, q12, ntk, r1, r2, *self.fused_consts(q12.dtype), batch_dims=batch_dims)
+
+    def fused_consts(self, dtype: torch.dtype) -> tuple[float, float, float, float]:
+        """The constants of :func:`_abrelu_fused`: the snapping thresholds of ``y = −ρ`` and ``ψ``, ``ab`` and
+        ``(a − b)²/2π``."""
+        return (
+            _SNAP_ULPS * torch.finfo(dtype).eps - 1.0,
+            _snap_angle(dtype),
+            self.a * self.b,
+            (self.a - self.b) ** 2 / (2 * _PI),
+        )
+
+    def fused_variance_range(self, dtype: torch.dtype) -> tuple[float, float]:
+        """Variances for which :func:`_abrelu_fused` (roots of the two variances, one product) is exact
+        (:func:`_product_range`); outside it the eager rule runs."""
+        return _product_range(dtype)
 
     def var_fn(self, q):
         return (self.a**2 + self.b**2) / 2 * q
@@ -624,7 +642,7 @@ class Erf(RuleLayer):
             dot = (a * a * 2 * t / _PI) / (m * root)
         return nngp, dot
 
-    def _fused_rule(self, q12, q11, q22, ntk):
+    def _fused_rule(self, q12, q11, q22, ntk, batch_dims=2):
         """The rule above in one compiled pass (:func:`_erf_fused`) where the variances broadcast: ``m`` of
         :func:`_root_det` is ``max(m1, m2)`` of the two sides' powers of 2 (the exponent is monotone), taken from
         the small variance tensors; the rest term for term."""
@@ -635,7 +653,7 @@ class Erf(RuleLayer):
             return None
         m1, m2 = _pow2_above(q11 * t), _pow2_above(q22 * t)
         consts = (t, self.a * self.a * 2 / _PI, self.c * self.c, _SPLIT.get(q12.dtype, 2.0**6 + 1.0))
-        return _compile.fused(_erf_fused, q12, ntk, q11, q22, m1, m2, *consts)
+        return _compile.fused(_erf_fused, q12, ntk, q11, q22, m1, m2, *consts, batch_dims=batch_dims)
 
     def mean_fn(self, q):
         """``E[φ(u)] = c`` (erf is odd)."""

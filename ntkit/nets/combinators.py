@@ -13,13 +13,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ntkit import _compile
 from ntkit._inputs import all_finite, kernel_inputs
-from ntkit._memory import CACHE_TILE_ENTRIES, WORK_FACTOR, plan_tile
+from ntkit._memory import CACHE_TILE_ENTRIES, FUSED_TILE_ENTRIES, WORK_FACTOR, plan_tile
 from ntkit._memory import memory_budget as _memory_budget
 from ntkit.kernel import GETS, Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.aggregate import SampleKwargs
 from ntkit.layers.attention import requires_self_covariances
 from ntkit.layers.base import Layer, LayerError, warn_if_channels_last
+from ntkit.layers.fused import fuse_conv_activations
 from ntkit.layers.masking import TileMasks, masked_inputs
 from ntkit.nets.tiler import (
     NonFinite,
@@ -148,18 +150,26 @@ class Net(Layer):
         pixels = math.prod(x1.shape[2:])
         entries = pixels if diagonal else pixels * pixels
         budget = _memory_budget(x1.device, memory_budget)
+        # inside ntkit.compiled(): Conv → ReLU pairs evaluated as one compiled pass (ntkit.layers.fused)
+        net: Layer = _fused_layers(self) if (_compile.compile_enabled() and masks is None) else self
         # tiles near CACHE_TILE_ENTRIES kernel entries keep a rule's passes in cache: measured 3x faster for
-        # Myrtle-5 on 8x8 images (tile 8 vs 50) and 2x for FC nets
+        # Myrtle-5 on 8x8 images (tile 8 vs 50) and 2x for FC nets. A fused pass reads its tile once, so it
+        # takes larger tiles (fewer of them: the small layers after the pools cost a fixed time per tile)
+        fused = net is not self
+        cap = max(1, math.isqrt((FUSED_TILE_ENTRIES if fused else CACHE_TILE_ENTRIES) // entries))
         tile = plan_tile(
             n1,
             n2,
             pair_bytes=entries * x1.element_size() * WORK_FACTOR,
             budget=budget,
-            cap=max(1, math.isqrt(CACHE_TILE_ENTRIES // entries)),
+            cap=cap,
             tile_size=tile_size,
             what=f"one pair of inputs (a covariance of {entries} entries per pair)",
             fix="raise memory_budget, use smaller images, or a net without pooling (diagonal covariances).",
         )
+        if fused and tile_size is None:  # blocks of even size (50 samples, cap 22: 17 + 17 + 16, not 22 + 22 + 6)
+            n = max(n1, n2)
+            tile = -(-n // -(-n // tile))
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
             ma = mb = None
@@ -188,7 +198,7 @@ class Net(Layer):
             try:
                 if not variances_finite(k):
                     raise NonFinite()
-                out = self.kernel(k)
+                out = net.kernel(k)
                 if isinstance(out, list):
                     raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
                 if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
@@ -351,6 +361,20 @@ class Net(Layer):
             setattr(mod, "mup_gamma", float(gamma))
             setattr(mod, "mup_width", fan_in)
         return mod.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def _fused_layers(layer: Layer) -> Layer:
+    """``layer`` with the ``Conv → ReLU`` pairs of every serial stack in it replaced by one fused layer
+    (:func:`ntkit.layers.fused.fuse_conv_activations`); the layer itself when there are none. Not modified."""
+    if not isinstance(layer, Net):
+        return layer
+    subs = list(layer.sublayers())
+    new = [_fused_layers(s) for s in subs]
+    if isinstance(layer, Serial):
+        new = fuse_conv_activations(new)
+    if len(new) == len(subs) and all(a is b for a, b in zip(new, subs)):
+        return layer
+    return layer._with_sublayers(new)
 
 
 class Serial(Net):
