@@ -24,6 +24,9 @@ The switch, and what it costs:
   TorchInductor keeps its generated code in its on-disk cache, so later processes load it faster). Calls on fewer than
   :data:`MIN_NUMEL` entries, calls recorded by autograd, and variances outside the range of the fast
   correlation stay on the eager path (whose results the fused path reproduces).
+* The pair ``Conv → ReLU`` (stride 1, zero padding keeping the size) is fused further, window sums and rule
+  in one loop (:mod:`ntkit.layers.fused`); ``Net.kernel_fn`` rewrites its serial stacks for that inside the
+  block.
 * It is never required: without the ``with`` block every rule runs eagerly, as before. Compilation needs a
   C++ compiler on CPU (Triton on CUDA); if it fails, the call raises :class:`CompileError` naming the failure
   and the fix (run without ``ntkit.compiled()``), never a silent fallback to another number.

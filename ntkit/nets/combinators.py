@@ -21,8 +21,11 @@ from ntkit.kernel import GETS, Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.aggregate import SampleKwargs
 from ntkit.layers.attention import requires_self_covariances
 from ntkit.layers.base import Layer, LayerError, warn_if_channels_last
-from ntkit.layers.fused import fuse_conv_activations
+from ntkit.layers.conv import Conv
+from ntkit.layers.elementwise import ElementwiseLayer
+from ntkit.layers.fused import ConvActivation, fuse_conv_activations
 from ntkit.layers.masking import TileMasks, masked_inputs
+from ntkit.layers.pooling import AvgPool, SumPool
 from ntkit.nets.tiler import (
     NonFinite,
     apply_layer,
@@ -171,6 +174,8 @@ class Net(Layer):
             n = max(n1, n2)
             tile = -(-n // -(-n // tile))
 
+        stage = [net]  # what run_inputs applies: the net, or the head of a re-tiled one (below)
+
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
             ma = mb = None
             if masks is not None:  # a, b are sample numbers (masks.indices()): the tile's rows of the masks
@@ -198,7 +203,7 @@ class Net(Layer):
             try:
                 if not variances_finite(k):
                     raise NonFinite()
-                out = net.kernel(k)
+                out = stage[0].kernel(k)
                 if isinstance(out, list):
                     raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
                 if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
@@ -224,7 +229,23 @@ class Net(Layer):
                 and tape_pays(n1, None if x2 is None else n2, tile)
                 and tape_bytes(self, pixels, x1, n1 + (0 if x2 is None else n2)) <= budget
             )
-            out = run_tiled(run, t1, t2, tile, names, use_tape)
+            split = _retile_point(net, tuple(x1.shape[1:]), n1, n2) if (fused and sample is None) else None
+            if split is None:
+                out = run_tiled(run, t1, t2, tile, names, use_tape)
+            else:
+                # the layers after the first pool run on all pairs at once (see _retile_point)
+                stage[0] = split[0]
+                rec = run_tiled(run, t1, t2, tile, ("nngp", "ntk") if "ntk" in names else ("nngp",), use_tape)
+                rec = rec.replace(mean1=None, mean2=None)  # the tail starts with a layer that resets the means
+                try:
+                    tail = split[1].kernel(rec)
+                    assert not isinstance(tail, list), "a serial stack of single-record layers returns one record"
+                    out = tail
+                    if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
+                        raise NonFinite()
+                except NonFinite:
+                    full = kernel_from_inputs(x1, x2, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
+                    raise diagnose_non_finite(self, full, x1, x2) from None
         res = out.replace(
             nngp=_cast(out.nngp, out_dtype) if "nngp" in fields else None,
             ntk=_cast(out.ntk, out_dtype) if "ntk" in fields else None,
@@ -361,6 +382,39 @@ class Net(Layer):
             setattr(mod, "mup_gamma", float(gamma))
             setattr(mod, "mup_width", fan_in)
         return mod.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+#: a re-tiled net's layers after its first pool run as one tile when it has at most this many entries
+RETILE_ENTRIES = 1 << 22
+
+
+def _retile_point(net: Layer, shape: tuple[int, ...], n1: int, n2: int) -> Optional[tuple[Layer, Layer]]:
+    """``(head, tail)`` of a serial net, split after its first pool, when the tail should run on all sample pairs
+    as one tile: inside ``ntkit.compiled()`` the layers before the pool dominate the work and run tiled, but
+    those after it (covariances 16× smaller after a 2×2 pool) cost a fixed time per tile. The head's kernels are
+    assembled (both triangles, as the tiler does for the outputs) with every sample's self-covariance, and the
+    tail continues from them: the same numbers as one pass per tile. Only when the head is Conv / fused
+    Conv → ReLU / nonlinearities / pools, the tail starts with a Conv (which resets the means), the pool
+    shrinks the covariance at least 4×, and the tail's kernels fit :data:`RETILE_ENTRIES`."""
+    if not isinstance(net, Serial):
+        return None
+    layers = list(net.layers)
+    spatial = tuple(shape[1:])
+    for i, layer in enumerate(layers[:-1]):
+        if isinstance(layer, (AvgPool, SumPool)):
+            wins = layer._plan((1,) + spatial)
+            out = tuple(w.n_out for w in wins)
+            before, after = math.prod(spatial) ** 2, math.prod(out) ** 2
+            nxt = layers[i + 1]
+            if after * 4 > before or not isinstance(nxt, (Conv, ConvActivation)) or n1 * n2 * after > RETILE_ENTRIES:
+                return None
+            return Serial(layers[: i + 1]), Serial(layers[i + 1 :])
+        if isinstance(layer, (Conv, ConvActivation)):
+            conv = layer if isinstance(layer, Conv) else layer.conv
+            spatial = tuple(w.n_out for w in conv._plan((1,) + spatial))
+        elif not isinstance(layer, ElementwiseLayer):
+            return None
+    return None
 
 
 def _fused_layers(layer: Layer) -> Layer:

@@ -189,3 +189,17 @@ def test_residual_net_matches_eager():
 def test_outside_the_block_nothing_is_fused(count):
     myrtle(5).kernel_fn(_x(3, 3, 8, 8), None, "ntk")
     assert count == []
+
+
+def test_retile_after_the_first_pool():
+    # inside ntkit.compiled() the layers after Myrtle's first pool run on all pairs at once when they fit
+    from ntkit.nets.combinators import RETILE_ENTRIES, _fused_layers, _retile_point
+
+    net = _fused_layers(myrtle(5))
+    head, tail = _retile_point(net, (3, 8, 8), 7, 7)
+    assert isinstance(head.layers[-1], AvgPool) and isinstance(tail.layers[0], ConvActivation)
+    assert len(head.layers) + len(tail.layers) == len(net.layers)
+    big = int((RETILE_ENTRIES / 256) ** 0.5) + 1  # the tail's 4×4 covariances of big² pairs do not fit
+    assert _retile_point(net, (3, 8, 8), big, big) is None
+    flat = serial(Conv(8, 3, padding="SAME"), Relu(), AvgPool((2, 2)), Flatten(), Dense(1))
+    assert _retile_point(_fused_layers(flat), (3, 8, 8), 7, 7) is None  # the tail must start with a Conv
