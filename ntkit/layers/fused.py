@@ -11,12 +11,14 @@ of ``K`` and ``Θ`` once per output entry and writes ``K''`` and ``Θ''`` once:
     K'  = (W_std²/|F|) Σ_d K[y + d, y' + d] + b_std²,        Θ' = (W_std²/|F|) Σ_d Θ[y + d, y' + d] + K'
     K'' = K̇ K' + (a − b)²/(2π) · √(q'₁ q'₂) sin ψ,           Θ'' = K̇ Θ'
 
-(NTK parameterisation; the standard one has ``Θ' = C Σ_d K/… ``, see :meth:`ConvActivation._coefficients`),
+(NTK parameterisation; the standard one has ``Θ' = C Σ_d K + (W_std²/|F|) Σ_d Θ [+ 1]``, see
+:meth:`ConvActivation._coefficients`),
 with ``ψ = arccos(−ρ)``, ``K̇ = ab + (a − b)²ψ/(2π)`` and the same snapping as the eager rule. The same-pixel
 variances ``q'`` after the convolution are window sums of those before it (``N·pixels`` numbers), so the
 convolution's full output is never stored. Each tap is a constant offset in the flattened pixel-pair axis
-(stride 1, zero padding that keeps the size), read from a copy of the tile with room for the offsets and kept
-only where a small static table says the shifted pixels lie inside the image.
+(stride 1, zero padding that keeps the size), read from a flat buffer with zeros at both ends (the one the
+previous fused layer wrote its output into, or a copy of the tile) and kept only where a small static table
+says the shifted pixels lie inside the image.
 
 :func:`fuse_conv_activations` rewrites a layer list (``Net.kernel_fn`` does so inside ``ntkit.compiled()``); a
 fused layer falls back to the two layers one after the other wherever the fused pass does not apply (small
@@ -85,17 +87,22 @@ def _geometry(
 
 
 def _conv_abrelu_fused(
-    kp: Tensor, tp: Optional[Tensor], want_ntk: bool, table: Tensor, r1: Tensor, r2: Tensor, offsets: tuple, pad: int,
+    kp: Tensor, tp: Optional[Tensor], pad: int, ok: Tensor, ot: Optional[Tensor], opad: int, table: Tensor,
+    r1: Tensor, r2: Tensor, offsets: tuple,
     ws: float, b2: float, tt: float, u: float, v: float, lo: float, ang: float, ab: float, alpha: float,
-) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+) -> None:  # fmt: skip
     """The window sums of ``K`` (and ``Θ``), the convolution's affine map and :func:`_abrelu_fused`, compiled as
-    one pass by :func:`ntkit._compile.fused`. ``kp``/``tp``: the tile's entries flattened, with ``pad`` zeros
-    at both ends (a tap that leaves a pixel pair reads a neighbouring pair or a zero, and the 0/1 ``table``
-    multiplies it by 0: the entries are finite, checked after every layer); ``r1``/``r2``: the roots of the
-    variances after the convolution, ``(n1, 1, P)``/``(1, n2, P)`` (or both ``(n, P)`` for a self-covariance).
-    ``K' = ws·ΣK + b2``, ``Θ' = tt·ΣΘ + u·ΣK + v`` when ``want_ntk`` (``tp`` is ``None`` for the inputs' zero
-    ``Θ``). (A 0/1 factor, not a ``where`` on a boolean table: TorchInductor vectorises the product better,
-    3.2 against 9.4 ns per entry for 3×3 taps on 8×8 images, measured with a script outside the repository.)"""
+    one pass by :func:`ntkit._compile.fused`.
+
+    ``kp``/``tp``: the tile's entries flattened, with ``pad`` zeros at both ends (a tap that leaves a pixel pair
+    reads a neighbouring pair or a zero, and the 0/1 ``table`` multiplies it by 0; the entries are finite:
+    covariances bounded by their variances, which are checked after every layer). ``r1``/``r2``: the roots of
+    the variances after the convolution, ``(n1, 1, P)``/``(1, n2, P)`` (or both ``(n, P)`` for a
+    self-covariance). ``K' = ws·ΣK + b2``, ``Θ' = tt·ΣΘ + u·ΣK + v`` when ``ot`` is given (``tp`` is ``None``
+    for the inputs' zero ``Θ``). The results are written into ``ok``/``ot`` between ``opad`` entries at both
+    ends, where a following fused layer reads them without a copy (:func:`_view`). A 0/1 factor, not a
+    ``where`` on a boolean table: TorchInductor vectorises the product better (3.2 against 9.4 ns per entry
+    for 3×3 taps on 8×8 images, measured with a script outside the repository)."""
     p = table.shape[-1]
     shape = (r1.shape[0], r2.shape[1], p) if r1.dim() == 3 else (r1.shape[0], p)
     m = kp.shape[0] - 2 * pad
@@ -109,8 +116,11 @@ def _conv_abrelu_fused(
             t = ts if t is None else t + ts
     assert s is not None
     q12 = s * ws + b2
-    ntk = None if not want_ntk else (s * u + v if t is None else t * tt + s * u + v)
-    return _abrelu_fused(q12, ntk, r1, r2, lo, ang, ab, alpha)
+    ntk = None if ot is None else (s * u + v if t is None else t * tt + s * u + v)
+    nngp, ntk = _abrelu_fused(q12, ntk, r1, r2, lo, ang, ab, alpha)
+    ok[opad : opad + m].view(shape).copy_(nngp)
+    if ot is not None and ntk is not None:
+        ot[opad : opad + m].view(shape).copy_(ntk)
 
 
 class ConvActivation(Layer):
@@ -204,28 +214,38 @@ class ConvActivation(Layer):
         mid = self.conv._output_record(k, None, None, None, None, spatial)
         r1, r2 = torch.sqrt(v1), torch.sqrt(v1 if v2 is None else v2)
 
+        def padded(t: Tensor) -> tuple[Tensor, int]:
+            """``t`` flattened with at least ``pad`` zeros at both ends, and their number: the buffer a fused
+            layer wrote ``t`` into (:func:`_view`), or a copy."""
+            held = getattr(t, _PADDED, None)
+            if held is not None and held[1] >= pad and t.is_contiguous() and held[0].numel() == t.numel() + 2 * held[1]:
+                buf, have = held
+                if t.data_ptr() == buf.data_ptr() + have * buf.element_size():
+                    return buf, have
+            buf = _buffer(t.numel(), pad, t)
+            buf[pad : pad + t.numel()].view(t.shape).copy_(t)
+            return buf, pad
+
         def run(
             x: Tensor, th: Optional[Tensor], want_ntk: bool, ra: Tensor, rb: Tensor, batch: int
         ) -> tuple[Tensor, Optional[Tensor]]:
-            bshape = tuple(x.shape[:batch])
-
-            def padded(t: Tensor) -> Tensor:  # flattened, with pad zeros at both ends
-                m = math.prod(bshape) * p
-                buf = t.new_empty((m + 2 * pad,))
-                buf[:pad].zero_()
-                buf[pad + m :].zero_()
-                buf[pad : pad + m].view(t.shape).copy_(t)
-                return buf
-
-            tp = None if (th is None or coef[2] == 0.0) else padded(th)  # the inputs' Θ is 0
+            kp, have = padded(x)
+            tp = None
+            if th is not None and coef[2] != 0.0:  # (the inputs' Θ is 0)
+                tp, have_t = padded(th)
+                if have_t != have:  # both are read with one offset
+                    tp = _buffer(th.numel(), have, th)
+                    tp[have : have + th.numel()].view(th.shape).copy_(th)
             # the roots broadcast to (..., P), materialised (N·P entries, a fraction of the tile)
             a = ra.expand(ra.shape[:batch] + tuple(x.shape[batch:])).reshape(ra.shape[:batch] + (p,))
             b = rb.expand(rb.shape[:batch] + tuple(x.shape[batch:])).reshape(rb.shape[:batch] + (p,))
-            out, nt = _compile.fused(
-                _conv_abrelu_fused, padded(x), tp, want_ntk, table, a, b, offsets, pad, *coef, *consts,
-                batch_dims=batch, static=(3,), one_loop=True,
+            ok = _buffer(x.numel(), pad, x)
+            ot = _buffer(x.numel(), pad, x) if want_ntk else None
+            _compile.fused(
+                _conv_abrelu_fused, kp, tp, have, ok, ot, pad, table, a, b, offsets, *coef, *consts,
+                batch_dims=batch, static=(6,), one_loop=True,
             )  # fmt: skip
-            return out.view(x.shape), (None if nt is None else nt.view(x.shape))
+            return _view(ok, pad, x.shape), (None if ot is None else _view(ot, pad, x.shape))
 
         nngp, ntk = run(k.nngp, k.ntk, k.ntk is not None, k._outer_view(r1, 0, True), k._outer_view(r2, 1, True), 2)
         covs: list[Optional[Tensor]] = []
@@ -238,6 +258,27 @@ class ConvActivation(Layer):
         # carries them; a record with self-covariances keeps its own var1/var2, None)
         out = self.act.output_record(mid.replace(var1=v1, var2=v2), nngp, ntk, covs[0], covs[1])
         return out if k.cov1 is None else out.replace(var1=k.var1, var2=k.var2)
+
+
+#: attribute of a fused layer's output tensors: ``(buffer, pad)`` whose middle they are (see :func:`_view`)
+_PADDED = "_ntkit_padded"
+
+
+def _buffer(m: int, pad: int, like: Tensor) -> Tensor:
+    """A flat buffer of ``m`` entries with ``pad`` zeros at both ends."""
+    buf = like.new_empty((m + 2 * pad,))
+    buf[:pad].zero_()
+    buf[pad + m :].zero_()
+    return buf
+
+
+def _view(buf: Tensor, pad: int, shape: Sequence[int]) -> Tensor:
+    """The entries of ``buf`` between its pads as a tensor of ``shape``, which remembers the buffer: a following
+    fused layer whose offsets are at most ``pad`` reads it in place. (Nothing else can reach the pads, so they
+    stay zero; in-place edits of the tensor, such as the exact diagonal, are edits of the buffer.)"""
+    t = buf[pad : buf.numel() - pad].view(tuple(shape))
+    setattr(t, _PADDED, (buf, pad))
+    return t
 
 
 def fuse_conv_activations(layers: Sequence[Layer]) -> list[Layer]:
