@@ -252,8 +252,12 @@ class ConvActivation(Layer):
         for cov, r in ((k.cov1, r1), (k.cov2, None if v2 is None else r2)):
             if cov is None or r is None:
                 covs.append(None)
-                continue
-            covs.append(run(cov, None, False, k._outer_view(r, 0, False), k._outer_view(r, 1, False), 1)[0])
+            elif k.x1_is_x2 and torch.equal(torch.diagonal(k.nngp, 0, 0, 1), cov.movedim(0, -1)):
+                # a block against itself whose pairs (i, i) are its self-covariances (the exact diagonal of
+                # every rule): those pairs of the output are the output's self-covariances, no second pass
+                covs.append(torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0).contiguous())
+            else:
+                covs.append(run(cov, None, False, k._outer_view(r, 0, False), k._outer_view(r, 1, False), 1)[0])
         # the output record takes its means from the variances after the convolution (a pair-only record
         # carries them; a record with self-covariances keeps its own var1/var2, None)
         out = self.act.output_record(mid.replace(var1=v1, var2=v2), nngp, ntk, covs[0], covs[1])
