@@ -15,21 +15,6 @@ from ntkit.nets import serial
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile
 
 
-@pytest.fixture
-def count(monkeypatch):
-    """Counts the fused calls, by name and ``_ntk`` where ``Θ`` was passed (and passes them through to the
-    compiled functions; their second argument is ``Θ`` or ``None``)."""
-    calls = []
-    real = _compile.fused
-
-    def counting(fn, *args, **kw):
-        calls.append(fn.__name__ + ("" if args[1] is None else "_ntk"))
-        return real(fn, *args, **kw)
-
-    monkeypatch.setattr(_compile, "fused", counting)
-    return calls
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
