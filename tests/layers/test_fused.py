@@ -21,6 +21,7 @@ from ntkit.layers import (
     Identity,
     LeakyRelu,
     Relu,
+    SumPool,
 )
 from ntkit.layers.fused import ConvActivation, _geometry, fuse_conv_activations
 from ntkit.nets import parallel, serial
@@ -56,7 +57,7 @@ def test_myrtle_matches_eager(tile, count):
     kw = {} if tile is None else {"tile_size": tile}
     _compare(net, x, **kw)
     _compare(net, x, x2, **kw)
-    assert _fused_in(count)
+    assert _fused_in(count) and any(c.startswith("_tiled_pool_fused") for c in count)
 
 
 def test_geometry_table_is_the_window():
@@ -192,3 +193,17 @@ def test_retile_after_the_first_pool():
     assert _retile_point(net, (3, 8, 8), big, big) is None
     flat = serial(Conv(8, 3, padding="SAME"), Relu(), AvgPool((2, 2)), Flatten(), Dense(1))
     assert _retile_point(_fused_layers(flat), (3, 8, 8), 7, 7) is None  # the tail must start with a Conv
+
+
+@pytest.mark.parametrize(
+    "pool, size",
+    [(AvgPool((2, 2), (2, 2)), 8), (SumPool((3, 3), (3, 3)), 9), (AvgPool((3, 3), (3, 3)), 9), (AvgPool((2, 2), (1, 1)), 8)],
+    ids=["avg2", "sum3", "avg3", "overlapping"],
+)
+def test_tiled_pools_compiled_match_eager(pool, size, count):
+    # pools whose windows tile the image run as one compiled call inside ntkit.compiled() (the overlapping
+    # one stays eager); 1/9 is not a power of 2, so the scale is rounded as in the eager passes' last one
+    net = serial(Conv(8, (3, 3), padding="SAME", W_std=1.3), Erf(), pool, Flatten(), Dense(1))
+    _compare(net, _x(5, 2, size, size))
+    used = any(c.startswith("_tiled_pool_fused") for c in count)
+    assert used == (pool.strides == pool.window_shape)
