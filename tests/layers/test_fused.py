@@ -197,7 +197,12 @@ def test_retile_after_the_first_pool():
 
 @pytest.mark.parametrize(
     "pool, size",
-    [(AvgPool((2, 2), (2, 2)), 8), (SumPool((3, 3), (3, 3)), 9), (AvgPool((3, 3), (3, 3)), 9), (AvgPool((2, 2), (1, 1)), 8)],
+    [
+        (AvgPool((2, 2), (2, 2)), 8),
+        (SumPool((3, 3), (3, 3)), 9),
+        (AvgPool((3, 3), (3, 3)), 9),
+        (AvgPool((2, 2), (1, 1)), 8),
+    ],
     ids=["avg2", "sum3", "avg3", "overlapping"],
 )
 def test_tiled_pools_compiled_match_eager(pool, size, count):
