@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["compiled", "compile_enabled", "fused", "CompileError", "MIN_NUMEL"]
+__all__ = ["compiled", "compile_enabled", "fused", "worth_compiling", "CompileError", "MIN_NUMEL"]
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("ntkit_compiled", default=False)
 
@@ -76,6 +76,17 @@ def compiled(enabled: bool = True) -> Iterator[None]:
 def compile_enabled() -> bool:
     """True inside ``ntkit.compiled()``."""
     return _ENABLED.get()
+
+
+def worth_compiling(t: torch.Tensor, *others: torch.Tensor) -> bool:
+    """The conditions every fused rule shares: ``t`` in float32/64 with at least :data:`MIN_NUMEL` entries, and
+    autograd recording through none of ``t`` and ``others`` (then the eager rules run, with their exact
+    gradients)."""
+    return (
+        t.dtype in (torch.float32, torch.float64)
+        and t.numel() >= MIN_NUMEL
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in (t, *others)))
+    )
 
 
 #: TorchInductor options for stencils (:func:`fused` with ``one_loop=True``): a pointwise value that reads many

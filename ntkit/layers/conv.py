@@ -59,6 +59,7 @@ __all__ = [
     "AxisWindow",
     "plan_windows",
     "window_sum",
+    "window_sums",
     "pad_spatial",
     "patches",
     "conv_cotangents",
@@ -350,6 +351,26 @@ def window_sum(
     return out
 
 
+def window_sums(
+    x: Tensor, wins: Sequence[AxisWindow], batch_ndim: int, full: bool, alpha: float, base: Optional[Tensor] = None
+) -> Tensor:
+    """``base + alpha · |F| · T(x)``: a convolution's joint-shift window sums over every spatial axis (pairs of
+    axes when ``full``, else the same-pixel axes), ``base`` added in the last pass. Strided axes go first (they
+    shrink the tensor for the passes after them); the scale goes with the first pass, or with ``base`` into the
+    last one (one pass fewer: a SAME window sum's first two terms are then one unscaled fused pass)."""
+    order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
+    at = len(order) - 1 if base is not None else 0
+    for i, a in enumerate(order):
+        x = window_sum(
+            x,
+            spatial_axes(batch_ndim, a, full),
+            wins[a],
+            alpha if i == at else 1.0,
+            base if i == len(order) - 1 else None,
+        )
+    return x
+
+
 def spatial_axes(batch_ndim: int, a: int, full: bool) -> tuple[int, ...]:
     """Tensor axes of spatial axis ``a`` in the Kernel layout (its pair ``(a, a')`` when ``full``)."""
     return (batch_ndim + 2 * a, batch_ndim + 2 * a + 1) if full else (batch_ndim + a,)
@@ -574,25 +595,9 @@ class Conv(Layer):
         f_size = math.prod(w.size for w in wins)
         w2 = self.W_std * self.W_std  # inf rather than OverflowError for absurd W_std (see dense.affine_rule)
         b2 = 0.0 if self.b_std is None else self.b_std * self.b_std
-        # strided axes first: they shrink the tensor for the passes after them
-        order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
 
         def T(x: Optional[Tensor], batch_ndim: int, alpha: float, base: Optional[Tensor] = None) -> Optional[Tensor]:
-            """``base + alpha · |F| · T(x)``: the joint-shift window sums, ``base`` added in the last pass."""
-            if x is None:
-                return None
-            # the scale goes with the first pass, or with ``base`` into the last one (one pass fewer: a SAME
-            # window sum's first two terms are then one unscaled fused pass)
-            at = len(order) - 1 if base is not None else 0
-            for i, a in enumerate(order):
-                x = window_sum(
-                    x,
-                    spatial_axes(batch_ndim, a, full),
-                    wins[a],
-                    alpha if i == at else 1.0,
-                    base if i == len(order) - 1 else None,
-                )
-            return x
+            return None if x is None else window_sums(x, wins, batch_ndim, full, alpha, base)
 
         if isinstance(w2, Tensor) or isinstance(b2, Tensor):
             nngp, ntk, cov1, cov2 = self._tensor_rule(k, T, w2, b2, f_size)

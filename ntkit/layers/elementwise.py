@@ -519,9 +519,7 @@ def _fusable(q12: Tensor, q11: Tensor, q22: Tensor, ntk: Optional[Tensor]) -> bo
     autograd recording, broadcast (small) variances as on the eager rules' fast path, ``Θ`` of ``q12``'s shape.
     (A subclass that overrides ``rule`` keeps its own rule, eagerly: the callers check that.)"""
     return (
-        q12.numel() >= _compile.MIN_NUMEL
-        and q12.dtype in (torch.float32, torch.float64)
-        and can_inplace(q12, q11, q22, *(() if ntk is None else (ntk,)))
+        _compile.worth_compiling(q12, q11, q22, *(() if ntk is None else (ntk,)))
         and 4 * (q11.numel() + q22.numel()) <= q12.numel()
         and (ntk is None or ntk.shape == q12.shape)
     )

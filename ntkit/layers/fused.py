@@ -28,6 +28,7 @@ round-off (tests/layers/test_fused.py: 1e-12 relative).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -38,8 +39,8 @@ from torch import Tensor
 from ntkit import _compile
 from ntkit.kernel import Kernel
 from ntkit.layers.base import Layer, single
-from ntkit.layers.conv import AxisWindow, Conv, spatial_axes, window_sum
-from ntkit.layers.elementwise import ABRelu, ElementwiseLayer, _abrelu_fused, _within, can_inplace
+from ntkit.layers.conv import AxisWindow, Conv, _shift_mask, window_sums
+from ntkit.layers.elementwise import ABRelu, ElementwiseLayer, _abrelu_fused, _within
 
 __all__ = ["ConvActivation", "fuse_conv_activations"]
 
@@ -61,25 +62,17 @@ def _geometry(
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
-    strides = []
-    acc = 1
-    for n in reversed(spatial):  # strides of (s_a, s_a') in the flattened pair axis, last axis fastest
-        strides.append((acc * n, acc))
-        acc *= n * n
-    strides.reverse()
-    grids = torch.meshgrid(*[torch.arange(n) for n in spatial for _ in range(2)], indexing="ij")
+    sizes = tuple(n for n in spatial for _ in range(2))  # (s_1, s_1', s_2, s_2', ...)
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
     offsets, rows = [], []
-    for d in torch.cartesian_prod(*[torch.arange(-w.lo, w.size - w.lo) for w in wins]).reshape(-1, len(wins)):
-        ok = torch.ones(grids[0].shape, dtype=torch.bool)
-        off = 0
-        for a, (n, (s, s2)) in enumerate(zip(spatial, strides)):
-            da = int(d[a])
-            for g in (grids[2 * a], grids[2 * a + 1]):
-                ok &= (g + da >= 0) & (g + da < n)
-            off += da * (s + s2)
-        offsets.append(off)
-        rows.append(ok.reshape(-1))
-    out = (tuple(offsets), max(abs(o) for o in offsets), torch.stack(rows).to(dtype=dtype, device=device))
+    for d in itertools.product(*[range(-w.lo, w.size - w.lo) for w in wins]):
+        offsets.append(sum(da * (strides[2 * a] + strides[2 * a + 1]) for a, da in enumerate(d)))
+        # both pixels of axis a shifted by d_a inside the image: the masks of the eager SAME window sums
+        row = torch.ones((math.prod(sizes), 1), dtype=dtype, device=device)
+        for a, da in enumerate(d):
+            row = row * _shift_mask(sizes, (2 * a, 2 * a + 1), da, 1, dtype, device)
+        rows.append(row[:, 0])
+    out = (tuple(offsets), max(abs(o) for o in offsets), torch.stack(rows))
     if len(_TABLES) > 64:
         _TABLES.clear()
     _TABLES[key] = out
@@ -166,9 +159,7 @@ class ConvActivation(Layer):
         f_size = math.prod(w.size for w in wins)
         w2 = self.conv.W_std * self.conv.W_std
         b2 = 0.0 if self.conv.b_std is None else self.conv.b_std * self.conv.b_std
-        order = sorted(range(len(wins)), key=lambda a: wins[a].n_out / wins[a].n_in)
-        for i, a in enumerate(order):
-            d = window_sum(d, spatial_axes(1, a, False), wins[a], w2 / f_size if i == 0 else 1.0)
+        d = window_sums(d, wins, 1, False, w2 / f_size)
         return d.add(b2) if b2 else d
 
     def _fusable(self, k: Kernel, wins: Sequence[AxisWindow]) -> bool:
@@ -181,15 +172,19 @@ class ConvActivation(Layer):
             return False
         if type(act).rule is not ABRelu.rule or not isinstance(act, ABRelu):
             return False
-        if k.diagonal_spatial or k.spatial_ndim == 0 or q.dtype not in (torch.float32, torch.float64):
+        if k.diagonal_spatial or k.spatial_ndim == 0:
             return False
         if not all(w.stride == 1 and not w.circular and w.n_out == w.n_in and 0 <= w.lo < w.size for w in wins):
             return False
         pixels = math.prod(k.spatial_shape)
-        if math.prod(w.size for w in wins) * pixels * pixels > MAX_TABLE or q.numel() < _compile.MIN_NUMEL:
+        if math.prod(w.size for w in wins) * pixels * pixels > MAX_TABLE:
             return False
-        tensors = [t for t in (q, k.ntk, k.cov1, k.cov2, k.var1, k.var2) if t is not None]
-        return can_inplace(*tensors) and isinstance(conv.W_std, float) and not isinstance(conv.b_std, Tensor)
+        others = [t for t in (k.ntk, k.cov1, k.cov2, k.var1, k.var2) if t is not None]
+        return (
+            _compile.worth_compiling(q, *others)
+            and isinstance(conv.W_std, float)
+            and not isinstance(conv.b_std, Tensor)
+        )
 
     def _coefficients(self, k: Kernel, f_size: int) -> tuple[float, float, float, float, float]:
         """``(ws, b2, tt, u, v)`` of ``K' = ws·ΣK + b2`` and ``Θ' = tt·ΣΘ + u·ΣK + v`` (the rule of
@@ -214,28 +209,26 @@ class ConvActivation(Layer):
         mid = self.conv._output_record(k, None, None, None, None, spatial)
         r1, r2 = torch.sqrt(v1), torch.sqrt(v1 if v2 is None else v2)
 
-        def padded(t: Tensor) -> tuple[Tensor, int]:
-            """``t`` flattened with at least ``pad`` zeros at both ends, and their number: the buffer a fused
-            layer wrote ``t`` into (:func:`_view`), or a copy."""
+        def padded(t: Tensor, exact: Optional[int] = None) -> tuple[Tensor, int]:
+            """``t`` flattened with at least ``pad`` zeros at both ends (exactly ``exact`` if given), and their
+            number: the buffer a fused layer wrote ``t`` into (:func:`_view`), or a copy."""
             held = getattr(t, _PADDED, None)
-            if held is not None and held[1] >= pad and t.is_contiguous() and held[0].numel() == t.numel() + 2 * held[1]:
+            if held is not None and t.is_contiguous() and held[0].numel() == t.numel() + 2 * held[1]:
                 buf, have = held
-                if t.data_ptr() == buf.data_ptr() + have * buf.element_size():
+                fits = have >= pad if exact is None else have == exact
+                if fits and t.data_ptr() == buf.data_ptr() + have * buf.element_size():
                     return buf, have
-            buf = _buffer(t.numel(), pad, t)
-            buf[pad : pad + t.numel()].view(t.shape).copy_(t)
-            return buf, pad
+            want = pad if exact is None else exact
+            buf = _buffer(t.numel(), want, t)
+            buf[want : want + t.numel()].view(t.shape).copy_(t)
+            return buf, want
 
         def run(
             x: Tensor, th: Optional[Tensor], want_ntk: bool, ra: Tensor, rb: Tensor, batch: int
         ) -> tuple[Tensor, Optional[Tensor]]:
             kp, have = padded(x)
-            tp = None
-            if th is not None and coef[2] != 0.0:  # (the inputs' Θ is 0)
-                tp, have_t = padded(th)
-                if have_t != have:  # both are read with one offset
-                    tp = _buffer(th.numel(), have, th)
-                    tp[have : have + th.numel()].view(th.shape).copy_(th)
+            # Θ is read with the same offsets (the inputs' Θ is 0: not read)
+            tp = None if (th is None or coef[2] == 0.0) else padded(th, exact=have)[0]
             # the roots broadcast to (..., P), materialised (N·P entries, a fraction of the tile)
             a = ra.expand(ra.shape[:batch] + tuple(x.shape[batch:])).reshape(ra.shape[:batch] + (p,))
             b = rb.expand(rb.shape[:batch] + tuple(x.shape[batch:])).reshape(rb.shape[:batch] + (p,))

@@ -65,16 +65,6 @@ def _fields(k: Kernel):
             yield name, t, nd
 
 
-def _pool_fusable(t: Tensor) -> bool:
-    """Whether a pool's passes may run compiled (:func:`_tiled_pool_fused`): float32/64, at least
-    ``MIN_NUMEL`` entries, no autograd recording."""
-    return (
-        t.dtype in (torch.float32, torch.float64)
-        and t.numel() >= _compile.MIN_NUMEL
-        and not (torch.is_grad_enabled() and t.requires_grad)
-    )
-
-
 def _tiled_pool_fused(t: Tensor, sizes: tuple, nd: int, scale: float) -> Tensor:
     """The sum pool of a full pixel-pair covariance (``nd`` batch axes, then ``(s_a, s_a')`` pairs) whose
     windows of ``sizes`` tile every axis without overlap or padding, times ``scale``: the passes of
@@ -183,7 +173,7 @@ class _Pool(Layer):
         tiled = not edges and all(w.stride == w.size and w.lo == w.hi == 0 and w.n_in == w.size * w.n_out for w in wins)
         out = {}
         for name, t, nd in _fields(k):
-            if tiled and _compile.compile_enabled() and _pool_fusable(t):
+            if tiled and _compile.compile_enabled() and _compile.worth_compiling(t):
                 # ntkit.compiled(): the passes of a pool whose windows tile the image, as one compiled call
                 sizes = tuple(w.size for w in wins)
                 out[name] = _compile.fused(_tiled_pool_fused, t, sizes, nd, scale, batch_dims=nd)

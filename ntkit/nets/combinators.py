@@ -206,7 +206,7 @@ class Net(Layer):
                 out = stage[0].kernel(k)
                 if isinstance(out, list):
                     raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
-                if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
+                if not _outputs_finite(out):
                     raise NonFinite()
             except NonFinite:
                 full = kernel_from_inputs(
@@ -241,7 +241,7 @@ class Net(Layer):
                     tail = split[1].kernel(rec)
                     assert not isinstance(tail, list), "a serial stack of single-record layers returns one record"
                     out = tail
-                    if not all(t is None or all_finite(t.detach()) for t in (out.nngp, out.ntk)):
+                    if not _outputs_finite(out):
                         raise NonFinite()
                 except NonFinite:
                     full = kernel_from_inputs(x1, x2, diagonal_spatial=diagonal, compute_ntk="ntk" in names)
@@ -382,6 +382,11 @@ class Net(Layer):
             setattr(mod, "mup_gamma", float(gamma))
             setattr(mod, "mup_width", fan_in)
         return mod.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def _outputs_finite(k: Kernel) -> bool:
+    """The record's NNGP and NTK are finite (a single reduction each; see ``Net.kernel_fn``)."""
+    return all(t is None or all_finite(t.detach()) for t in (k.nngp, k.ntk))
 
 
 #: a re-tiled net's layers after its first pool run as one tile when it has at most this many entries
