@@ -11,7 +11,11 @@ same for NT):
 NT 0.6.5 runs side by side in its own venv (NTKIT_NT_PYTHON, default /tmp/ntenv/bin/python) with its kernel_fn
 jitted and warm, i.e. at its best; the largest relative difference between the two outputs is reported too.
 
-    python benchmarks/predict.py [--n-train 500] [--n-test 200] [--threads N] [--repeats 11]
+    python benchmarks/predict.py [--n-train 500] [--n-test 200] [--threads N] [--repeats 11] [--rounds 1]
+
+``--rounds R`` runs NT's script and ntkit's timings in turn R times and ends with one summary line per case:
+the median, least and largest of the R per-round ratios (each round's ratio is taken minutes apart at most, so
+it holds when the shared machine's speed drifts).
 
 ``--threads N`` pins both libraries to N intra-op threads (torch.set_num_threads; XLA's Eigen pool for NT), which
 keeps timings meaningful on a machine shared with other jobs.
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=11, help="timed runs per case (median reported), both sides")
+    ap.add_argument("--rounds", type=int, default=1, help="NT then ntkit, this many times in turn (median ratio)")
     tuning_flag(ap)
     args = ap.parse_args()
     apply_tuning(args)
@@ -95,45 +100,64 @@ def main() -> None:
     net = nt.serial(*([nt.Dense(512), nt.Relu()] * 3), nt.Dense(1))
     info = machine()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        nt_file = os.path.join(tmp, "nt.npz")
-        nt_rows = run_nt(NT_SCRIPT, str(args.n_train), str(args.n_test), nt_file, str(args.repeats))
-        nt_arrays = dict(np.load(nt_file)) if nt_rows else None
-    nt_by_t = {r["t"]: r for r in nt_rows} if nt_rows else {}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        # NT and ntkit in turn, round by round: a ratio from one round holds when the machine's speed drifts
+        with tempfile.TemporaryDirectory() as tmp:
+            nt_file = os.path.join(tmp, "nt.npz")
+            nt_rows = run_nt(NT_SCRIPT, str(args.n_train), str(args.n_test), nt_file, str(args.repeats))
+            nt_arrays = dict(np.load(nt_file)) if nt_rows else None
+        nt_by_t = {r["t"]: r for r in nt_rows} if nt_rows else {}
 
-    for t in (None, 10.0):
-        tag = "inf" if t is None else "10"
+        for t in (None, 10.0):
+            tag = "inf" if t is None else "10"
 
-        def fresh():
-            pf = predict.gradient_descent_mse_ensemble(net.kernel_fn, xtr, ytr, diag_reg=1e-4)
-            return pf, pf(t, xte, ("nngp", "ntk"), compute_cov=True)
+            def fresh():
+                pf = predict.gradient_descent_mse_ensemble(net.kernel_fn, xtr, ytr, diag_reg=1e-4)
+                return pf, pf(t, xte, ("nngp", "ntk"), compute_cov=True)
 
-        fresh_s = median_time(fresh, repeats=args.repeats)
-        pf, res = fresh()
-        cached_s = median_time(lambda: pf(t, xte, ("nngp", "ntk"), compute_cov=True), repeats=args.repeats)
-        diff = None
-        if nt_arrays is not None:
-            diff = 0.0
-            for g in ("nngp", "ntk"):
-                for part, key in (("mean", "mean"), ("covariance", "cov")):
-                    ref = nt_arrays[f"{g}_{key}_{tag}"]
-                    got = getattr(getattr(res, g), part).numpy()
-                    diff = max(diff, float(np.abs(got - ref).max() / np.abs(ref).max()))
-        ntr = nt_by_t.get(tag)
-        for kind, ours in (("fresh", fresh_s), ("cached", cached_s)):
-            theirs = None if ntr is None else ntr[f"{kind}_s"]
+            fresh_s = median_time(fresh, repeats=args.repeats)
+            pf, res = fresh()
+            fresh_method = {g: v.get("method") for g, v in pf.last_method.items()} if t is not None else None
+            cached_s = median_time(lambda: pf(t, xte, ("nngp", "ntk"), compute_cov=True), repeats=args.repeats)
+            diff = None
+            if nt_arrays is not None:
+                diff = 0.0
+                for g in ("nngp", "ntk"):
+                    for part, key in (("mean", "mean"), ("covariance", "cov")):
+                        ref = nt_arrays[f"{g}_{key}_{tag}"]
+                        got = getattr(getattr(res, g), part).numpy()
+                        diff = max(diff, float(np.abs(got - ref).max() / np.abs(ref).max()))
+            ntr = nt_by_t.get(tag)
+            for kind, ours in (("fresh", fresh_s), ("cached", cached_s)):
+                theirs = None if ntr is None else ntr[f"{kind}_s"]
+                if theirs is not None:
+                    ratios.setdefault((tag, kind), []).append(ours / theirs)
+                emit(
+                    bench="predict_ensemble",
+                    n_train=args.n_train,
+                    n_test=args.n_test,
+                    t=tag,
+                    call=kind,
+                    dtype="float64",
+                    round=rnd,
+                    ntkit_s=round(ours, 4),
+                    nt_s=None if theirs is None else round(theirs, 4),
+                    ratio_vs_nt=None if theirs is None else round(ours / theirs, 3),
+                    max_rel_diff_vs_nt=None if diff is None else float(f"{diff:.2e}"),
+                    method=fresh_method if kind == "fresh" else "eigh (cached)" if t is not None else None,
+                    machine=info,
+                )
+    if args.rounds > 1:
+        for (tag, kind), rs in ratios.items():
             emit(
-                bench="predict_ensemble",
-                n_train=args.n_train,
-                n_test=args.n_test,
+                bench="predict_ensemble_summary",
                 t=tag,
                 call=kind,
-                dtype="float64",
-                ntkit_s=round(ours, 4),
-                nt_s=None if theirs is None else round(theirs, 4),
-                ratio_vs_nt=None if theirs is None else round(ours / theirs, 3),
-                max_rel_diff_vs_nt=None if diff is None else float(f"{diff:.2e}"),
-                machine=info,
+                rounds=len(rs),
+                ratio_vs_nt_median=round(float(np.median(rs)), 3),
+                ratio_vs_nt_min=round(min(rs), 3),
+                ratio_vs_nt_max=round(max(rs), 3),
             )
 
 

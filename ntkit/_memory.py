@@ -121,18 +121,29 @@ def _read_int(path: Path) -> Optional[int]:
 
 def _read_stat(path: Path, *keys: str) -> Optional[int]:
     """The first of ``keys`` found in a ``key value`` file (``memory.stat``)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    found = dict(line.split(maxsplit=1) for line in lines if len(line.split()) == 2)
+    found = _read_stats(path, keys)
     for k in keys:
         if k in found:
-            try:
-                return int(found[k])
-            except ValueError:
-                return None
+            return found[k]
     return None
+
+
+def _read_stats(path: Path, keys: Sequence[str]) -> dict[str, int]:
+    """Those of ``keys`` found in a ``key value`` file (``memory.stat``), read once; unparsable values are left
+    out."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in keys:
+            try:
+                out[key] = int(value.strip())
+            except ValueError:
+                pass
+    return out
 
 
 def _ancestors(start: Path, root: Path) -> list[Path]:
@@ -182,8 +193,10 @@ def cgroup_limits(proc_cgroup: Union[str, Path] = "/proc/self/cgroup", root: Uni
     if v2 is not None:
         for d in _ancestors(v2, root):
             limit = _read_int(d / "memory.max")
+            if limit is None or limit >= _UNLIMITED:  # "max": nothing more to read at this level
+                continue
             current = _read_int(d / "memory.current")
-            if limit is None or current is None or limit >= _UNLIMITED:
+            if current is None:
                 continue
             free_cache = _read_stat(d / "memory.stat", "inactive_file") or 0
             used = max(0, current - free_cache)
@@ -194,15 +207,22 @@ def cgroup_limits(proc_cgroup: Union[str, Path] = "/proc/self/cgroup", root: Uni
             base = base.parent
         for d in _ancestors(v1, base):
             limit = _read_int(d / "memory.limit_in_bytes")
-            usage = _read_int(d / "memory.usage_in_bytes")
-            if limit is None or usage is None:
+            if limit is None:
                 continue
-            hier = _read_stat(d / "memory.stat", "hierarchical_memory_limit")
+            stats = _read_stats(
+                d / "memory.stat", ("hierarchical_memory_limit", "total_inactive_file", "inactive_file")
+            )
+            hier = stats.get("hierarchical_memory_limit")
             if hier is not None and hier < limit:
                 limit = hier
             if limit >= _UNLIMITED:
+                if hier is not None and d == v1:
+                    break  # the leaf's hierarchical limit is the least of its ancestors': none binds
                 continue
-            free_cache = _read_stat(d / "memory.stat", "total_inactive_file", "inactive_file") or 0
+            usage = _read_int(d / "memory.usage_in_bytes")
+            if usage is None:
+                continue
+            free_cache = stats.get("total_inactive_file", stats.get("inactive_file", 0))
             used = max(0, usage - free_cache)
             out.append(MemoryLimit("cgroup v1 memory.limit_in_bytes", max(0, limit - used), limit, used, str(d), fix))
     return out
@@ -230,7 +250,7 @@ def rlimit_limits(status: Union[str, Path] = "/proc/self/status") -> list[Memory
         import resource
     except ImportError:  # pragma: no cover - not on POSIX
         return []
-    vm = _proc_status(status)
+    vm: Optional[dict[str, int]] = None  # /proc/self/status, read only when a limit is set
     out = []
     for res, name, key, ulimit, flag in (
         ("RLIMIT_AS", "RLIMIT_AS (ulimit -v, address space)", "VmSize", "ulimit -v", "--as"),
@@ -242,6 +262,8 @@ def rlimit_limits(status: Union[str, Path] = "/proc/self/status") -> list[Memory
         soft, _ = resource.getrlimit(rid)
         if soft == resource.RLIM_INFINITY or soft < 0 or soft >= _UNLIMITED:
             continue
+        if vm is None:
+            vm = _proc_status(status)
         used = vm.get(key)
         if used is None:
             continue

@@ -10,17 +10,41 @@ of the (regularised, positive definite) train kernel ``Θ`` applied to the targe
 geometrically, and ``p_d(Θ) B`` costs ``d`` products ``Θ · (n × m)`` (the three-term recurrence of Chebyshev
 polynomials), against ``~20 n³`` for ``eigh`` plus its back-transformations.
 
-A priori error bound (Trefethen, *Approximation Theory and Approximation Practice*, 2013, Thm 8.2): if ``f``
+A priori error bounds; the lesser is used. (1) Trefethen, *Approximation Theory and Approximation Practice*
+(2013), Thm 8.2: if ``f``
 is analytic in the Bernstein ellipse ``E_ρ`` (foci ±1, semi-axes summing to ``ρ > 1``) of the interval mapped
 to ``[-1, 1]`` and ``|f| ≤ M_ρ`` there, the degree-``d`` interpolant in Chebyshev points satisfies
 ``max_{[-1,1]} |f - p_d| ≤ 4 M_ρ ρ^{-d} / (ρ - 1)``. For ``f(s) = φ(L (1 + s) / 2)`` (``L = τ b``) on ``E_ρ``,
 ``Re x ≥ -a`` with ``a = L ((ρ + 1/ρ)/2 - 1) / 2``, and ``|φ(x)| ≤ ∫_0^1 e^{a u} du ≤ e^{a}``: so
-``M_ρ = e^{a}``, minimised over a grid of ``ρ``. Since every eigenvalue of ``Θ`` lies in ``[0, b]``,
+``M_ρ = e^{a}``, minimised over a grid of ``ρ``. (2) The interpolant's error is at most ``2 Σ_{k>d} |a_k|``
+(ibid., Thm 4.2) in the Chebyshev coefficients ``a_k`` of ``f``; as ``f(s) = ∫_0^1 e^{-z} e^{-zs} du`` with
+``z = Lu/2`` and ``e^{-zs} = I_0(z) + 2 Σ_k (-1)^k I_k(z) T_k(s)``, and ``e^{-z} I_k(z) ≤ (z/2)^k / k!``
+(the series of ``I_k``, with ``(m+k)! ≥ m! k!``), ``|a_k| ≤ 2 (L/4)^k / (k+1)!``: the error is at most
+``4 (L/4)^{d+1} / (d+2)! / (1 − L/(4(d+3)))``, sharper than (1) for the small ``L`` of a deflated kernel.
+Since every eigenvalue of ``Θ`` lies in ``[0, b]``,
 ``‖p_d(Θ) B - g_τ(Θ) B‖₂ ≤ τ ε_d ‖B‖₂`` with ``ε_d`` that bound; the degree is the least with
 ``ε_d ≤ rtol · φ(L)`` (``φ(L)`` is the least value of ``φ`` on the interval, so the error is at most ``rtol``
-relative to ``‖g_τ(Θ) B‖₂``). Round-off of the recurrence adds at most about ``d²·eps·Σ|c_k|`` (the growth
-of the Chebyshev recurrence's errors, Smoktunowicz 2002, "Backward stability of Clenshaw's algorithm"; an
-estimate, reported in the plan and checked by the tests).
+relative to ``‖g_τ(Θ) B‖₂ ≥ τ φ(L) ‖B‖₂``). Round-off of the recurrence adds at most about ``d²·eps·Σ|c_k|``
+(the growth of the Chebyshev recurrence's errors, Smoktunowicz 2002, "Backward stability of Clenshaw's
+algorithm"; an estimate, reported in the plan and checked by the tests).
+
+**Deflation of the top eigenpair.** A kernel of inputs that are not centred has one eigenvalue far above the
+others (the constant mode: ``λ_1 ≈ N·mean(Θ)``), and the degree grows with ``τ λ_max``. With ``v`` a unit
+vector found by power iteration, ``θ = vᵀΘv``, ``r = Θv − θv`` and ``P = I − vvᵀ``,
+
+    Θ = Θ̂ + E,   Θ̂ = θ vvᵀ + M,   M = PΘP,   E = r vᵀ + v rᵀ   (‖E‖_F = √2 ‖r‖₂, as r ⊥ v),
+
+and ``g(Θ̂) B = g(θ) v (vᵀB) + g(M) (PB)`` exactly (``v`` is an eigenvector of ``Θ̂``, and ``M`` maps
+``v^⊥`` into itself), so the polynomial runs on ``M``, whose spectrum bound ``β = min(‖M‖_∞, ‖M‖_F)`` is
+about ``λ_2`` instead of ``λ_1``. The replacement of ``Θ`` by ``Θ̂`` costs, for Hermitian matrices and ``g``
+Lipschitz with constant ``ℓ`` on an interval holding both spectra, ``‖g(Θ) − g(Θ̂)‖_F ≤ ℓ ‖E‖_F`` (in the
+joint eigenbases the difference is the Schur product of the divided differences ``g[λ_i, μ_j]``, each of
+modulus ``≤ ℓ``, with ``E``; Bhatia, *Matrix Analysis*, 1997, ch. VII). Both spectra lie in ``[0, ∞)`` (``Θ``
+positive definite, ``Θ̂`` a sum of positive semi-definite terms), where ``|g_τ'| = τ²|φ'(τλ)| ≤ τ²/2``
+(``|φ'(x)| = ∫_0^1 u e^{-xu} du ≤ 1/2``): the deflation adds at most ``τ ‖r‖₂ / (√2 φ(τ b))`` relative to
+``‖g_τ(Θ) B‖₂`` (``ChebyshevPlan.rel_deflation``), and the polynomial's own error is asked relative to the same
+``φ(τ b)`` of the whole kernel. ``‖r‖₂`` is computed in floating point (its round-off, about ``√N eps ‖Θ‖``,
+is part of the measured value).
 
 Positive definiteness (all eigenvalues in the interval) is established by a Cholesky factorisation (``n³/3``);
 when it fails the caller falls back to ``eigh``, which handles singular and non-PSD kernels.
@@ -30,14 +54,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "ChebyshevPlan",
+    "Deflation",
     "phi_plan",
     "apply_plan",
+    "apply_matfun",
+    "deflate_top",
+    "certified_bound",
+    "quad_form",
     "spectrum_bound",
     "is_positive_definite",
     "usable",
@@ -55,13 +86,18 @@ RTOL = 1e-13
 MAX_REL_ERROR = 1e-11
 #: above this degree the polynomial is not worth it (eigh is used)
 MAX_DEGREE = 160
+#: power iterations tried for the top eigenvector, and the relative error asked of the deflation
+DEFLATION_STEPS = 40
+DEFLATION_RTOL = 1e-14
+#: power iteration stops when a step leaves the residual above this fraction of the last one (round-off)
+STALL = 0.5
 
 
 @dataclass(frozen=True)
 class ChebyshevPlan:
     """``g_τ`` on ``[0, b]`` by its Chebyshev interpolant: ``coeffs`` (degree ``len - 1``), ``bound``: the a
-    priori bound on ``max_{[0,b]} |p - g_τ|``, ``rel_bound``: the same relative to ``g_τ``'s least value on
-    ``[0, b]`` (``≤ RTOL`` by the choice of degree)."""
+    priori bound on ``max_{[0,b]} |p - g_τ|``, ``rel_bound``: the same relative to the least value of ``g_τ`` on
+    the kernel's spectrum (``≤ RTOL`` by the choice of degree)."""
 
     tau: float
     b: float
@@ -69,11 +105,26 @@ class ChebyshevPlan:
     bound: float
     rel_bound: float
     round_off: float = 0.0  # estimate ``d² · eps · Σ|c_k|`` of the recurrence's round-off (absolute)
-    rel_round_off: float = 0.0  # the same relative to ``g_τ``'s least value on ``[0, b]``
+    rel_round_off: float = 0.0  # the same, relative
+    rel_deflation: float = 0.0  # bound on the error of the deflation (module docstring), relative
 
     @property
     def degree(self) -> int:
         return self.coeffs.numel() - 1
+
+
+@dataclass(frozen=True)
+class Deflation:
+    """``Θ ≈ θ vvᵀ + M`` with ``M = PΘP`` formed (module docstring): ``b`` bounds ``M``'s spectrum, ``resid``
+    is ``‖Θv − θv‖₂``."""
+
+    v: Tensor
+    theta: float
+    M: Tensor
+    b: float
+    resid: float
+    estimate: float = math.inf  # a guess of λ_max(M) (not a bound)
+    fro: float = math.inf  # ‖M‖_F
 
 
 def _phi(x: Tensor) -> Tensor:
@@ -83,66 +134,103 @@ def _phi(x: Tensor) -> Tensor:
     return torch.where(small, torch.ones_like(x), -torch.expm1(-safe) / safe)
 
 
+def _phi1(x: float) -> float:
+    """:func:`_phi` of one number."""
+    return 1.0 if abs(x) < 1e-300 else -math.expm1(-x) / x
+
+
 #: the grid of ellipse parameters ``ρ`` the bound is minimised over (1.0001 .. ~1e4, geometric in ``ρ - 1``)
-_RHO = 1.0 + torch.logspace(-4, 4, 801, dtype=torch.float64)
+_RHO = 1.0 + np.logspace(-4, 4, 801)
+_LOG_RHO = np.log(_RHO)
+_LOG_RHO_M1 = np.log(_RHO - 1.0)
+_COSH_M1 = (_RHO + 1.0 / _RHO) / 2.0 - 1.0
 
 
-def _log_bound_terms(L: float) -> Tensor:
+def _log_bound_terms(L: float) -> np.ndarray:
     """Per ``ρ`` of the grid: ``log(4 e^{a(ρ)} / (ρ - 1))`` with ``a(ρ) = L((ρ + 1/ρ)/2 - 1)/2``; the bound at
     degree ``d`` is ``min_ρ exp(term - d log ρ)`` (module docstring)."""
-    rho = _RHO
-    a = L * ((rho + 1.0 / rho) / 2.0 - 1.0) / 2.0
-    return math.log(4.0) + a - torch.log(rho - 1.0)
+    return math.log(4.0) + (L / 2.0) * _COSH_M1 - _LOG_RHO_M1
 
 
 def _bound(L: float, d: int) -> float:
     """``min_ρ 4 e^{a(ρ)} ρ^{-d} / (ρ - 1)`` (module docstring)."""
-    return float(torch.exp((_log_bound_terms(L) - d * torch.log(_RHO)).min()))
+    return float(np.exp((_log_bound_terms(L) - d * _LOG_RHO).min()))
 
 
-def _degree(L: float, rtol: float) -> tuple[int, float]:
-    """Least degree whose bound is ``≤ rtol · φ(L)``, and that bound; ``(MAX_DEGREE + 1, inf)`` if none. Per
-    ``ρ`` the least such degree is ``⌈(term(ρ) - log target) / log ρ⌉``; the answer is their minimum."""
-    target = math.log(rtol * float(_phi(torch.tensor(L, dtype=torch.float64))))
-    need = torch.ceil((_log_bound_terms(L) - target) / torch.log(_RHO)).clamp_min(1)
+def _series_bound(L: float, d: int) -> float:
+    """``4 (L/4)^{d+1} / (d+2)! / (1 − L/(4(d+3)))``: the bound ``2 Σ_{k>d} |a_k|`` on the degree-``d``
+    interpolant's error from the Chebyshev coefficients of ``φ(L(1+s)/2)`` (module docstring); inf where the
+    geometric tail does not converge."""
+    q = L / (4.0 * (d + 3))
+    if q >= 1.0:
+        return math.inf
+    if L == 0.0:
+        return 0.0
+    return math.exp(math.log(4.0) + (d + 1) * math.log(L / 4.0) - math.lgamma(d + 3)) / (1.0 - q)
+
+
+def _degree(L: float, target: float) -> tuple[int, float]:
+    """Least degree whose bound (the lesser of the ellipse and the series bound) is ``≤ target``, and that
+    bound; ``(MAX_DEGREE + 1, inf)`` if none. Per ``ρ`` the least degree of the ellipse bound is
+    ``⌈(term(ρ) - log target) / log ρ⌉``, and the answer is their minimum; the series bound is tried below it."""
+    need = np.maximum(np.ceil((_log_bound_terms(L) - math.log(target)) / _LOG_RHO), 1.0)
     d = int(need.min())
+    for k in range(1, min(d, MAX_DEGREE + 1)):
+        e = _series_bound(L, k)
+        if e <= target:
+            return k, e
     if d > MAX_DEGREE:
         return MAX_DEGREE + 1, math.inf
-    return d, _bound(L, d)
+    return d, min(_bound(L, d), _series_bound(L, d))
 
 
-def _coeffs(L: float, d: int) -> Tensor:
+def _coeffs(L: float, d: int) -> np.ndarray:
     """Chebyshev coefficients of the degree-``d`` interpolant of ``φ(L(1+s)/2)`` in the ``d + 1`` Chebyshev
     points of the second kind ``s_j = cos(πj/d)`` (the discrete cosine transform of the values)."""
-    j = torch.arange(d + 1, dtype=torch.float64)
-    s = torch.cos(math.pi * j / d)
-    v = _phi(L * (1.0 + s) / 2.0)
-    w = torch.ones(d + 1, dtype=torch.float64)
-    w[0] = w[-1] = 0.5
-    c = (2.0 / d) * torch.cos(math.pi * torch.outer(j, j) / d) @ (w * v)
+    j = np.arange(d + 1, dtype=np.float64)
+    x = L * (1.0 + np.cos(math.pi * j / d)) / 2.0
+    v = np.array([_phi1(float(xi)) for xi in x])
+    v[0] *= 0.5
+    v[-1] *= 0.5
+    c = (2.0 / d) * (np.cos(math.pi * np.outer(j, j) / d) @ v)
     c[0] /= 2.0
     c[-1] /= 2.0
     return c
 
 
-def phi_plan(tau: float, b: float, rtol: float = RTOL) -> ChebyshevPlan:
-    """The plan for ``g_τ = τ φ(τ ·)`` on ``[0, b]``; its degree is ``MAX_DEGREE + 1`` when none suffices."""
+def phi_plan(tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float] = None) -> ChebyshevPlan:
+    """The plan for ``g_τ = τ φ(τ ·)`` on ``[0, b]``; its degree is ``MAX_DEGREE + 1`` when none suffices.
+
+    ``b_kernel`` (default ``b``) bounds the spectrum of the whole kernel: the error is asked relative to
+    ``g_τ``'s least value there, ``τ φ(τ b_kernel)`` (with a deflation ``b`` bounds only the rest)."""
     if tau == 0.0:  # g_0 = 0: nothing has been learnt at t = 0
         return ChebyshevPlan(tau, b, torch.zeros(1, dtype=torch.float64), 0.0, 0.0)
     L = tau * b
-    d, e = _degree(L, rtol)
+    floor = _phi1(tau * (b if b_kernel is None else max(b, b_kernel)))
+    d, e = _degree(L, rtol * floor)
     if d > MAX_DEGREE:
         inf = math.inf
         return ChebyshevPlan(tau, b, torch.zeros(MAX_DEGREE + 2, dtype=torch.float64), inf, inf, inf, inf)
-    phil = float(_phi(torch.tensor(L, dtype=torch.float64)))
     c = tau * _coeffs(L, d)
-    rnd = d * d * 2.0**-52 * float(c.abs().sum())
-    return ChebyshevPlan(tau, b, c, tau * e, e / phil, rnd, rnd / (tau * phil))
+    rnd = d * d * 2.0**-52 * float(np.abs(c).sum())
+    return ChebyshevPlan(tau, b, torch.from_numpy(c), tau * e, e / floor, rnd, rnd / (tau * floor))
+
+
+def deflated_plan(tau: float, defl: Deflation, b_kernel: float, rtol: float = RTOL) -> ChebyshevPlan:
+    """:func:`phi_plan` on ``[0, defl.b]`` with the deflation's error bound ``τ ‖r‖ / (√2 φ(τ b_kernel))``."""
+    plan = phi_plan(tau, defl.b, rtol, b_kernel)
+    if tau == 0.0:
+        return plan
+    rel = tau * defl.resid / (math.sqrt(2.0) * _phi1(tau * max(b_kernel, defl.b)))
+    return ChebyshevPlan(
+        plan.tau, plan.b, plan.coeffs, plan.bound, plan.rel_bound, plan.round_off, plan.rel_round_off, rel
+    )
 
 
 def usable(plan: ChebyshevPlan) -> bool:
-    """The plan's degree is at most ``MAX_DEGREE`` and its bound plus round-off, relative, ``≤ MAX_REL_ERROR``."""
-    return plan.degree <= MAX_DEGREE and plan.rel_bound + plan.rel_round_off <= MAX_REL_ERROR
+    """The plan's degree is at most ``MAX_DEGREE`` and its bound plus round-off (plus the deflation's error),
+    relative, ``≤ MAX_REL_ERROR``."""
+    return plan.degree <= MAX_DEGREE and plan.rel_bound + plan.rel_round_off + plan.rel_deflation <= MAX_REL_ERROR
 
 
 def apply_plan(A: Tensor, B: Tensor, plan: ChebyshevPlan) -> Tensor:
@@ -163,11 +251,128 @@ def apply_plan(A: Tensor, B: Tensor, plan: ChebyshevPlan) -> Tensor:
     return out
 
 
-def spectrum_bound(A: Tensor) -> float:
+def apply_matfun(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflation] = None) -> Tensor:
+    """``p(A) B`` (:func:`apply_plan`), or with a deflation ``g(θ) v (vᵀB) + p(M)(B - v vᵀB)`` (module
+    docstring); ``plan`` is then the plan on ``[0, defl.b]``."""
+    if defl is None:
+        return apply_plan(A, B, plan)
+    c = defl.v @ B
+    out = apply_plan(defl.M, torch.addr(B, defl.v, c, alpha=-1.0), plan)
+    g_theta = plan.tau * _phi1(plan.tau * defl.theta)
+    return out.addr_(defl.v, c, alpha=g_theta)
+
+
+def spectrum_bound(A: Tensor, fro: Optional[float] = None) -> float:
     """An upper bound on ``λ_max`` of the symmetric ``A``: ``min(‖A‖_∞, ‖A‖_F)`` (both bound the spectral
-    norm), nudged up by round-off."""
-    b = min(float(A.abs().sum(1).max()), float(torch.linalg.matrix_norm(A)))
+    norm; ``fro``: ``‖A‖_F`` when known), nudged up by round-off."""
+    f = float(torch.linalg.matrix_norm(A)) if fro is None else fro
+    b = min(float(A.abs().sum(1).max()), f)
     return b * (1.0 + 1e-12) + 1e-300
+
+
+def deflate_top(A: Tensor, resid_target: float, steps: int = DEFLATION_STEPS) -> Optional[Deflation]:
+    """The top eigenpair of the symmetric positive definite ``A`` by power iteration from ``A·1`` (the constant
+    mode a kernel's top eigenvector is close to), stopped once ``‖Av − θv‖₂ ≤ resid_target``, or when a step
+    no longer halves it (round-off; the caller judges the residual reached); ``None`` after ``steps``
+    matrix-vector products without either (no dominant eigenvalue). Returns the deflation with
+    ``M = PAP = A − v uᵀ − u vᵀ`` (``u = Av − θv/2``; one product of rank 2), its spectrum bound
+    (:func:`spectrum_bound`) and an estimate of ``λ_max(M)`` (``θ`` times the residuals' mean ratio, which
+    tends to ``λ_2/λ_1``; only a guess for :func:`certified_bound`)."""
+    n = A.shape[0]
+    if n < 2:
+        return None
+    w = A.sum(1)
+    nw = float(torch.linalg.vector_norm(w))
+    if not (nw > 0.0 and math.isfinite(nw)):
+        return None
+    v = w / nw
+    first, k, last = 0.0, 0, math.inf
+    for _ in range(steps):
+        w = A @ v
+        theta = float(v @ w)
+        resid = float(torch.linalg.vector_norm(w - theta * v))
+        first, k = (resid, 0) if k == 0 and first == 0.0 else (first, k + 1)
+        # the residuals' mean rate of decrease since the first step (tends to λ_2/λ_1)
+        ratio = (resid / first) ** (1.0 / k) if k > 0 and first > 0.0 and resid > 0.0 else 1.0
+        # done at the target, or where round-off stops the residual's decrease (the caller's error budget
+        # then decides: ChebyshevPlan.rel_deflation)
+        if resid <= resid_target or resid > STALL * last:
+            # M = A - v wᵀ - w vᵀ + θ v vᵀ = A - v uᵀ - u vᵀ with u = w - (θ/2) v (symmetric in one form)
+            u = w.sub(v, alpha=theta / 2.0)
+            M = torch.addmm(A, torch.stack([v, u], 1), torch.stack([u, v]), alpha=-1.0)
+            fro = float(torch.linalg.matrix_norm(M))
+            return Deflation(v, theta, M, spectrum_bound(M, fro), resid, min(1.0, ratio) * theta, fro)
+        last = resid
+        nw = float(torch.linalg.vector_norm(w))
+        if not (nw > 0.0 and math.isfinite(nw)):
+            return None
+        v = w / nw
+    return None
+
+
+def certified_bound(M: Tensor, beta: float, fro: float) -> Optional[float]:
+    """An upper bound on ``λ_max`` of the symmetric ``M`` (``fro = ‖M‖_F``) near ``beta``, proven by a float32
+    Cholesky factorisation of ``C = βI − M`` (half the cost of a float64 one), or ``None`` if it fails.
+
+    ``C₃₂ = −fl₃₂(M) + β`` on the diagonal differs from ``C`` by ``E`` with ``‖E‖₂ ≤ ‖E‖_F ≤ u(‖M‖_F + tr C₃₂)``
+    (``u = 2⁻²⁴``; one rounding per entry, two on the diagonal). If the factorisation of ``C₃₂`` completes, the
+    computed factor satisfies ``RᵀR = C₃₂ + ΔC`` with ``|ΔC| ≤ γ_{n+1} |Rᵀ||R|`` (Higham, *Accuracy and Stability
+    of Numerical Algorithms*, 2002, Thm 10.3; ``γ_k = k u / (1 − k u)``), so ``‖ΔC‖₂ ≤ γ_{n+1} ‖R‖_F²`` and,
+    taking the trace of the same relation, ``‖R‖_F² ≤ tr C₃₂ / (1 − γ_{n+1})``. As ``RᵀR ⪰ 0``,
+    ``C ⪰ −(‖ΔC‖₂ + ‖E‖₂) I``, i.e. ``λ_max(M) ≤ β + ‖ΔC‖₂ + ‖E‖₂``, which is returned (nudged up)."""
+    n = M.shape[0]
+    C = M.to(torch.float32).neg_()
+    C.diagonal().add_(beta)
+    info = torch.linalg.cholesky_ex(C)[1]
+    if int(info) != 0:
+        return None
+    u = 2.0**-24
+    gamma = (n + 1) * u / (1.0 - (n + 1) * u)
+    trace = float(C.diagonal().to(torch.float64).sum())
+    slack = gamma * trace / (1.0 - gamma) + u * (fro + trace)
+    return beta + slack * (1.0 + 1e-6)
+
+
+def quad_form(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflation] = None) -> Tensor:
+    """``Bᵀ p(A) B`` (``p`` the plan's polynomial) with half of :func:`apply_plan`'s products: with
+    ``X_j = T_j(S) B`` and ``T_{a+b} = 2 T_a T_b − T_{|a−b|}`` (``S`` symmetric),
+
+        Bᵀ T_{2m} B = 2 X_mᵀ X_m − X_0ᵀ X_0,      Bᵀ T_{2m+1} B = 2 X_mᵀ X_{m+1} − X_0ᵀ X_1,
+
+    so ``Σ_k c_k Bᵀ T_k B = 2 Σ_m X_mᵀ Y_m`` with ``Y_m = c_{2m} X_m + c_{2m+1} X_{m+1}`` (and ``Y_0`` less
+    ``(Σ_even c / 2) X_0 + (Σ_odd c / 2) X_1``): ``⌈d/2⌉`` products ``A · (n × m)`` and one product
+    ``(m × (M+1)n) · ((M+1)n × m)``, ``M = ⌊d/2⌋``. With a deflation (``plan`` on ``[0, defl.b]``, module
+    docstring): ``g(θ) cᵀc + (PB)ᵀ p(M) (PB)``, ``c = vᵀB``. Returned symmetric."""
+    c = plan.coeffs.tolist()
+    d = len(c) - 1
+    base, g_theta, cv = A, 0.0, None
+    if defl is not None:
+        cv = defl.v @ B
+        B = torch.addr(B, defl.v, cv, alpha=-1.0)
+        base = defl.M
+        g_theta = plan.tau * _phi1(plan.tau * defl.theta)
+    n, m = B.shape
+    top = d // 2
+    need = top + 1 if d % 2 else top  # X_0 .. X_need are computed; X_{top+1} stays 0 for an even degree
+    X = B.new_zeros((top + 2, n, m))
+    X[0].copy_(B)
+    if need >= 1:
+        alpha = 2.0 / plan.b
+        torch.addmm(X[0], base, X[0], beta=-1.0, alpha=alpha, out=X[1])  # S B
+        for j in range(2, need + 1):
+            torch.addmm(X[j - 2], base, X[j - 1], beta=-1.0, alpha=2.0 * alpha, out=X[j]).sub_(X[j - 1], alpha=2.0)
+    cc = c + [0.0]
+    even = torch.tensor(cc[0 : 2 * top + 1 : 2], dtype=B.dtype, device=B.device)[:, None, None]
+    odd = torch.tensor(cc[1 : 2 * top + 2 : 2], dtype=B.dtype, device=B.device)[:, None, None]
+    Y = torch.addcmul(X[: top + 1] * even, X[1 : top + 2], odd)
+    even_sum, odd_sum = sum(c[0::2]), sum(c[1::2])
+    Y[0].sub_(X[0], alpha=even_sum / 2.0)
+    if need >= 1:
+        Y[0].sub_(X[1], alpha=odd_sum / 2.0)
+    out = torch.mm(X[: top + 1].reshape(-1, m).T, Y.reshape(-1, m)).mul_(2.0)
+    if cv is not None:
+        out.addr_(cv, cv, alpha=g_theta)
+    return (out + out.T) / 2.0
 
 
 def is_positive_definite(A: Tensor) -> bool:

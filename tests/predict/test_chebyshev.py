@@ -102,3 +102,91 @@ def test_falls_back_where_the_polynomial_cannot_be_trusted():
     with pytest.raises(ValueError, match="method"):
         pf.method = "krylov"
         pf(1.0, xt, "ntk")
+
+
+def _spectrum_matrix(n=60, top=50.0, rest=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
+    lam = torch.cat([torch.tensor([top], dtype=F64), rest * torch.rand(n - 1, dtype=F64, generator=g)])
+    a = (q * lam) @ q.T
+    return (a + a.T) / 2, q, lam, torch.randn(n, 7, dtype=F64, generator=g)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 1.0])
+def test_deflated_matfun_and_quad_form_match_the_eigendecomposition(tau):
+    """The top eigenpair deflated (power iteration), ``g(Θ) B`` and ``Bᵀ g(Θ) B`` (half the products) agree
+    with the eigendecomposition to 1e-13, with lower degrees than the whole spectrum needs."""
+    from ntkit.predict._matfun import apply_matfun, deflate_top, deflated_plan, quad_form
+
+    a, q, lam, b = _spectrum_matrix()
+    g = (q * (-torch.expm1(-tau * lam) / lam)) @ q.T
+    bound = spectrum_bound(a)
+    defl = deflate_top(a, 1e-13)
+    assert defl is not None and defl.resid < 1e-12 and abs(defl.theta - 50.0) < 1e-12
+    assert defl.b < 3.0 * math.sqrt(59) and defl.b >= float(lam[1:].max())
+    plan, full = deflated_plan(tau, defl, bound), phi_plan(tau, bound)
+    assert plan.degree < full.degree and usable(plan)
+    assert _rel(apply_matfun(a, b, plan, defl), g @ b) < 1e-13
+    qf = quad_form(a, b, plan, defl)
+    assert torch.equal(qf, qf.T) and _rel(qf, b.T @ g @ b) < 1e-13
+    assert _rel(quad_form(a, b, full), b.T @ g @ b) < 1e-13
+
+
+def test_deflation_error_bound_holds_for_an_inexact_eigenvector():
+    """A deflation stopped early (large residual) reports ``rel_deflation`` ``τ‖r‖/(√2 φ(τb))``, and the actual
+    error of ``g(θvvᵀ + PΘP) B`` against ``g(Θ) B`` is below it (relative to ``τ φ(τb) ‖B‖₂``)."""
+    from ntkit.predict._matfun import _phi1, apply_matfun, deflate_top, deflated_plan
+
+    a, q, lam, b = _spectrum_matrix(top=8.0, rest=4.0)
+    tau = 0.4
+    defl = deflate_top(a, 1e-3, steps=40)
+    assert defl is not None and defl.resid > 1e-8
+    bound = spectrum_bound(a)
+    plan = deflated_plan(tau, defl, bound)
+    g = (q * (-torch.expm1(-tau * lam) / lam)) @ q.T
+    err = float(torch.linalg.matrix_norm(apply_matfun(a, b, plan, defl) - g @ b, 2))
+    scale = tau * _phi1(tau * bound) * float(torch.linalg.matrix_norm(b, 2))
+    assert err / scale <= plan.rel_deflation + plan.rel_bound + 1e-14
+    assert plan.rel_deflation < 50 * err / scale  # and not vacuous
+
+
+def test_certified_bound_is_an_upper_bound_and_refuses_below_the_spectrum():
+    from ntkit.predict._matfun import certified_bound, deflate_top
+
+    a, _, lam, _ = _spectrum_matrix()
+    defl = deflate_top(a, 1e-13)
+    top = float(torch.linalg.eigvalsh(defl.M)[-1])
+    got = certified_bound(defl.M, 1.1 * top, defl.fro)
+    assert got is not None and top <= got < 1.2 * top
+    assert certified_bound(defl.M, 0.9 * top, defl.fro) is None
+
+
+def test_series_bound_holds_and_is_tight():
+    """The coefficient-series bound on the interpolant's error is above the measured error and within 100x."""
+    from ntkit.predict._matfun import _coeffs, _series_bound
+
+    s = torch.cos(torch.linspace(0, math.pi, 2001, dtype=F64))
+    for L, d in ((0.1, 4), (0.35, 6), (1.4, 9)):
+        c = torch.from_numpy(_coeffs(L, d))
+        t = torch.stack([torch.cos(k * torch.arccos(s)) for k in range(d + 1)])
+        err = float((c @ t - _phi(L * (1 + s) / 2)).abs().max())
+        assert err <= _series_bound(L, d) < 100 * err
+
+
+def test_benchmark_case_deflates_and_matches_eigh():
+    """The predict benchmark's kernel (one eigenvalue far above the rest) takes the deflated path, at low degree,
+    and agrees with the eigendecomposition path to 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(120, 8, dtype=F64, generator=g), torch.randn(30, 8, dtype=F64, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True))
+    net = ntkit.serial(*([ntkit.Dense(64), ntkit.Relu()] * 3), ntkit.Dense(1))
+    out = {}
+    for method in ("eigh", "chebyshev"):
+        pf = predict.gradient_descent_mse_ensemble(net.kernel_fn, x, y, diag_reg=1e-4)
+        pf.method = method
+        out[method] = pf(10.0, xt, ("nngp", "ntk"), compute_cov=True)
+        if method == "chebyshev":
+            assert all(v["deflated"] and max(v["degree"]) <= 8 for v in pf.last_method.values())
+    for name in ("nngp", "ntk"):
+        a, b = getattr(out["chebyshev"], name), getattr(out["eigh"], name)
+        assert _rel(a.mean, b.mean) < 1e-12 and _rel(a.covariance, b.covariance) < 1e-12
