@@ -52,6 +52,7 @@ when it fails the caller falls back to ``eigh``, which handles singular and non-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -67,6 +68,9 @@ __all__ = [
     "apply_plan",
     "apply_matfun",
     "deflate_top",
+    "deflated_plan",
+    "deflation_error",
+    "deflation_residual",
     "certified_bound",
     "quad_form",
     "spectrum_bound",
@@ -127,15 +131,8 @@ class Deflation:
     fro: float = math.inf  # ‖M‖_F
 
 
-def _phi(x: Tensor) -> Tensor:
-    """``φ(x) = -expm1(-x)/x`` with ``φ(0) = 1`` (accurate near 0)."""
-    small = x.abs() < 1e-300
-    safe = torch.where(small, torch.ones_like(x), x)
-    return torch.where(small, torch.ones_like(x), -torch.expm1(-safe) / safe)
-
-
 def _phi1(x: float) -> float:
-    """:func:`_phi` of one number."""
+    """``φ(x) = -expm1(-x)/x`` with ``φ(0) = 1`` (accurate near 0)."""
     return 1.0 if abs(x) < 1e-300 else -math.expm1(-x) / x
 
 
@@ -216,15 +213,23 @@ def phi_plan(tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float]
     return ChebyshevPlan(tau, b, torch.from_numpy(c), tau * e, e / floor, rnd, rnd / (tau * floor))
 
 
+def deflation_error(tau: float, resid: float, b_kernel: float) -> float:
+    """The deflation's error bound relative to ``‖g_τ(Θ) B‖₂``: ``τ ‖r‖ / (√2 φ(τ b_kernel))`` (module
+    docstring); ``resid`` is ``‖r‖``."""
+    return tau * resid / (math.sqrt(2.0) * _phi1(tau * b_kernel))
+
+
+def deflation_residual(tau: float, b_kernel: float, rtol: float = DEFLATION_RTOL) -> float:
+    """The residual ``‖r‖`` at which :func:`deflation_error` is ``rtol``."""
+    return rtol / deflation_error(tau, 1.0, b_kernel)
+
+
 def deflated_plan(tau: float, defl: Deflation, b_kernel: float, rtol: float = RTOL) -> ChebyshevPlan:
-    """:func:`phi_plan` on ``[0, defl.b]`` with the deflation's error bound ``τ ‖r‖ / (√2 φ(τ b_kernel))``."""
+    """:func:`phi_plan` on ``[0, defl.b]`` with the deflation's error bound (:func:`deflation_error`)."""
     plan = phi_plan(tau, defl.b, rtol, b_kernel)
     if tau == 0.0:
         return plan
-    rel = tau * defl.resid / (math.sqrt(2.0) * _phi1(tau * max(b_kernel, defl.b)))
-    return ChebyshevPlan(
-        plan.tau, plan.b, plan.coeffs, plan.bound, plan.rel_bound, plan.round_off, plan.rel_round_off, rel
-    )
+    return dataclasses.replace(plan, rel_deflation=deflation_error(tau, defl.resid, max(b_kernel, defl.b)))
 
 
 def usable(plan: ChebyshevPlan) -> bool:
@@ -251,15 +256,19 @@ def apply_plan(A: Tensor, B: Tensor, plan: ChebyshevPlan) -> Tensor:
     return out
 
 
+def _split(defl: Deflation, B: Tensor, plan: ChebyshevPlan) -> tuple[Tensor, Tensor, float]:
+    """``(PB, c, g(θ))`` with ``c = vᵀB``: the parts of ``g(Θ̂) B = g(θ) v c + g(M) PB`` (module docstring)."""
+    c = defl.v @ B
+    return torch.addr(B, defl.v, c, alpha=-1.0), c, plan.tau * _phi1(plan.tau * defl.theta)
+
+
 def apply_matfun(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflation] = None) -> Tensor:
     """``p(A) B`` (:func:`apply_plan`), or with a deflation ``g(θ) v (vᵀB) + p(M)(B - v vᵀB)`` (module
     docstring); ``plan`` is then the plan on ``[0, defl.b]``."""
     if defl is None:
         return apply_plan(A, B, plan)
-    c = defl.v @ B
-    out = apply_plan(defl.M, torch.addr(B, defl.v, c, alpha=-1.0), plan)
-    g_theta = plan.tau * _phi1(plan.tau * defl.theta)
-    return out.addr_(defl.v, c, alpha=g_theta)
+    pb, c, g_theta = _split(defl, B, plan)
+    return apply_plan(defl.M, pb, plan).addr_(defl.v, c, alpha=g_theta)
 
 
 def spectrum_bound(A: Tensor, fro: Optional[float] = None) -> float:
@@ -347,10 +356,8 @@ def quad_form(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflatio
     d = len(c) - 1
     base, g_theta, cv = A, 0.0, None
     if defl is not None:
-        cv = defl.v @ B
-        B = torch.addr(B, defl.v, cv, alpha=-1.0)
+        B, cv, g_theta = _split(defl, B, plan)
         base = defl.M
-        g_theta = plan.tau * _phi1(plan.tau * defl.theta)
     n, m = B.shape
     top = d // 2
     need = top + 1 if d % 2 else top  # X_0 .. X_need are computed; X_{top+1} stays 0 for an even degree

@@ -17,7 +17,6 @@ from ntkit.kernel import normalize_get
 from ntkit.linalg.dense import check_memory
 from ntkit.predict._layout import F64, Axes, as_times, bytes64, decay, expm1_factor, get_attr, inv_expm1_factor, package
 from ntkit.predict._matfun import (
-    DEFLATION_RTOL,
     DEFLATION_STEPS,
     EIGH_FLOPS,
     Deflation,
@@ -25,6 +24,7 @@ from ntkit.predict._matfun import (
     certified_bound,
     deflate_top,
     deflated_plan,
+    deflation_residual,
     is_positive_definite,
     phi_plan,
     quad_form,
@@ -198,13 +198,13 @@ class EnsemblePredictor:
         if tau_max > 0.0 and M > 1 and max(p.degree for pair in plans for p in pair if p is not None) > 2:
             # the top eigenpair taken out (_matfun: the polynomial then spans about λ_2, not λ_1), with the
             # residual that keeps the deflation's error below DEFLATION_RTOL at the largest τ
-            floor = -math.expm1(-tau_max * b) / (tau_max * b)
-            defl = deflate_top(A, DEFLATION_RTOL * math.sqrt(2.0) * floor / tau_max)
+            defl = deflate_top(A, deflation_residual(tau_max, b))
             if defl is not None:
+                deflated = make(lambda tau: deflated_plan(tau, defl, b))
                 # a tighter bound on M's spectrum than its norms, proven by a float32 Cholesky factorisation
                 # (_matfun.certified_bound), tried at multiples of the estimate of λ_max(M) where the degrees it
                 # saves pay for the factorisation
-                loose = flops(make(lambda tau: deflated_plan(tau, defl, b)))
+                loose = flops(deflated)
                 for mult in TIGHTEN:
                     guess = dataclasses.replace(defl, b=defl.estimate * mult)
                     if (
@@ -215,9 +215,8 @@ class EnsemblePredictor:
                     proven = certified_bound(defl.M, guess.b, defl.fro)
                     if proven is not None:
                         defl = dataclasses.replace(defl, b=min(proven, defl.b))
+                        deflated = make(lambda tau, dp=defl: deflated_plan(tau, dp, b))
                         break
-            if defl is not None:
-                deflated = make(lambda tau: deflated_plan(tau, defl, b))
                 if all(usable(p) for pair in deflated for p in pair if p is not None) and flops(
                     deflated
                 ) + 2.0 * M * M * (DEFLATION_STEPS + 2) < flops(plans):

@@ -13,7 +13,7 @@ import torch
 
 import ntkit
 from ntkit import predict
-from ntkit.predict._matfun import MAX_REL_ERROR, _phi, apply_plan, phi_plan, spectrum_bound, usable
+from ntkit.predict._matfun import MAX_REL_ERROR, apply_plan, phi_plan, spectrum_bound, usable
 
 F64 = torch.float64
 NET = ntkit.serial(ntkit.Dense(64, b_std=0.1), ntkit.Relu(), ntkit.Dense(64), ntkit.Relu(), ntkit.Dense(2))
@@ -23,6 +23,12 @@ def _data(n=40, m=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, xt = torch.randn(n, 3, dtype=F64, generator=g), torch.randn(m, 3, dtype=F64, generator=g)
     return x, xt, torch.randn(n, 2, dtype=F64, generator=g)
+
+
+def _phi(x):
+    """The reference ``φ(x) = (1 − e^{−x})/x`` (``φ(0) = 1``), elementwise."""
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.ones_like(x), -torch.expm1(-safe) / safe)
 
 
 def _rel(a, b):
