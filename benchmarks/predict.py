@@ -118,7 +118,20 @@ def main() -> None:
 
             fresh_s = median_time(fresh, repeats=args.repeats)
             pf, res = fresh()
-            fresh_method = {g: v.get("method") for g, v in pf.last_method.items()} if t is not None else None
+            fresh_method = (
+                {g: [v.get("method"), v.get("degree")] for g, v in pf.last_method.items()} if t is not None else None
+            )
+            vs_eigh = None
+            if t is not None:  # the fresh call's path against ntkit's own eigendecomposition path
+                pe = predict.gradient_descent_mse_ensemble(net.kernel_fn, xtr, ytr, diag_reg=1e-4)
+                pe.method = "eigh"
+                ref_e = pe(t, xte, ("nngp", "ntk"), compute_cov=True)
+                vs_eigh = max(
+                    float((getattr(getattr(res, g), part) - getattr(getattr(ref_e, g), part)).abs().max())
+                    / float(getattr(getattr(ref_e, g), part).abs().max())
+                    for g in ("nngp", "ntk")
+                    for part in ("mean", "covariance")
+                )
             cached_s = median_time(lambda: pf(t, xte, ("nngp", "ntk"), compute_cov=True), repeats=args.repeats)
             diff = None
             if nt_arrays is not None:
@@ -145,6 +158,7 @@ def main() -> None:
                     nt_s=None if theirs is None else round(theirs, 4),
                     ratio_vs_nt=None if theirs is None else round(ours / theirs, 3),
                     max_rel_diff_vs_nt=None if diff is None else float(f"{diff:.2e}"),
+                    max_rel_diff_vs_eigh=None if vs_eigh is None else float(f"{vs_eigh:.2e}"),
                     method=fresh_method if kind == "fresh" else "eigh (cached)" if t is not None else None,
                     machine=info,
                 )
