@@ -41,6 +41,30 @@ __all__ = ["EnsemblePredictor", "gradient_descent_mse_ensemble"]
 TIGHTEN = (1.2, 1.6)
 
 
+class _KernelSource:
+    """``kernel_fn`` on the training inputs, its train-train kernels computed on first use and cached by name."""
+
+    def __init__(self, kernel_fn: Callable, x_train: Any, kwargs: dict):
+        if not callable(kernel_fn):
+            raise TypeError("kernel_fn must be callable as kernel_fn(x1, x2, get), e.g. net.kernel_fn.")
+        self.kernel_fn, self.x_train, self.kwargs = kernel_fn, x_train, kwargs
+        self.cache: dict[str, Union[Tensor, np.ndarray]] = {}
+
+    def __call__(self, x1: Any, x2: Any, names: tuple[str, ...]) -> dict[str, Union[Tensor, np.ndarray]]:
+        k = self.kernel_fn(x1, x2, names, **self.kwargs)
+        return {g: get_attr(k, g, "kernel_fn's output") for g in names}
+
+    def prefetch(self, names: tuple[str, ...]) -> None:
+        """The train-train kernels ``names`` not yet cached, in one ``kernel_fn`` call."""
+        missing = tuple(g for g in names if g not in self.cache)
+        if missing:
+            self.cache.update(self(self.x_train, None, missing))
+
+    def train(self, g: str) -> Union[Tensor, np.ndarray]:
+        self.prefetch((g,))
+        return self.cache[g]
+
+
 class EnsemblePredictor:
     """Predictor returned by :func:`gradient_descent_mse_ensemble`;
     ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``.
@@ -68,13 +92,9 @@ class EnsemblePredictor:
         trace_axes,
         kernel_fn_kwargs,
     ):
-        if not callable(kernel_fn):
-            raise TypeError("kernel_fn must be callable as kernel_fn(x1, x2, get), e.g. net.kernel_fn.")
-        self.kernel_fn, self.kwargs = kernel_fn, kernel_fn_kwargs
-        self.x_train = x_train
+        self.kernels = _KernelSource(kernel_fn, x_train, kernel_fn_kwargs)
         as_times(0.0, learning_rate, F64, "cpu")
         self.learning_rate = float(learning_rate)
-        self._k_dd: dict[str, Union[Tensor, np.ndarray]] = {}
         self._spec: dict[str, dict] = {}
         device = x_train.device if isinstance(x_train, Tensor) else torch.device("cpu")
         dtype = (
@@ -82,27 +102,22 @@ class EnsemblePredictor:
             if isinstance(x_train, Tensor)
             else (torch.from_numpy(x_train).dtype if isinstance(x_train, np.ndarray) else torch.get_default_dtype())
         )
+        # the posterior reads the train kernels from the source, not from this predictor: no reference cycle, so
+        # a predictor's kernels and factorisations are freed by reference counting when it goes out of scope
         self.gp = GPInference.from_kernel_source(
-            self._train_kernel, y_train, diag_reg, diag_reg_absolute_scale, trace_axes, dtype, device
+            self.kernels.train, y_train, diag_reg, diag_reg_absolute_scale, trace_axes, dtype, device
         )
         self.layout, self.n = self.gp.layout, self.gp.n
         self.norm = float(self.gp.y.numel())
         self.last_method: dict[str, dict] = {}
 
-    # -- kernels (train-train cached) ------------------------------------------------------------------
-    def _call(self, x1, x2, names: tuple[str, ...]) -> dict[str, Union[Tensor, np.ndarray]]:
-        k = self.kernel_fn(x1, x2, names, **self.kwargs)
-        return {g: get_attr(k, g, "kernel_fn's output") for g in names}
+    @property
+    def kernel_fn(self) -> Callable:
+        return self.kernels.kernel_fn
 
-    def _train_kernel(self, g: str) -> Union[Tensor, np.ndarray]:
-        if g not in self._k_dd:
-            self._k_dd.update(self._call(self.x_train, None, (g,)))
-        return self._k_dd[g]
-
-    def _prefetch(self, names: tuple[str, ...]) -> None:
-        missing = tuple(g for g in names if g not in self._k_dd)
-        if missing:
-            self._k_dd.update(self._call(self.x_train, None, missing))
+    @property
+    def x_train(self) -> Any:
+        return self.kernels.x_train
 
     def __call__(
         self, t: Any = None, x_test: Any = None, get: Union[str, Sequence[str], None] = None, compute_cov: bool = False
@@ -120,12 +135,12 @@ class EnsemblePredictor:
         """
         names, single = normalize_get(get, ("nngp", "ntk"))
         needed = tuple(g for g in ("nngp", "ntk") if g in names or (g == "nngp" and compute_cov))
-        self._prefetch(needed)
+        self.kernels.prefetch(needed)
         k_td = nngp_tt = None
         if x_test is not None:
-            k_td = SimpleNamespace(**self._call(x_test, self.x_train, needed))
+            k_td = SimpleNamespace(**self.kernels(x_test, self.x_train, needed))
             if compute_cov:
-                nngp_tt = self._call(x_test, None, ("nngp",))["nngp"]
+                nngp_tt = self.kernels(x_test, None, ("nngp",))["nngp"]
         if t is None:
             return self.gp(
                 names if not single else names[0],

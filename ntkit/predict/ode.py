@@ -138,20 +138,28 @@ class ODEPredictor:
         check_memory(8 * ts.numel() * y0.size, "cpu", "the ODE solution at the requested times")
         uniq, inverse = torch.unique(ts, return_inverse=True)
 
+        # what the right-hand side reads, emptied after the solve: scipy's solver is a reference cycle (its
+        # closures hold it) that would otherwise keep this predictor and the kernels until a full collection
+        reads: list = [self, k_td]
+
         def rhs(_s, state):
-            st = torch.split(torch.from_numpy(state).to(self.device), sizes)
-            g = self.grad_flat(st[0].reshape(shapes[0]))
-            d = [-(self.k @ g)] + ([-(k_td @ g)] if k_td is not None else [])  # -Θ ∇L on train (and test)
-            if self.momentum is not None:
+            me, ktd = reads
+            st = torch.split(torch.from_numpy(state).to(me.device), sizes)
+            g = me.grad_flat(st[0].reshape(shapes[0]))
+            d = [-(me.k @ g)] + ([-(ktd @ g)] if ktd is not None else [])  # -Θ ∇L on train (and test)
+            if me.momentum is not None:
                 q = st[len(d) :]  # velocities, same order as the outputs
-                d = list(q) + [di - self.damping * qi.reshape(di.shape) for di, qi in zip(d, q)]
+                d = list(q) + [di - me.damping * qi.reshape(di.shape) for di, qi in zip(d, q)]
             return torch.cat([x.reshape(-1) for x in d]).cpu().numpy()
 
         t_end = float(uniq[-1])
         if t_end > 0:
-            sol = solve_ivp(
-                rhs, (0.0, t_end), y0, method=self.method, t_eval=uniq.numpy(), rtol=self.rtol, atol=self.atol
-            )
+            try:
+                sol = solve_ivp(
+                    rhs, (0.0, t_end), y0, method=self.method, t_eval=uniq.numpy(), rtol=self.rtol, atol=self.atol
+                )
+            finally:
+                reads.clear()
             if not sol.success:
                 raise RuntimeError(
                     f"the ODE solver ({self.method}) failed: {sol.message} Try method='LSODA' "

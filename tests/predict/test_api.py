@@ -308,3 +308,41 @@ def test_input_errors(problem):
         predict.gp_inference(k, y)("nnpg", p["kt"].ntk)
     with pytest.raises(TypeError, match="kernel_fn"):
         predict.gradient_descent_mse_ensemble(None, p["x"], y)
+
+
+def test_predictors_are_freed_without_the_cycle_collector(problem):
+    """A predictor and its cached kernels and factorisations are freed by reference counting when the last
+    reference goes: a reference cycle (e.g. the posterior holding a bound method of the predictor) kept every
+    fresh predictor's matrices until a full collection, which grew the heap call after call."""
+    import gc
+    import weakref
+
+    p = problem
+    loss = lambda f, y: 0.5 * ((f - y) ** 2).sum()
+    makers = {
+        "ensemble": lambda: predict.gradient_descent_mse_ensemble(p["net"].kernel_fn, p["x"], p["y"], diag_reg=1e-4),
+        "gd_mse": lambda: predict.gradient_descent_mse(p["k"].ntk, p["y"], diag_reg=1e-4),
+        "gp": lambda: predict.gp_inference(p["k"], p["y"], diag_reg=1e-4),
+        "student_t": lambda: predict.student_t_inference(p["k"], p["y"], diag_reg=1e-4),
+        "ode": lambda: predict.gradient_descent(loss, p["k"].ntk, p["y"]),
+    }
+    calls = {
+        "ensemble": lambda pf: (pf(2.0, p["xt"], compute_cov=True), pf(None, p["xt"], compute_cov=True)),
+        "gd_mse": lambda pf: pf(2.0, p["f0"], p["ft0"], p["kt"].ntk),
+        "gp": lambda pf: pf(("nngp", "ntk"), p["kt"], p["ktt"]),
+        "student_t": lambda pf: pf(p["kt"], p["ktt"]),
+        "ode": lambda pf: pf(1.0, p["f0"], p["ft0"], p["kt"].ntk),
+    }
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for name, make in makers.items():
+            pf = make()
+            calls[name](pf)
+            ref = weakref.ref(pf)
+            del pf
+            assert ref() is None, f"{name}: the predictor is kept alive by a reference cycle"
+    finally:
+        if was:
+            gc.enable()
