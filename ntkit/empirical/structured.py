@@ -500,6 +500,37 @@ class _Link:
         return torch.func.functional_call(self.module, {ln: values[c] for ln, c in self.state.items()}, (h,))
 
 
+class _RowPullback:
+    """The pullback of a linear module on vectors, ``g ↦ c · g A`` for ``y = c · x Aᵀ (+ b)``: one GEMM with the
+    scale folded in (``torch.addmm``'s ``alpha``), for the ``n·M`` cotangent rows at once."""
+
+    def __init__(self, weight: Tensor, scale: float):
+        self.weight, self.scale = weight, scale
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        return torch.addmm(rows.new_zeros(()), rows, self.weight, beta=0.0, alpha=self.scale)
+
+
+def _row_pullback(link: _Link, values: dict[str, Tensor], d_in: int, d_out: int) -> Optional[_RowPullback]:
+    """:class:`_RowPullback` of an ``nn.Linear`` or ``DenseModule`` (stock forwards) on per-sample vectors
+    (``(batch, features)`` in and out), read from its formula: ``nn.Linear`` ``y = x Wᵀ + b``; ``DenseModule``
+    ``y = (W_std/√fan_in) x Wᵀ + b_std b`` (NTK parameterisation) or ``y = x Wᵀ/√s_in + b`` (standard). None
+    otherwise (the caller takes the vjp)."""
+    m = link.module
+    if d_in != 2 or d_out != 2 or "weight" not in link.state:
+        return None
+    weight = values[link.state["weight"]]
+    if weight.dim() != 2:
+        return None
+    if type(m) is nn.Linear:
+        return _RowPullback(weight, 1.0)
+    if type(m) is DenseModule:
+        if m.parameterization == "ntk":
+            return _RowPullback(weight, m.W_std / math.sqrt(m.in_features))
+        return _RowPullback(weight, 1.0 / math.sqrt(m.s_in) if m.s_in != 1 else 1.0)
+    return None
+
+
 class _Chain:
     """A model that is an ``nn.Sequential`` of modules known to treat samples independently (:func:`_kind`:
     linear and norm layers with rules, elementwise activations, ntkit's nonlinearity twins, ``Flatten``,
@@ -555,8 +586,9 @@ class _Chain:
 
             data: Any = None
             if link.kind == "affine":  # the pullback of a row does not depend on the input: at one sample
-                data = torch.func.vjp(call, h[:1])[1]
-                h = call(h)
+                h_out = call(h)
+                data = _row_pullback(link, values, h.dim(), h_out.dim()) or torch.func.vjp(call, h[:1])[1]
+                h = h_out
             elif link.kind == "diag" and type(link.module) is nn.ReLU:
                 h = call(h)
                 data = (h > 0).to(h.dtype)  # relu'(z) = [z > 0] = [relu(z) > 0], autograd's value at 0 too
@@ -579,7 +611,9 @@ class _Chain:
                 break
             kind = self.links[k].kind
             lead = (M,) if shared else (n, M)
-            if kind == "affine":
+            if kind == "affine" and isinstance(data, _RowPullback):
+                G = data(G.reshape(-1, G.shape[-1])).reshape(lead + s_in)
+            elif kind == "affine":
                 rows = G.reshape((-1, 1) + tuple(G.shape[len(lead) :]))
                 (G,) = torch.func.vmap(data)(rows)
                 G = G.reshape(lead + s_in)

@@ -14,6 +14,7 @@ import ntkit
 from ntkit.empirical import empirical_ntk, ntk_implementation
 from ntkit.empirical._model import fixed_params, resolve_params
 from ntkit.empirical.structured import plan_chain
+from ntkit.layers.dense import DenseModule
 
 TOL = 1e-12
 
@@ -54,7 +55,25 @@ def _norm_mlp():
     )
 
 
-CASES = {"twin": (_twin_mlp, (7, 5)), "torch": (_torch_mlp, (7, 5)), "norm": (_norm_mlp, (7, 2, 3))}
+def _scaled_twin_mlp():
+    """Dense twins with the scales the chain's closed-form row pullback folds in: NTK parameterisation with
+    ``W_std ≠ 1``, standard parameterisation with ``s_in ≠ 1``."""
+    g = torch.Generator().manual_seed(3)
+    return nn.Sequential(
+        DenseModule(5, 10, 1.7, 0.2, "ntk", g),
+        nn.ReLU(),
+        DenseModule(10, 8, 1.3, 0.1, "standard", g, s_in=3),
+        nn.Tanh(),
+        DenseModule(8, 3, 0.8, None, "ntk", g),
+    ).double()
+
+
+CASES = {
+    "twin": (_twin_mlp, (7, 5)),
+    "torch": (_torch_mlp, (7, 5)),
+    "norm": (_norm_mlp, (7, 2, 3)),
+    "scaled": (_scaled_twin_mlp, (7, 5)),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
