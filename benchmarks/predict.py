@@ -119,7 +119,9 @@ def main() -> None:
             fresh_s = median_time(fresh, repeats=args.repeats)
             pf, res = fresh()
             fresh_method = (
-                {g: [v.get("method"), v.get("degree")] for g, v in pf.last_method.items()} if t is not None else None
+                {g: [v.get("method"), v.get("degree"), v.get("float32_from")] for g, v in pf.last_method.items()}
+                if t is not None
+                else None
             )
             vs_eigh = None
             if t is not None:  # the fresh call's path against ntkit's own eigendecomposition path

@@ -46,6 +46,17 @@ positive definite, ``Θ̂`` a sum of positive semi-definite terms), where ``|g_�
 ``φ(τ b)`` of the whole kernel. ``‖r‖₂`` is computed in floating point (its round-off, about ``√N eps ‖Θ‖``,
 is part of the measured value).
 
+**A float32 tail.** The coefficients fall fast (``|c_k| ≤ 2τ (L/4)^k/(k+1)!``) while ``‖T_k(S) B‖ ≤ ‖B‖``, so
+the products of the last terms need not be exact to float64: from ``k0`` on, ``T_k`` is computed in float32
+(the sum in float64). An error ``e_j`` made at step ``j`` reaches ``T_k`` as ``U_{k−j}(S) e_j`` (the
+recurrence's solution for a perturbation; ``|U_m| ≤ m + 1`` on ``[−1, 1]``), and a float32 product errs by
+about ``√n u₃₂`` relative (probabilistic rounding-error analysis, Higham & Mary 2019, for ``A`` and the
+iterates rounded to float32 and the product), so the tail adds about ``2√n u₃₂ Σ_{k≥k0} |c_k| (k − k0 + 2)²``
+(an estimate like the float64 one, counted in ``round_off``); ``k0`` is the first index where this is at most
+``FLOAT32_RTOL = 1e-12`` relative (``ChebyshevPlan.float32_from``; ``phi_plan(n=...)``; ``usable`` still asks
+bound plus round-off ``≤ MAX_REL_ERROR``). A float32 product takes about half the time of a float64 one. (The
+NNGP covariance's quadratic form stays in float64.)
+
 Positive definiteness (all eigenvalues in the interval) is established by a Cholesky factorisation (``n³/3``);
 when it fails the caller falls back to ``eigh``, which handles singular and non-PSD kernels.
 """
@@ -95,6 +106,13 @@ DEFLATION_STEPS = 40
 DEFLATION_RTOL = 1e-14
 #: power iteration stops when a step leaves the residual above this fraction of the last one (round-off)
 STALL = 0.5
+#: the float32 tail (module docstring) is used for matrices of at least this order (below it the products are
+#: cheap and the conversions are not)
+FLOAT32_MIN_N = 128
+#: time of a float32 product relative to a float64 one (GEMM 500 x 500 x 201 on the 2-core machine: 0.45)
+FLOAT32_COST = 0.5
+#: the round-off estimate of the float32 tail is kept at most this, relative (a tenth of MAX_REL_ERROR)
+FLOAT32_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -111,10 +129,18 @@ class ChebyshevPlan:
     round_off: float = 0.0  # estimate ``d² · eps · Σ|c_k|`` of the recurrence's round-off (absolute)
     rel_round_off: float = 0.0  # the same, relative
     rel_deflation: float = 0.0  # bound on the error of the deflation (module docstring), relative
+    float32_from: Optional[int] = None  # T_k for k >= this in float32 (module docstring); None: all float64
 
     @property
     def degree(self) -> int:
         return self.coeffs.numel() - 1
+
+    @property
+    def products(self) -> float:
+        """The products ``A · (n × m)`` of :func:`apply_plan` in float64 equivalents (a float32 one counts
+        :data:`FLOAT32_COST`)."""
+        low = self.degree - self.float32_from + 1 if self.float32_from is not None else 0
+        return self.degree - low * (1.0 - FLOAT32_COST)
 
 
 @dataclass(frozen=True)
@@ -195,11 +221,22 @@ def _coeffs(L: float, d: int) -> np.ndarray:
     return c
 
 
-def phi_plan(tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float] = None) -> ChebyshevPlan:
+def _float32_round_off(c: np.ndarray, k0: int, n: int) -> float:
+    """The round-off estimate of the float32 tail from ``T_{k0}`` on (module docstring):
+    ``2√n u₃₂ Σ_{k≥k0} |c_k| (k − k0 + 2)²``."""
+    k = np.arange(k0, c.size)
+    return 2.0 * math.sqrt(n) * 2.0**-24 * float((np.abs(c[k0:]) * (k - k0 + 2.0) ** 2).sum())
+
+
+def phi_plan(
+    tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float] = None, n: Optional[int] = None
+) -> ChebyshevPlan:
     """The plan for ``g_τ = τ φ(τ ·)`` on ``[0, b]``; its degree is ``MAX_DEGREE + 1`` when none suffices.
 
     ``b_kernel`` (default ``b``) bounds the spectrum of the whole kernel: the error is asked relative to
-    ``g_τ``'s least value there, ``τ φ(τ b_kernel)`` (with a deflation ``b`` bounds only the rest)."""
+    ``g_τ``'s least value there, ``τ φ(τ b_kernel)`` (with a deflation ``b`` bounds only the rest). ``n``: the
+    order of the matrix, which allows the float32 tail (module docstring) from the first ``k`` whose round-off
+    estimate is at most :data:`FLOAT32_RTOL` relative."""
     if tau == 0.0:  # g_0 = 0: nothing has been learnt at t = 0
         return ChebyshevPlan(tau, b, torch.zeros(1, dtype=torch.float64), 0.0, 0.0)
     L = tau * b
@@ -210,7 +247,12 @@ def phi_plan(tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float]
         return ChebyshevPlan(tau, b, torch.zeros(MAX_DEGREE + 2, dtype=torch.float64), inf, inf, inf, inf)
     c = tau * _coeffs(L, d)
     rnd = d * d * 2.0**-52 * float(np.abs(c).sum())
-    return ChebyshevPlan(tau, b, torch.from_numpy(c), tau * e, e / floor, rnd, rnd / (tau * floor))
+    low = None
+    if n is not None and n >= FLOAT32_MIN_N:
+        low = next((k for k in range(1, d + 1) if _float32_round_off(c, k, n) <= FLOAT32_RTOL * tau * floor), None)
+        if low is not None:
+            rnd += _float32_round_off(c, low, n)
+    return ChebyshevPlan(tau, b, torch.from_numpy(c), tau * e, e / floor, rnd, rnd / (tau * floor), float32_from=low)
 
 
 def deflation_error(tau: float, resid: float, b_kernel: float) -> float:
@@ -224,9 +266,11 @@ def deflation_residual(tau: float, b_kernel: float, rtol: float = DEFLATION_RTOL
     return rtol / deflation_error(tau, 1.0, b_kernel)
 
 
-def deflated_plan(tau: float, defl: Deflation, b_kernel: float, rtol: float = RTOL) -> ChebyshevPlan:
+def deflated_plan(
+    tau: float, defl: Deflation, b_kernel: float, rtol: float = RTOL, n: Optional[int] = None
+) -> ChebyshevPlan:
     """:func:`phi_plan` on ``[0, defl.b]`` with the deflation's error bound (:func:`deflation_error`)."""
-    plan = phi_plan(tau, defl.b, rtol, b_kernel)
+    plan = phi_plan(tau, defl.b, rtol, b_kernel, n)
     if tau == 0.0:
         return plan
     return dataclasses.replace(plan, rel_deflation=deflation_error(tau, defl.resid, max(b_kernel, defl.b)))
@@ -240,18 +284,25 @@ def usable(plan: ChebyshevPlan) -> bool:
 
 def apply_plan(A: Tensor, B: Tensor, plan: ChebyshevPlan) -> Tensor:
     """``p(A) B`` for the plan's polynomial ``p ≈ g_τ``: ``Σ_k c_k T_k(S) B`` with ``S = (2/b) A - I`` (the
-    interval ``[0, b]`` mapped to ``[-1, 1]``), by ``T_{k+1} = 2 S T_k - T_{k-1}``: ``degree`` products."""
+    interval ``[0, b]`` mapped to ``[-1, 1]``), by ``T_{k+1} = 2 S T_k - T_{k-1}``: ``degree`` products, those
+    of ``T_k`` for ``k ≥ plan.float32_from`` in float32 (the sum stays in ``B``'s dtype)."""
     c = plan.coeffs.tolist()
     alpha = 2.0 / plan.b
+    low = len(c) if plan.float32_from is None or A.dtype != torch.float64 else plan.float32_from
     t0 = B
     out = c[0] * t0
     if len(c) == 1:
         return out
-    t1 = torch.addmm(t0, A, t0, beta=-1.0, alpha=alpha)  # S B = (2/b) A B - B
+    a = A
+    if low <= 1:
+        a, t0 = A.to(torch.float32), t0.to(torch.float32)
+    t1 = torch.addmm(t0, a, t0, beta=-1.0, alpha=alpha)  # S B = (2/b) A B - B
     out.add_(t1, alpha=c[1])
-    for ck in c[2:]:
-        t2 = torch.addmm(t0, A, t1, beta=-1.0, alpha=2.0 * alpha).sub_(t1, alpha=2.0)  # 2 S t1 - t0
-        out.add_(t2, alpha=ck)
+    for k in range(2, len(c)):
+        if k == low:  # the tail, whose coefficients are small enough for float32 products (module docstring)
+            a, t0, t1 = A.to(torch.float32), t0.to(torch.float32), t1.to(torch.float32)
+        t2 = torch.addmm(t0, a, t1, beta=-1.0, alpha=2.0 * alpha).sub_(t1, alpha=2.0)  # 2 S t1 - t0
+        out.add_(t2, alpha=c[k])
         t0, t1 = t1, t2
     return out
 

@@ -200,14 +200,14 @@ class EnsemblePredictor:
             half the products and one Gram product)."""
             total = 0.0
             for pm, pc in plans:
-                total += 2.0 * M * M * pm.degree * y_cols
+                total += 2.0 * M * M * pm.products * y_cols
                 if pc is not None and g == "nngp":
                     total += 2.0 * M * cols * (M * (-(-pc.degree // 2)) + cols * (pc.degree // 2 + 1))
                 elif pc is not None:
-                    total += 2.0 * M * M * pc.degree * cols
+                    total += 2.0 * M * M * pc.products * cols
             return total
 
-        plans = make(lambda tau: phi_plan(tau, b))
+        plans = make(lambda tau: phi_plan(tau, b, n=M))
         defl = None
         tau_max = max(taus) * (2.0 if compute_cov and g == "nngp" else 1.0)
         if tau_max > 0.0 and M > 1 and max(p.degree for pair in plans for p in pair if p is not None) > 2:
@@ -215,7 +215,7 @@ class EnsemblePredictor:
             # residual that keeps the deflation's error below DEFLATION_RTOL at the largest τ
             defl = deflate_top(A, deflation_residual(tau_max, b))
             if defl is not None:
-                deflated = make(lambda tau: deflated_plan(tau, defl, b))
+                deflated = make(lambda tau: deflated_plan(tau, defl, b, n=M))
                 # a tighter bound on M's spectrum than its norms, proven by a float32 Cholesky factorisation
                 # (_matfun.certified_bound), tried at multiples of the estimate of λ_max(M) where the degrees it
                 # saves pay for the factorisation
@@ -224,13 +224,13 @@ class EnsemblePredictor:
                     guess = dataclasses.replace(defl, b=defl.estimate * mult)
                     if (
                         guess.b >= defl.b
-                        or loose - flops(make(lambda tau, dg=guess: deflated_plan(tau, dg, b))) < M**3 / 3.0
+                        or loose - flops(make(lambda tau, dg=guess: deflated_plan(tau, dg, b, n=M))) < M**3 / 3.0
                     ):
                         break
                     proven = certified_bound(defl.M, guess.b, defl.fro)
                     if proven is not None:
                         defl = dataclasses.replace(defl, b=min(proven, defl.b))
-                        deflated = make(lambda tau, dp=defl: deflated_plan(tau, dp, b))
+                        deflated = make(lambda tau, dp=defl: deflated_plan(tau, dp, b, n=M))
                         break
                 if all(usable(p) for pair in deflated for p in pair if p is not None) and flops(
                     deflated
@@ -291,6 +291,7 @@ class EnsemblePredictor:
         self.last_method[g] = {
             "method": "chebyshev",
             "degree": [pm.degree for pm, _ in plans],
+            "float32_from": [pm.float32_from for pm, _ in plans],
             "rel_bound": max(p.rel_bound + p.rel_deflation for p in used),
             "deflated": defl is not None,
         }

@@ -196,3 +196,32 @@ def test_benchmark_case_deflates_and_matches_eigh():
     for name in ("nngp", "ntk"):
         a, b = getattr(out["chebyshev"], name), getattr(out["eigh"], name)
         assert _rel(a.mean, b.mean) < 1e-12 and _rel(a.covariance, b.covariance) < 1e-12
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.1])
+def test_float32_tail_within_its_round_off_estimate(tau):
+    """The last terms of the recurrence in float32 (``ChebyshevPlan.float32_from``): the result differs from the
+    all-float64 evaluation of the same polynomial by less than the tail's round-off estimate (at most
+    ``FLOAT32_RTOL`` relative), and from the eigendecomposition by less than 1e-12; small matrices stay in
+    float64."""
+    import dataclasses
+
+    from ntkit.predict._matfun import FLOAT32_MIN_N, FLOAT32_RTOL, _float32_round_off, _phi1
+
+    n = 300
+    a, q, lam, _ = _spectrum_matrix(n=n, top=6.0, rest=5.0, seed=1)
+    b = torch.randn(n, 40, dtype=F64, generator=torch.Generator().manual_seed(4))
+    bound = spectrum_bound(a)
+    plan = phi_plan(tau, bound, n=n)
+    k0 = plan.float32_from
+    assert k0 is not None and 1 <= k0 <= plan.degree and usable(plan)
+    assert phi_plan(tau, bound, n=FLOAT32_MIN_N - 1).float32_from is None
+    est = _float32_round_off(plan.coeffs.numpy(), k0, n)
+    assert est <= FLOAT32_RTOL * tau * _phi1(tau * bound)
+    mixed = apply_plan(a, b, plan)
+    full = apply_plan(a, b, dataclasses.replace(plan, float32_from=None))
+    assert mixed.dtype == F64
+    diff = float(torch.linalg.matrix_norm(mixed - full, 2)) / float(torch.linalg.matrix_norm(b, 2))
+    assert 0.0 < diff <= est < 1000 * diff  # float32 did run, and stayed within the estimate (not vacuous)
+    g = (q * (-torch.expm1(-tau * lam) / lam)) @ q.T
+    assert _rel(mixed, g @ b) < 1e-12
