@@ -72,6 +72,12 @@ CACHE_TILE_ENTRIES = 1 << 18
 FUSED_TILE_ENTRIES = 1 << 21
 #: the environment variable that sets the default budget (bytes; e.g. ``NTKIT_MEMORY_BUDGET=2e9``)
 BUDGET_ENV = "NTKIT_MEMORY_BUDGET"
+#: a result of at most this many bytes is not checked against the memory limits (:func:`check_fits`), and a
+#: working set of at most :data:`SMALL_WORKING_SET` is planned without reading them (:func:`memory_budget`):
+#: a reading takes 0.1-0.2 ms (procfs and cgroup files), several times per kernel or prediction call, and where
+#: less than this is free the interpreter itself cannot run
+SMALL_REQUEST = 8 << 20
+SMALL_WORKING_SET = 32 << 20
 
 Device = Union[str, torch.device]
 
@@ -332,12 +338,16 @@ def default_budget(device: Device) -> int:
     return int(BUDGET_FRACTION * available_bytes(device))
 
 
-def memory_budget(device: Device, budget: Optional[float] = None) -> int:
+def memory_budget(device: Device, budget: Optional[float] = None, need: Optional[float] = None) -> int:
     """Bytes a computation may hold at once: ``budget`` if given, else ``$NTKIT_MEMORY_BUDGET``, else
-    :func:`default_budget`. One error for a budget that is not a positive number."""
+    :func:`default_budget` — or, when the caller's largest working set ``need`` is at most
+    :data:`SMALL_WORKING_SET`, that much without reading the limits. One error for a budget that is not a
+    positive number."""
     if budget is None:
         env = os.environ.get(BUDGET_ENV)
         if not env:
+            if need is not None and need <= SMALL_WORKING_SET:
+                return SMALL_WORKING_SET
             return default_budget(device)
         try:
             budget = float(env)
@@ -365,7 +375,9 @@ def bytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
 def check_fits(nbytes: float, device: Device, what: str, fix: str) -> None:
     """Refuse, before allocating, a result of ``nbytes`` larger than :data:`OUTPUT_FRACTION` of the memory
     available on ``device``; the error names ``what`` needs it, the limit that binds (free memory, a cgroup
-    limit, ``ulimit -v``) and ``fix``."""
+    limit, ``ulimit -v``) and ``fix``. Results of at most :data:`SMALL_REQUEST` bytes are not checked."""
+    if nbytes <= SMALL_REQUEST:
+        return
     lim = binding_limit(device)
     avail = lim.available
     if nbytes > OUTPUT_FRACTION * avail:

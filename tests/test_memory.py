@@ -241,3 +241,31 @@ def test_rlimit_limits_read_this_process(tmp_path):
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
     if soft == resource.RLIM_INFINITY:  # no limit: no entry
         assert not [x for x in rlimit_limits(status) if x.name.startswith("RLIMIT_DATA")]
+
+
+def test_small_requests_and_working_sets_skip_the_limit_reading(monkeypatch):
+    """A result of at most SMALL_REQUEST bytes, and a kernel whose largest tile's working set is at most
+    SMALL_WORKING_SET, do not read the limits (a reading costs 0.1-0.2 ms); larger ones still do and are
+    refused under a binding limit."""
+    import ntkit._memory as M
+
+    reads = []
+    tight = M.MemoryLimit("cgroup v2 memory.max", 4 << 20, 1 << 30, 1020 << 20, "/sys/fs/cgroup/job", "raise it")
+
+    def limits(device):
+        reads.append(device)
+        return [tight]
+
+    monkeypatch.setattr(M, "memory_limits", limits)
+    monkeypatch.delenv(M.BUDGET_ENV, raising=False)
+    M.check_fits(M.SMALL_REQUEST, "cpu", "a small result", "fix")
+    assert M.memory_budget("cpu", need=M.SMALL_WORKING_SET) == M.SMALL_WORKING_SET
+    import ntkit as nt
+
+    net = nt.serial(nt.Dense(8), nt.Relu(), nt.Dense(1))
+    k = net.kernel_fn(torch.randn(50, 3, dtype=torch.float64), None, "nngp")  # 50² pairs: a tiny working set
+    assert k.shape == (50, 50) and reads == []
+    with pytest.raises(MemoryError, match="4.0 MiB can be allocated"):
+        M.check_fits(M.SMALL_REQUEST + 1, "cpu", "a larger result", "fix")
+    assert M.memory_budget("cpu", need=M.SMALL_WORKING_SET + 1) == int(M.BUDGET_FRACTION * (4 << 20))
+    assert len(reads) == 2

@@ -152,7 +152,6 @@ class Net(Layer):
         n2 = n1 if x2 is None else x2.shape[0]
         pixels = math.prod(x1.shape[2:])
         entries = pixels if diagonal else pixels * pixels
-        budget = _memory_budget(x1.device, memory_budget)
         # inside ntkit.compiled(): Conv → ReLU pairs evaluated as one compiled pass (ntkit.layers.fused)
         net: Layer = _fused_layers(self) if (_compile.compile_enabled() and masks is None) else self
         # tiles near CACHE_TILE_ENTRIES kernel entries keep a rule's passes in cache: measured 3x faster for
@@ -160,10 +159,14 @@ class Net(Layer):
         # takes larger tiles (fewer of them: the small layers after the pools cost a fixed time per tile)
         fused = net is not self
         cap = max(1, math.isqrt((FUSED_TILE_ENTRIES if fused else CACHE_TILE_ENTRIES) // entries))
+        pair_bytes = entries * x1.element_size() * WORK_FACTOR
+        # the largest tile's working set: when it is small, the limits need not be read (_memory.memory_budget)
+        need = min(cap, max(n1, n2)) ** 2 * pair_bytes
+        budget = _memory_budget(x1.device, memory_budget, need=need)
         tile = plan_tile(
             n1,
             n2,
-            pair_bytes=entries * x1.element_size() * WORK_FACTOR,
+            pair_bytes=pair_bytes,
             budget=budget,
             cap=cap,
             tile_size=tile_size,
