@@ -55,6 +55,8 @@ __all__ = [
     "CACHE_TILE_ENTRIES",
     "FUSED_TILE_ENTRIES",
     "BUDGET_ENV",
+    "SMALL_REQUEST",
+    "SMALL_WORKING_SET",
 ]
 
 #: fraction of currently available memory a kernel computation may use by default

@@ -12,6 +12,8 @@ from ntkit._memory import (
     BUDGET_FRACTION,
     CACHE_TILE_ENTRIES,
     OUTPUT_FRACTION,
+    SMALL_REQUEST,
+    SMALL_WORKING_SET,
     WORK_FACTOR,
     MemoryLimit,
     available_bytes,
@@ -47,4 +49,6 @@ __all__ = [
     "OUTPUT_FRACTION",
     "WORK_FACTOR",
     "CACHE_TILE_ENTRIES",
+    "SMALL_REQUEST",
+    "SMALL_WORKING_SET",
 ]

@@ -55,7 +55,10 @@ iterates rounded to float32 and the product), so the tail adds about ``2√n u�
 (an estimate like the float64 one, counted in ``round_off``); ``k0`` is the first index where this is at most
 ``FLOAT32_RTOL = 1e-12`` relative (``ChebyshevPlan.float32_from``; ``phi_plan(n=...)``; ``usable`` still asks
 bound plus round-off ``≤ MAX_REL_ERROR``). A float32 product takes about half the time of a float64 one. (The
-NNGP covariance's quadratic form stays in float64.)
+quadratic form of :func:`quad_form` takes its ``X_j = T_j(S) B`` from ``j0 ≥ 2`` on in float32 the same way: an
+error in ``X_j`` reaches ``Σ_m X_mᵀ Y_m`` through ``2|c_{2j}| + |c_{2j+1}| + |c_{2j−1}|``, so its estimate is
+``2 ε Σ_{m≥j0} (m − j0 + 2)² (2|c_{2m}| + |c_{2m+1}| + |c_{2m−1}|)`` relative to ``‖B‖₂²``, with ``ε = 2√n u₃₂``
+and ``‖Bᵀ g(Θ) B‖₂ ≥ τ φ(L) ‖B‖₂²``; ``ChebyshevPlan.quad_float32_from``.)
 
 Positive definiteness (all eigenvalues in the interval) is established by a Cholesky factorisation (``n³/3``);
 when it fails the caller falls back to ``eigh``, which handles singular and non-PSD kernels.
@@ -130,6 +133,7 @@ class ChebyshevPlan:
     rel_round_off: float = 0.0  # the same, relative
     rel_deflation: float = 0.0  # bound on the error of the deflation (module docstring), relative
     float32_from: Optional[int] = None  # T_k for k >= this in float32 (module docstring); None: all float64
+    quad_float32_from: Optional[int] = None  # the same for the X_j = T_j(S) B of quad_form
 
     @property
     def degree(self) -> int:
@@ -228,6 +232,17 @@ def _float32_round_off(c: np.ndarray, k0: int, n: int) -> float:
     return 2.0 * math.sqrt(n) * 2.0**-24 * float((np.abs(c[k0:]) * (k - k0 + 2.0) ** 2).sum())
 
 
+def _quad_float32_round_off(c: np.ndarray, j0: int, n: int) -> float:
+    """The round-off estimate of :func:`quad_form` with ``X_j`` from ``j0`` on in float32 (module docstring):
+    ``2 ε Σ_{m≥j0} (m − j0 + 2)² (2|c_{2m}| + |c_{2m+1}| + |c_{2m−1}|)``, ``ε = 2√n u₃₂``, relative to
+    ``‖B‖₂²``."""
+    d = c.size - 1
+    need = d // 2 + 1 if d % 2 else d // 2  # the last X_j quad_form computes
+    cc = np.abs(np.concatenate([c, np.zeros(3)]))
+    w = [(m - j0 + 2.0) ** 2 * (2 * cc[2 * m] + cc[2 * m + 1] + cc[2 * m - 1]) for m in range(j0, need + 1)]
+    return 2.0 * 2.0 * math.sqrt(n) * 2.0**-24 * float(sum(w))
+
+
 def phi_plan(
     tau: float, b: float, rtol: float = RTOL, b_kernel: Optional[float] = None, n: Optional[int] = None
 ) -> ChebyshevPlan:
@@ -247,12 +262,28 @@ def phi_plan(
         return ChebyshevPlan(tau, b, torch.zeros(MAX_DEGREE + 2, dtype=torch.float64), inf, inf, inf, inf)
     c = tau * _coeffs(L, d)
     rnd = d * d * 2.0**-52 * float(np.abs(c).sum())
-    low = None
+    low = quad_low = None
     if n is not None and n >= FLOAT32_MIN_N:
-        low = next((k for k in range(1, d + 1) if _float32_round_off(c, k, n) <= FLOAT32_RTOL * tau * floor), None)
-        if low is not None:
-            rnd += _float32_round_off(c, low, n)
-    return ChebyshevPlan(tau, b, torch.from_numpy(c), tau * e, e / floor, rnd, rnd / (tau * floor), float32_from=low)
+        target = FLOAT32_RTOL * tau * floor
+        low = next((k for k in range(1, d + 1) if _float32_round_off(c, k, n) <= target), None)
+        # quad_form computes X_0 .. X_{⌈d/2⌉}; X_0 = B and X_1 = S B stay in float64
+        need = d // 2 + 1 if d % 2 else d // 2
+        quad_low = next((j for j in range(2, need + 1) if _quad_float32_round_off(c, j, n) <= target), None)
+        # one plan may serve either function: both tails' estimates are counted
+        rnd += (0.0 if low is None else _float32_round_off(c, low, n)) + (
+            0.0 if quad_low is None else _quad_float32_round_off(c, quad_low, n)
+        )
+    return ChebyshevPlan(
+        tau,
+        b,
+        torch.from_numpy(c),
+        tau * e,
+        e / floor,
+        rnd,
+        rnd / (tau * floor),
+        float32_from=low,
+        quad_float32_from=quad_low,
+    )
 
 
 def deflation_error(tau: float, resid: float, b_kernel: float) -> float:
@@ -414,11 +445,18 @@ def quad_form(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflatio
     need = top + 1 if d % 2 else top  # X_0 .. X_need are computed; X_{top+1} stays 0 for an even degree
     X = B.new_zeros((top + 2, n, m))
     X[0].copy_(B)
+    low = need + 1 if plan.quad_float32_from is None or base.dtype != torch.float64 else plan.quad_float32_from
     if need >= 1:
         alpha = 2.0 / plan.b
         torch.addmm(X[0], base, X[0], beta=-1.0, alpha=alpha, out=X[1])  # S B
-        for j in range(2, need + 1):
+        for j in range(2, min(low, need + 1)):
             torch.addmm(X[j - 2], base, X[j - 1], beta=-1.0, alpha=2.0 * alpha, out=X[j]).sub_(X[j - 1], alpha=2.0)
+        if low <= need:  # the tail in float32 (module docstring), stored in the float64 buffer
+            a32 = base.to(torch.float32)
+            t0, t1 = X[low - 2].to(torch.float32), X[low - 1].to(torch.float32)
+            for j in range(low, need + 1):
+                t0, t1 = t1, torch.addmm(t0, a32, t1, beta=-1.0, alpha=2.0 * alpha).sub_(t1, alpha=2.0)
+                X[j].copy_(t1)
     cc = c + [0.0]
     even = torch.tensor(cc[0 : 2 * top + 1 : 2], dtype=B.dtype, device=B.device)[:, None, None]
     odd = torch.tensor(cc[1 : 2 * top + 2 : 2], dtype=B.dtype, device=B.device)[:, None, None]

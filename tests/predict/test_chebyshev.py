@@ -225,3 +225,28 @@ def test_float32_tail_within_its_round_off_estimate(tau):
     assert 0.0 < diff <= est < 1000 * diff  # float32 did run, and stayed within the estimate (not vacuous)
     g = (q * (-torch.expm1(-tau * lam) / lam)) @ q.T
     assert _rel(mixed, g @ b) < 1e-12
+
+
+def test_quad_form_float32_tail_within_its_round_off_estimate():
+    """``quad_form`` with its ``X_j`` from ``quad_float32_from`` on in float32 differs from the all-float64 form
+    by less than the tail's estimate (``_quad_float32_round_off``, relative to ``‖B‖₂²``), and from the
+    eigendecomposition by less than 1e-12."""
+    import dataclasses
+
+    from ntkit.predict._matfun import FLOAT32_RTOL, _phi1, _quad_float32_round_off, quad_form
+
+    n, tau = 300, 0.3
+    a, q, lam, _ = _spectrum_matrix(n=n, top=6.0, rest=5.0, seed=2)
+    b = torch.randn(n, 30, dtype=F64, generator=torch.Generator().manual_seed(5))
+    bound = spectrum_bound(a)
+    plan = phi_plan(tau, bound, n=n)
+    j0 = plan.quad_float32_from
+    assert j0 is not None and 2 <= j0 <= (plan.degree + 1) // 2 and usable(plan)
+    est = _quad_float32_round_off(plan.coeffs.numpy(), j0, n)
+    assert est <= FLOAT32_RTOL * tau * _phi1(tau * bound)
+    mixed = quad_form(a, b, plan)
+    full = quad_form(a, b, dataclasses.replace(plan, quad_float32_from=None))
+    diff = float(torch.linalg.matrix_norm(mixed - full, 2)) / float(torch.linalg.matrix_norm(b, 2)) ** 2
+    assert torch.equal(mixed, mixed.T) and 0.0 < diff <= est < 1000 * diff
+    g = (q * (-torch.expm1(-tau * lam) / lam)) @ q.T
+    assert _rel(mixed, b.T @ g @ b) < 1e-12
