@@ -79,6 +79,7 @@ BUDGET_ENV = "NTKIT_MEMORY_BUDGET"
 #: a reading takes 0.1-0.2 ms (procfs and cgroup files), several times per kernel or prediction call, and where
 #: less than this is free the interpreter itself cannot run
 SMALL_REQUEST = 8 << 20
+#: a kernel whose largest tile's working set is at most this many bytes is planned without reading the limits
 SMALL_WORKING_SET = 32 << 20
 
 Device = Union[str, torch.device]
