@@ -525,9 +525,7 @@ def _row_pullback(link: _Link, values: dict[str, Tensor], d_in: int, d_out: int)
     if type(m) is nn.Linear:
         return _RowPullback(weight, 1.0)
     if type(m) is DenseModule:
-        if m.parameterization == "ntk":
-            return _RowPullback(weight, m.W_std / math.sqrt(m.in_features))
-        return _RowPullback(weight, 1.0 / math.sqrt(m.s_in) if m.s_in != 1 else 1.0)
+        return _RowPullback(weight, m.weight_scale)
     return None
 
 

@@ -152,6 +152,14 @@ class DenseModule(nn.Module):
                 y = y + self.bias
         return y.movedim(-1, 1) if x.dim() > 2 else y
 
+    @property
+    def weight_scale(self) -> float:
+        """``c`` in ``y = c · x Wᵀ + (bias term)``: ``W_std/√in_features`` (NTK parameterisation), ``1/√s_in``
+        (standard)."""
+        return (
+            self.W_std / math.sqrt(self.in_features) if self.parameterization == "ntk" else 1.0 / math.sqrt(self.s_in)
+        )
+
     def structured_uses(self, x: Tensor, G: Tensor, names: set[str]) -> dict[str, Any]:
         """Structured-derivative hook (:mod:`ntkit.empirical`): the uses of ``weight`` and ``bias`` given this
         module's input ``x`` ``(n, 1, in_features, *spatial)`` and output cotangents ``G``
@@ -166,7 +174,7 @@ class DenseModule(nn.Module):
         if "weight" in names:
             xi = x[:, 0]
             X = (xi.movedim(1, -1) if xi.dim() > 2 else xi).reshape(n, -1, 1, fin)
-            scale = self.W_std / math.sqrt(fin) if ntk else 1.0 / math.sqrt(self.s_in)
+            scale = self.weight_scale
             out["weight"] = LinearUse(X * scale if scale != 1.0 else X, Gt)
         if "bias" in names:
             assert self.b_std is not None, "a bias exists only with a b_std"
