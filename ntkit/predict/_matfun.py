@@ -225,6 +225,16 @@ def _coeffs(L: float, d: int) -> np.ndarray:
     return c
 
 
+def _quad_last(d: int) -> int:
+    """The last ``j`` for which :func:`quad_form` computes ``X_j = T_j(S) B`` at degree ``d``: ``⌈d/2⌉``."""
+    return d // 2 + 1 if d % 2 else d // 2
+
+
+def _step(t0: Tensor, a: Tensor, t1: Tensor, alpha: float, out: Optional[Tensor] = None) -> Tensor:
+    """One step of the Chebyshev recurrence, ``2 S t1 − t0`` with ``S = alpha·a − I``."""
+    return torch.addmm(t0, a, t1, beta=-1.0, alpha=2.0 * alpha, out=out).sub_(t1, alpha=2.0)
+
+
 def _float32_round_off(c: np.ndarray, k0: int, n: int) -> float:
     """The round-off estimate of the float32 tail from ``T_{k0}`` on (module docstring):
     ``2√n u₃₂ Σ_{k≥k0} |c_k| (k − k0 + 2)²``."""
@@ -236,8 +246,7 @@ def _quad_float32_round_off(c: np.ndarray, j0: int, n: int) -> float:
     """The round-off estimate of :func:`quad_form` with ``X_j`` from ``j0`` on in float32 (module docstring):
     ``2 ε Σ_{m≥j0} (m − j0 + 2)² (2|c_{2m}| + |c_{2m+1}| + |c_{2m−1}|)``, ``ε = 2√n u₃₂``, relative to
     ``‖B‖₂²``."""
-    d = c.size - 1
-    need = d // 2 + 1 if d % 2 else d // 2  # the last X_j quad_form computes
+    need = _quad_last(c.size - 1)
     cc = np.abs(np.concatenate([c, np.zeros(3)]))
     w = [(m - j0 + 2.0) ** 2 * (2 * cc[2 * m] + cc[2 * m + 1] + cc[2 * m - 1]) for m in range(j0, need + 1)]
     return 2.0 * 2.0 * math.sqrt(n) * 2.0**-24 * float(sum(w))
@@ -267,8 +276,7 @@ def phi_plan(
         target = FLOAT32_RTOL * tau * floor
         low = next((k for k in range(1, d + 1) if _float32_round_off(c, k, n) <= target), None)
         # quad_form computes X_0 .. X_{⌈d/2⌉}; X_0 = B and X_1 = S B stay in float64
-        need = d // 2 + 1 if d % 2 else d // 2
-        quad_low = next((j for j in range(2, need + 1) if _quad_float32_round_off(c, j, n) <= target), None)
+        quad_low = next((j for j in range(2, _quad_last(d) + 1) if _quad_float32_round_off(c, j, n) <= target), None)
         # one plan may serve either function: both tails' estimates are counted
         rnd += (0.0 if low is None else _float32_round_off(c, low, n)) + (
             0.0 if quad_low is None else _quad_float32_round_off(c, quad_low, n)
@@ -332,7 +340,7 @@ def apply_plan(A: Tensor, B: Tensor, plan: ChebyshevPlan) -> Tensor:
     for k in range(2, len(c)):
         if k == low:  # the tail, whose coefficients are small enough for float32 products (module docstring)
             a, t0, t1 = A.to(torch.float32), t0.to(torch.float32), t1.to(torch.float32)
-        t2 = torch.addmm(t0, a, t1, beta=-1.0, alpha=2.0 * alpha).sub_(t1, alpha=2.0)  # 2 S t1 - t0
+        t2 = _step(t0, a, t1, alpha)
         out.add_(t2, alpha=c[k])
         t0, t1 = t1, t2
     return out
@@ -442,7 +450,7 @@ def quad_form(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflatio
         base = defl.M
     n, m = B.shape
     top = d // 2
-    need = top + 1 if d % 2 else top  # X_0 .. X_need are computed; X_{top+1} stays 0 for an even degree
+    need = _quad_last(d)  # X_0 .. X_need are computed; X_{top+1} stays 0 for an even degree
     X = B.new_zeros((top + 2, n, m))
     X[0].copy_(B)
     low = need + 1 if plan.quad_float32_from is None or base.dtype != torch.float64 else plan.quad_float32_from
@@ -450,12 +458,12 @@ def quad_form(A: Tensor, B: Tensor, plan: ChebyshevPlan, defl: Optional[Deflatio
         alpha = 2.0 / plan.b
         torch.addmm(X[0], base, X[0], beta=-1.0, alpha=alpha, out=X[1])  # S B
         for j in range(2, min(low, need + 1)):
-            torch.addmm(X[j - 2], base, X[j - 1], beta=-1.0, alpha=2.0 * alpha, out=X[j]).sub_(X[j - 1], alpha=2.0)
+            _step(X[j - 2], base, X[j - 1], alpha, out=X[j])
         if low <= need:  # the tail in float32 (module docstring), stored in the float64 buffer
             a32 = base.to(torch.float32)
             t0, t1 = X[low - 2].to(torch.float32), X[low - 1].to(torch.float32)
             for j in range(low, need + 1):
-                t0, t1 = t1, torch.addmm(t0, a32, t1, beta=-1.0, alpha=2.0 * alpha).sub_(t1, alpha=2.0)
+                t0, t1 = t1, _step(t0, a32, t1, alpha)
                 X[j].copy_(t1)
     cc = c + [0.0]
     even = torch.tensor(cc[0 : 2 * top + 1 : 2], dtype=B.dtype, device=B.device)[:, None, None]
