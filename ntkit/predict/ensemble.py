@@ -215,22 +215,24 @@ class EnsemblePredictor:
             # residual that keeps the deflation's error below DEFLATION_RTOL at the largest τ
             defl = deflate_top(A, deflation_residual(tau_max, b))
             if defl is not None:
-                deflated = make(lambda tau: deflated_plan(tau, defl, b, n=M))
+
+                def on(dp: Deflation) -> list:
+                    """The plans for the deflation ``dp``."""
+                    return make(lambda tau: deflated_plan(tau, dp, b, n=M))
+
+                deflated = on(defl)
                 # a tighter bound on M's spectrum than its norms, proven by a float32 Cholesky factorisation
                 # (_matfun.certified_bound), tried at multiples of the estimate of λ_max(M) where the degrees it
                 # saves pay for the factorisation
                 loose = flops(deflated)
                 for mult in TIGHTEN:
                     guess = dataclasses.replace(defl, b=defl.estimate * mult)
-                    if (
-                        guess.b >= defl.b
-                        or loose - flops(make(lambda tau, dg=guess: deflated_plan(tau, dg, b, n=M))) < M**3 / 3.0
-                    ):
+                    if guess.b >= defl.b or loose - flops(on(guess)) < M**3 / 3.0:
                         break
                     proven = certified_bound(defl.M, guess.b, defl.fro)
                     if proven is not None:
                         defl = dataclasses.replace(defl, b=min(proven, defl.b))
-                        deflated = make(lambda tau, dp=defl: deflated_plan(tau, dp, b, n=M))
+                        deflated = on(defl)
                         break
                 if all(usable(p) for pair in deflated for p in pair if p is not None) and flops(
                     deflated
