@@ -85,3 +85,15 @@ def run_nt(script: str, *args: str, timeout: float = 3600) -> Optional[list[dict
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
+
+
+def round_summary(prefix: str, ratios: list[float]) -> dict:
+    """``{prefix}_median``, ``_min`` and ``_max`` of the per-round ratios of a ``--rounds`` run (3 decimals)."""
+    ordered = sorted(ratios)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+    return {
+        f"{prefix}_median": round(median, 3),
+        f"{prefix}_min": round(ordered[0], 3),
+        f"{prefix}_max": round(ordered[-1], 3),
+    }

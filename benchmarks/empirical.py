@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import apply_tuning, emit, machine, run_nt, tuning_flag
+from _common import apply_tuning, emit, machine, round_summary, run_nt, tuning_flag
 
 import ntkit
 from ntkit.empirical import empirical_ntk
@@ -180,40 +180,30 @@ def bench_mlp(args) -> None:
         for tr in traces:
             axes = (-1,) if tr == "traced" else ()
             best = math.inf
+
+            def emit_timed(head: dict, sec: float, runs: int, k: Tensor, tr: str = tr, **extra) -> None:
+                """One timed row of this round and trace, with its error against NT's kernel and its ratio to
+                NT's structured time where those are known."""
+                row = dict(case="mlp", **head, trace=tr, n=args.n, dtype="float32", round=rnd)
+                row.update(seconds=sec, runs=runs, **extra)
+                if tr in refs:
+                    row["rel_err_vs_nt_structured"] = _rel(k.numpy(), refs[tr])
+                if tr in nt_best:
+                    row["ratio_vs_nt_structured"] = round(sec / nt_best[tr], 3)
+                emit(**row, machine=_machine())
+
             for impl in args.impls.split(","):
                 empirical_ntk(model, x[:2], implementation=impl, trace_axes=axes)  # warm-up
                 sec, k, runs = _time(
                     lambda: empirical_ntk(model, x, implementation=impl, trace_axes=axes), args.repeats
                 )
                 best = min(best, sec)
-                row = dict(
-                    case="mlp",
-                    side="ntkit",
-                    implementation=impl,
-                    trace=tr,
-                    n=args.n,
-                    dtype="float32",
-                    round=rnd,
-                    seconds=sec,
-                    runs=runs,
-                    shape=list(k.shape),
-                )
-                if tr in refs:
-                    row["rel_err_vs_nt_structured"] = _rel(k.numpy(), refs[tr])
-                if tr in nt_best:
-                    row["ratio_vs_nt_structured"] = round(sec / nt_best[tr], 3)
-                emit(**row, machine=_machine())
+                emit_timed(dict(side="ntkit", implementation=impl), sec, runs, k, shape=list(k.shape))
             if tr == "traced" and args.floor:
                 weights = [m.weight.detach() for m in dense]
                 torch_floor(x[:2], weights)  # warm-up
                 sec, k, runs = _time(lambda: torch_floor(x, weights), args.repeats)
-                row = dict(case="mlp", side="torch-floor", trace=tr, n=args.n, dtype="float32", round=rnd)
-                row.update(seconds=sec, runs=runs)
-                if tr in refs:
-                    row["rel_err_vs_nt_structured"] = _rel(k.numpy(), refs[tr])
-                if tr in nt_best:
-                    row["ratio_vs_nt_structured"] = round(sec / nt_best[tr], 3)
-                emit(**row, machine=_machine())
+                emit_timed(dict(side="torch-floor"), sec, runs, k)
             if tr in nt_best and math.isfinite(best):
                 ratios.setdefault(tr, []).append(best / nt_best[tr])
     if args.rounds > 1:
@@ -222,9 +212,7 @@ def bench_mlp(args) -> None:
                 case="mlp_summary",
                 trace=tr,
                 rounds=len(rs),
-                best_ntkit_vs_nt_structured_median=round(float(np.median(rs)), 3),
-                best_ntkit_vs_nt_structured_min=round(min(rs), 3),
-                best_ntkit_vs_nt_structured_max=round(max(rs), 3),
+                **round_summary("best_ntkit_vs_nt_structured", rs),
             )
 
 

@@ -29,7 +29,7 @@ import tempfile
 
 import numpy as np
 import torch
-from _common import apply_tuning, emit, machine, median_time, run_nt, tuning_flag
+from _common import apply_tuning, emit, machine, median_time, round_summary, run_nt, tuning_flag
 
 import ntkit as nt
 from ntkit import predict
@@ -171,9 +171,7 @@ def main() -> None:
                 t=tag,
                 call=kind,
                 rounds=len(rs),
-                ratio_vs_nt_median=round(float(np.median(rs)), 3),
-                ratio_vs_nt_min=round(min(rs), 3),
-                ratio_vs_nt_max=round(max(rs), 3),
+                **round_summary("ratio_vs_nt", rs),
             )
 
 
