@@ -20,12 +20,13 @@ from ntkit._memory import memory_budget as _memory_budget
 from ntkit.kernel import GETS, Kernel, kernel_from_inputs, normalize_get
 from ntkit.layers.aggregate import SampleKwargs
 from ntkit.layers.attention import requires_self_covariances
-from ntkit.layers.base import Layer, LayerError, warn_if_channels_last
+from ntkit.layers.base import Kernels, Layer, LayerError, warn_if_channels_last
 from ntkit.layers.conv import Conv
 from ntkit.layers.elementwise import ElementwiseLayer
 from ntkit.layers.fused import ConvActivation, fuse_conv_activations
 from ntkit.layers.masking import TileMasks, masked_inputs
 from ntkit.layers.pooling import AvgPool, SumPool
+from ntkit.nets.symmetric import blocked_symmetric, entrywise_leaves, symmetric_blocks
 from ntkit.nets.tiler import (
     NonFinite,
     apply_layer,
@@ -178,6 +179,12 @@ class Net(Layer):
             tile = -(-n // -(-n // tile))
 
         stage = [net]  # what run_inputs applies: the net, or the head of a re-tiled one (below)
+        # a serial stack of entrywise layers on vectors, x2 = None: its diagonal tiles run on blocks of their
+        # upper triangle (ntkit.nets.symmetric)
+        entrywise = None
+        if x2 is None and x1.dim() == 2 and masks is None and sample is None and net is self:
+            leaves = _serial_leaves(self)
+            entrywise = leaves if entrywise_leaves(leaves) else None
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
             ma = mb = None
@@ -197,16 +204,29 @@ class Net(Layer):
             ma: Optional[Tensor] = None,
             mb: Optional[Tensor] = None,
         ) -> Kernel:
-            k = kernel_from_inputs(
-                a, b, diagonal_spatial=diagonal, compute_ntk="ntk" in names, pair_only=pair_only, mask1=ma, mask2=mb
-            )
+            # x1 against itself through an entrywise net: the rules run on the upper triangle's blocks only
+            blocks = None if (b is not None or entrywise is None) else symmetric_blocks(a.shape[0])
             # no silent Inf/NaN (issue #16): the variances are checked after every layer (apply_layer) and the
             # outputs here, each a single reduction; only a tile that fails is re-run layer by layer, to name
             # the first layer whose output is not finite
             try:
-                if not variances_finite(k):
-                    raise NonFinite()
-                out = stage[0].kernel(k)
+                out: Kernels
+                if blocks is not None:
+                    assert entrywise is not None
+                    out = blocked_symmetric(entrywise, a, "ntk" in names, blocks)
+                else:
+                    k = kernel_from_inputs(
+                        a,
+                        b,
+                        diagonal_spatial=diagonal,
+                        compute_ntk="ntk" in names,
+                        pair_only=pair_only,
+                        mask1=ma,
+                        mask2=mb,
+                    )
+                    if not variances_finite(k):
+                        raise NonFinite()
+                    out = stage[0].kernel(k)
                 if isinstance(out, list):
                     raise LayerError(f"the network ends with {len(out)} branches; merge them with a FanIn layer.")
                 if not _outputs_finite(out):
@@ -423,6 +443,21 @@ def _retile_point(net: Layer, shape: tuple[int, ...], n1: int, n2: int) -> Optio
         elif not isinstance(layer, ElementwiseLayer):
             return None
     return None
+
+
+def _serial_leaves(layer: Layer) -> Optional[list[Layer]]:
+    """The leaf layers of a (nested) serial stack in order; ``None`` for any other combinator."""
+    if not layer.is_combinator:
+        return [layer]
+    if not isinstance(layer, Serial):
+        return None
+    out: list[Layer] = []
+    for sub in layer.sublayers():
+        leaves = _serial_leaves(sub)
+        if leaves is None:
+            return None
+        out.extend(leaves)
+    return out
 
 
 def _fused_layers(layer: Layer) -> Layer:
