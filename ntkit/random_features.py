@@ -62,23 +62,20 @@ from ntkit.layers.base import FeatureMap, Features, FeatureSpec, Layer, LayerErr
 from ntkit.layers.dense import Dense
 from ntkit.layers.elementwise import ElementwiseLayer
 from ntkit.linalg.operators import tmm
+from ntkit.nets.combinators import serial_leaves
 
 __all__ = ["RandomFeatures", "random_features"]
 
 
 def _leaves(net: Layer) -> list[Layer]:
     """The layers of a ``serial`` net in order (nested ``serial`` flattened); branching is refused."""
-    if not net.is_combinator:
-        return [net]
-    if type(net).__name__ != "Serial":
+    leaves = serial_leaves(net)
+    if not isinstance(leaves, list):
         raise ValueError(
             "random features support serial(...) nets of Dense, Conv, pooling, Flatten and elementwise layers "
-            f"only; got {type(net).__name__}."
+            f"only; got {type(leaves).__name__}."
         )
-    out: list[Layer] = []
-    for layer in net.sublayers():
-        out.extend(_leaves(layer))
-    return out
+    return leaves
 
 
 def _resolving(fmap: FeatureMap) -> FeatureMap:

@@ -183,8 +183,8 @@ class Net(Layer):
         # upper triangle (ntkit.nets.symmetric)
         entrywise = None
         if x2 is None and x1.dim() == 2 and masks is None and sample is None and net is self:
-            leaves = _serial_leaves(self)
-            entrywise = leaves if entrywise_leaves(leaves) else None
+            leaves = serial_leaves(self)
+            entrywise = leaves if isinstance(leaves, list) and entrywise_leaves(leaves) else None
 
         def run(a: Tensor, b: Optional[Tensor], pair_only: bool = False) -> Kernel:
             ma = mb = None
@@ -445,17 +445,18 @@ def _retile_point(net: Layer, shape: tuple[int, ...], n1: int, n2: int) -> Optio
     return None
 
 
-def _serial_leaves(layer: Layer) -> Optional[list[Layer]]:
-    """The leaf layers of a (nested) serial stack in order; ``None`` for any other combinator."""
+def serial_leaves(layer: Layer) -> Union[list[Layer], Layer]:
+    """The leaf layers of a (nested) serial stack in order, or the first combinator in it that is not a
+    ``serial`` (callers that need a plain stack name it in their error)."""
     if not layer.is_combinator:
         return [layer]
     if not isinstance(layer, Serial):
-        return None
+        return layer
     out: list[Layer] = []
     for sub in layer.sublayers():
-        leaves = _serial_leaves(sub)
-        if leaves is None:
-            return None
+        leaves = serial_leaves(sub)
+        if not isinstance(leaves, list):
+            return leaves
         out.extend(leaves)
     return out
 

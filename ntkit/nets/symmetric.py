@@ -17,8 +17,8 @@ both triangles. The result agrees with the full evaluation to round-off (tested 
 symmetric, and ``cov1`` and the diagonal are the full evaluation's bit for bit.
 
 Measured in-process (``serial(Dense(512), Relu()) x 3 + Dense(1)``, NNGP and NTK, 2 threads, blocked over
-full evaluation, median of paired ratios; a script outside the repository): 0.65–0.77 for 500–512 samples of
-dimension 16, 0.83 for 300, 0.92 for 256. The kernel of 2000 samples of dimension 784 (``benchmarks/fc.py``,
+full evaluation, median of paired ratios; a script outside the repository): 0.61–0.68 for 500–512 samples of
+dimension 16, 0.71 for 300, 0.81 for 256. The kernel of 2000 samples of dimension 784 (``benchmarks/fc.py``,
 tiles of 512) gains only 0.96–0.985: its 512 × 784 Gram products are a large share of each tile.
 """
 
@@ -40,10 +40,10 @@ from ntkit.nets.tiler import apply_layer
 __all__ = ["BLOCKED_MIN_N", "BLOCK_SIZE", "entrywise_leaves", "symmetric_blocks", "blocked_symmetric"]
 
 #: fewest samples for which ``kernel_fn(x, None)`` of an entrywise net runs on blocks of the upper triangle;
-#: below it the fixed cost of the extra pass and the assembly outweighs the saving
+#: below it the fixed cost of cutting the blocks and assembling them outweighs the saving
 BLOCKED_MIN_N = 256
 
-#: samples per group of :func:`blocked_symmetric` (``B = round(n / BLOCK_SIZE)`` groups)
+#: samples per group of :func:`blocked_symmetric` (about ``n / BLOCK_SIZE`` groups: :func:`symmetric_blocks`)
 BLOCK_SIZE = 50
 
 
@@ -88,7 +88,7 @@ def blocked_symmetric(leaves: Sequence[Layer], x: Tensor, compute_ntk: bool, blo
     gram = _gram(xp, xp, True).view(blocks, s, blocks, s)[rows, :, cols, :]
     own = gram[on_diag]
     gram[on_diag] = own.add_(own.transpose(1, 2).contiguous()).mul_(0.5)
-    var = torch.diagonal(gram[on_diag], 0, 1, 2)  # (B, s): the samples' own variances
+    var = torch.diagonal(own, 0, 1, 2)  # (B, s): the samples' own variances
     base = kernel_from_inputs(xp[:1], xp[:1], compute_ntk=False)  # the input record's flags
 
     def sides(v: Tensor) -> tuple[Tensor, Tensor]:
